@@ -1,0 +1,368 @@
+"""The WSGI proxy: pick a backend, forward the request, stream the answer, map failures.
+
+Upstream HTTP is the standard library's http.client used at the request-line level, because
+the request target must go out byte for byte (urllib3's urlopen re-encodes it) and no header
+may be added that the client did not send. Connections are kept alive per worker and backend.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import errno
+import logging
+import math
+import re
+import socket
+import threading
+import time
+from collections import deque
+from collections.abc import Callable, Iterable, Iterator, Sequence
+from http import HTTPStatus
+from http.client import HTTPConnection, HTTPException, HTTPResponse
+from typing import Any
+
+from gol7lb.backends import Backend
+from gol7lb.config import Settings
+from gol7lb.headers import client_response_headers, request_id, upstream_request_headers
+from gol7lb.state import LivenessView, SharedCounters
+
+log = logging.getLogger("gunicorn.error")
+
+BLOCK = 64 * 1024
+MAX_IDLE_PER_BACKEND = 64
+_ABSOLUTE_FORM = re.compile(r"[A-Za-z][A-Za-z0-9+.-]*://")
+_BAD_TARGET_CHAR = re.compile(r"[\x00-\x20\x7f]")
+
+StartResponse = Callable[..., Any]
+
+
+class ConnectFailed(OSError):
+    """Opening a connection to a backend failed: the next backend may be tried."""
+
+    def __init__(self, reason: str, timed_out: bool) -> None:
+        super().__init__(reason)
+        self.timed_out = timed_out
+
+
+class ClientBodyError(Exception):
+    """The client's request body broke off or was malformed: not the backend's fault."""
+
+
+class UpstreamPool:
+    """Idle keep-alive connections to one backend, owned by one worker process."""
+
+    def __init__(self, backend: Backend, connect_timeout: float, read_timeout: float) -> None:
+        self.backend = backend
+        self.connect_timeout = connect_timeout
+        self.read_timeout = read_timeout
+        self._idle: deque[HTTPConnection] = deque()
+
+    def acquire(self) -> tuple[HTTPConnection, bool]:
+        """An idle connection still open on the far side, else a new one; (conn, reused)."""
+        while True:
+            try:
+                conn = self._idle.pop()
+            except IndexError:
+                return self.connect(), False
+            if _still_open(conn.sock):
+                return conn, True
+            conn.close()
+
+    def connect(self) -> HTTPConnection:
+        conn = HTTPConnection(self.backend.host, self.backend.port, timeout=self.connect_timeout)
+        try:
+            conn.connect()  # http.client sets TCP_NODELAY
+        except TimeoutError:
+            conn.close()
+            raise ConnectFailed(f"connect timed out after {self.connect_timeout:g}s",
+                                timed_out=True) from None
+        except OSError as e:
+            conn.close()
+            raise ConnectFailed(e.strerror or str(e), timed_out=False) from None
+        conn.sock.settimeout(self.read_timeout)
+        return conn
+
+    def release(self, conn: HTTPConnection) -> None:
+        if conn.sock is not None and len(self._idle) < MAX_IDLE_PER_BACKEND:
+            self._idle.append(conn)
+        else:
+            conn.close()
+
+
+def _still_open(sock: socket.socket | None) -> bool:
+    """An idle upstream socket is reusable only if it has nothing to read (no EOF, no junk)."""
+    if sock is None:
+        return False
+    try:
+        return not sock.recv(1, socket.MSG_PEEK | socket.MSG_DONTWAIT)  # b"" is EOF
+    except BlockingIOError:
+        return True
+    except OSError:
+        return False
+
+
+def split_target(raw: str) -> tuple[str, str | None]:
+    """Origin-form target and, for an absolute-form request, the authority that replaces Host.
+
+    The authority never chooses where to connect; it only becomes the Host header, as
+    RFC 9112 section 3.2.2 asks of a server receiving absolute-form.
+    """
+    if raw.startswith("/") or raw == "*":
+        return raw, None
+    match = _ABSOLUTE_FORM.match(raw)
+    if not match:
+        raise ValueError(raw)
+    rest = raw[match.end():]
+    cut = min((i for i in (rest.find("/"), rest.find("?")) if i >= 0), default=len(rest))
+    authority = rest[:cut].rpartition("@")[2]
+    path = rest[cut:]
+    if not path.startswith("/"):
+        path = "/" + path
+    if not authority:
+        raise ValueError(raw)
+    return path, authority
+
+
+class UpstreamBody:
+    """The response body as a WSGI iterable: streamed block by block, never held whole."""
+
+    def __init__(self, response: HTTPResponse, conn: HTTPConnection, pool: UpstreamPool,
+                 client_sock: socket.socket | None, rid: str) -> None:
+        self.response = response
+        self.conn = conn
+        self.pool = pool
+        self.client_sock = client_sock
+        self.rid = rid
+        self.done = False
+
+    def __iter__(self) -> Iterator[bytes]:
+        return self
+
+    def __next__(self) -> bytes:
+        try:
+            data = self.response.read1(BLOCK)
+        except (OSError, HTTPException) as e:
+            self._abort(e)
+        if data:
+            return data
+        if self.response.length:  # EOF before Content-Length was reached
+            self._abort(ConnectionError(f"backend closed with {self.response.length} bytes unsent"))
+        self.done = True
+        self.pool.release(self.conn)
+        raise StopIteration
+
+    def _abort(self, error: BaseException) -> None:
+        """The backend failed mid-answer: the status is already sent, so cut the client off.
+
+        Ending the iteration normally would tell the client the body was complete (a silent
+        wrong answer); raising EPIPE makes gunicorn drop the connection without a traceback.
+        """
+        reason = ("timed out" if isinstance(error, TimeoutError)
+                  else str(error) or type(error).__name__)
+        log.error("backend %s failed mid-response (request %s): %s",
+                  self.pool.backend.url, self.rid, reason)
+        self.close()
+        if self.client_sock is not None:
+            with contextlib.suppress(OSError):
+                self.client_sock.shutdown(socket.SHUT_RDWR)
+        raise BrokenPipeError(errno.EPIPE, "backend failed mid-response")
+
+    def close(self) -> None:
+        if not self.done:
+            self.done = True
+            self.conn.close()  # unread bytes would poison the next request on this connection
+
+
+class ProxyApp:
+    """The WSGI application each gunicorn worker runs."""
+
+    def __init__(self, settings: Settings, view: LivenessView, counters: SharedCounters) -> None:
+        self.settings = settings
+        self.view = view
+        self.counters = counters
+        self.retries = settings.proxy.retries
+        self.uses_ticket = settings.algorithm == "round_robin"
+        self.retry_after = str(max(1, math.ceil(settings.health.interval)))
+        self.pools = {b.url: UpstreamPool(b, settings.proxy.connect_timeout,
+                                          settings.proxy.read_timeout)
+                      for b in settings.backends}
+        # Passive health: a backend that just refused a connection is tried last in this worker
+        # for a while, so a dead backend costs one failed connect, not one per request.
+        self.quarantine_seconds = min(settings.health.interval, 10.0)
+        self._quarantined: dict[str, float] = {}
+        self._quarantine_lock = threading.Lock()
+
+    def __call__(self, environ: dict[str, Any], start_response: StartResponse) -> Iterable[bytes]:
+        rid = request_id(environ)
+        method = environ["REQUEST_METHOD"]
+        if method == "CONNECT":
+            return self._error(start_response, 405, rid, "CONNECT is not supported: this is a "
+                               "reverse proxy", [("Allow", "GET, HEAD, POST, PUT, DELETE, PATCH, "
+                                                  "OPTIONS")])
+        raw = environ.get("RAW_URI") or environ.get("PATH_INFO") or "/"
+        try:
+            if not raw.isascii() or _BAD_TARGET_CHAR.search(raw):
+                raise ValueError(raw)
+            target, authority = split_target(raw)
+        except ValueError:
+            return self._error(start_response, 400, rid, "bad request target")
+
+        order = self.view.policy().order(self.counters.take_ticket() if self.uses_ticket else 0)
+        if not order:
+            log.error("no healthy backend for %s %s (request %s)", method, target, rid)
+            return self._error(start_response, 503, rid, "no healthy backend",
+                               [("Retry-After", self.retry_after)])
+        if self._quarantined:
+            order = self._prefer_unquarantined(order)
+
+        client_sock = environ.get("gunicorn.socket")
+        try:
+            port = str(client_sock.getsockname()[1]) if client_sock else environ["SERVER_PORT"]
+        except OSError:
+            port = environ.get("SERVER_PORT", "")
+        first = order[0]
+        host = authority or environ.get("HTTP_HOST") or first.netloc
+        headers = upstream_request_headers(environ, host, port, rid)
+        return self._forward(environ, start_response, method, target, headers,
+                             order[: 1 + self.retries], client_sock, rid)
+
+    def _forward(self, environ: dict[str, Any], start_response: StartResponse, method: str,
+                 target: str, headers: dict[str, str], attempts: Sequence[Backend],
+                 client_sock: socket.socket | None, rid: str) -> Iterable[bytes]:
+        body = environ["wsgi.input"]
+        chunked = "chunked" in environ.get("HTTP_TRANSFER_ENCODING", "").lower()
+        length = 0 if chunked else int(environ.get("CONTENT_LENGTH") or 0)
+        if length:
+            headers["Content-Length"] = str(length)
+        elif chunked:
+            headers["Transfer-Encoding"] = "chunked"
+        has_body = chunked or length > 0
+
+        last_failure: ConnectFailed | None = None
+        for backend in attempts:
+            pool = self.pools[backend.url]
+            try:
+                conn, reused = pool.acquire()
+            except ConnectFailed as e:
+                log.error("backend %s: connect failed: %s (request %s)", backend.url, e, rid)
+                self._quarantine(backend)
+                last_failure = e
+                continue
+            try:
+                conn, response = self._exchange(conn, reused, pool, method, target, headers,
+                                                body, length, chunked, has_body)
+            except ClientBodyError as e:
+                conn.close()
+                log.info("client request body failed (request %s): %s", rid, e)
+                return self._error(start_response, 400, rid, "incomplete request body",
+                                   [("Connection", "close")])
+            except TimeoutError:
+                conn.close()
+                log.error("backend %s timed out after %gs (request %s)", backend.url,
+                          self.settings.proxy.read_timeout, rid)
+                return self._error(start_response, 504, rid, "backend timed out")
+            except (OSError, HTTPException) as e:
+                conn.close()
+                log.error("backend %s failed: %s (request %s)", backend.url,
+                          str(e) or type(e).__name__, rid)
+                return self._error(start_response, 502, rid, "bad gateway")
+            return self._respond(start_response, response, conn, pool, client_sock, rid,
+                                 method)
+
+        assert last_failure is not None
+        if last_failure.timed_out:
+            return self._error(start_response, 504, rid, "backend connect timed out")
+        return self._error(start_response, 502, rid, "no backend accepted the connection")
+
+    def _exchange(self, conn: HTTPConnection, reused: bool, pool: UpstreamPool, method: str,
+                  target: str, headers: dict[str, str], body: Any, length: int, chunked: bool,
+                  has_body: bool) -> tuple[HTTPConnection, HTTPResponse]:
+        """Send one request and read the response head.
+
+        A kept-alive connection the backend closed meanwhile fails on first use; then the
+        request goes once more on a fresh connection, which is safe because nothing of the
+        request body has been read from the client yet.
+        """
+        try:
+            self._send_head(conn, method, target, headers)
+            if not has_body:
+                return conn, conn.getresponse()
+        except (ConnectionError, HTTPException):
+            if not reused:
+                raise
+            conn.close()
+            conn = pool.connect()
+            self._send_head(conn, method, target, headers)
+            if not has_body:
+                return conn, conn.getresponse()
+        # If the backend stops reading, it may still have answered (e.g. 413): read that.
+        with contextlib.suppress(BrokenPipeError, ConnectionResetError):
+            self._send_body(conn, body, length, chunked)
+        return conn, conn.getresponse()
+
+    @staticmethod
+    def _send_head(conn: HTTPConnection, method: str, target: str, headers: dict[str, str]) -> None:
+        conn.putrequest(method, target, skip_host=True, skip_accept_encoding=True)
+        for name, value in headers.items():
+            conn.putheader(name, value)
+        conn.endheaders()
+
+    @staticmethod
+    def _send_body(conn: HTTPConnection, body: Any, length: int, chunked: bool) -> None:
+        sent = 0
+        while True:
+            try:
+                block = body.read(BLOCK)
+            except Exception as e:  # gunicorn's body parser errors and client socket errors
+                raise ClientBodyError(str(e) or type(e).__name__) from e
+            if not block:
+                break
+            sent += len(block)
+            conn.send(b"%x\r\n%b\r\n" % (len(block), block) if chunked else block)
+        if chunked:
+            conn.send(b"0\r\n\r\n")
+        elif sent < length:
+            raise ClientBodyError(f"client sent {sent} of {length} body bytes")
+
+    def _respond(self, start_response: StartResponse, response: HTTPResponse,
+                 conn: HTTPConnection, pool: UpstreamPool, client_sock: socket.socket | None,
+                 rid: str, method: str) -> Iterable[bytes]:
+        reason = response.reason if response.reason and response.reason.isprintable() else ""
+        if not reason.isascii() or not reason:
+            try:
+                reason = HTTPStatus(response.status).phrase
+            except ValueError:
+                reason = "Unknown"
+        try:
+            headers = client_response_headers(response.getheaders(), rid)
+        except ValueError as e:
+            conn.close()
+            log.error("backend %s sent an invalid response header %s (request %s)",
+                      pool.backend.url, e, rid)
+            return self._error(start_response, 502, rid, "bad gateway")
+        start_response(f"{response.status} {reason}", headers)
+        return UpstreamBody(response, conn, pool, client_sock, rid)
+
+    def _quarantine(self, backend: Backend) -> None:
+        with self._quarantine_lock:
+            self._quarantined[backend.url] = time.monotonic() + self.quarantine_seconds
+
+    def _prefer_unquarantined(self, order: Sequence[Backend]) -> Sequence[Backend]:
+        now = time.monotonic()
+        with self._quarantine_lock:
+            for url, until in list(self._quarantined.items()):
+                if until <= now:
+                    del self._quarantined[url]
+            blocked = self._quarantined
+            if not blocked:
+                return order
+        return sorted(order, key=lambda b: b.url in blocked)  # stable: keeps rotation order
+
+    @staticmethod
+    def _error(start_response: StartResponse, status: int, rid: str, message: str,
+               extra: list[tuple[str, str]] | None = None) -> list[bytes]:
+        body = f"{status} {HTTPStatus(status).phrase}: {message}\n".encode()
+        headers = [("Content-Type", "text/plain; charset=utf-8"),
+                   ("Content-Length", str(len(body))), ("X-Request-ID", rid), *(extra or [])]
+        start_response(f"{status} {HTTPStatus(status).phrase}", headers)
+        return [body]

@@ -1,0 +1,129 @@
+"""Real processes for tests: start on free loopback ports, stop by PID, prove nothing is left."""
+
+from __future__ import annotations
+
+import os
+import signal
+import socket
+import subprocess
+import sys
+import time
+from collections.abc import Sequence
+from pathlib import Path
+
+import psutil
+
+ROOT = Path(__file__).resolve().parent.parent
+
+
+def free_port() -> int:
+    """A port nobody listens on right now (the kernel picks it)."""
+    with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def wait_for_port(port: int, host: str = "127.0.0.1", timeout: float = 15.0) -> None:
+    """Block until something accepts on host:port, or fail the test."""
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        try:
+            with socket.create_connection((host, port), timeout=0.5):
+                return
+        except OSError:
+            time.sleep(0.05)
+    raise AssertionError(f"nothing listens on {host}:{port} after {timeout}s")
+
+
+def port_closed(port: int, host: str = "127.0.0.1") -> bool:
+    try:
+        with socket.create_connection((host, port), timeout=0.5):
+            return False
+    except OSError:
+        return True
+
+
+class Proc:
+    """A started process and all its descendants, remembered by PID so they can be checked."""
+
+    def __init__(self, argv: Sequence[str], env: dict[str, str] | None = None,
+                 cwd: Path | None = None, log: Path | None = None) -> None:
+        full_env = dict(os.environ)
+        full_env.update(env or {})
+        full_env.setdefault("PYTHONUNBUFFERED", "1")
+        self.log_path = log
+        out = open(log, "wb") if log else subprocess.DEVNULL  # noqa: SIM115
+        self.popen = subprocess.Popen(
+            list(argv), env=full_env, cwd=str(cwd or ROOT),
+            stdout=out, stderr=subprocess.STDOUT, stdin=subprocess.DEVNULL,
+        )
+        if log:
+            out.close()
+        self.pid = self.popen.pid
+        self.seen: set[int] = {self.pid}
+
+    def tree(self) -> list[psutil.Process]:
+        """The live process and its descendants; also remembers their PIDs for later checks."""
+        try:
+            root = psutil.Process(self.pid)
+            procs = [root, *root.children(recursive=True)]
+        except psutil.NoSuchProcess:
+            return []
+        self.seen.update(p.pid for p in procs)
+        return procs
+
+    def output(self) -> str:
+        return self.log_path.read_text(errors="replace") if self.log_path else ""
+
+    def signal(self, sig: int) -> None:
+        self.tree()
+        self.popen.send_signal(sig)
+
+    def wait(self, timeout: float) -> int:
+        return self.popen.wait(timeout=timeout)
+
+    def stop(self, timeout: float = 20.0) -> int | None:
+        """TERM, then KILL whatever of the tree is still there; returns the exit status."""
+        self.tree()
+        if self.popen.poll() is None:
+            self.popen.send_signal(signal.SIGTERM)
+            try:
+                self.popen.wait(timeout=timeout)
+            except subprocess.TimeoutExpired:
+                self.popen.kill()
+                self.popen.wait(timeout=5)
+        kill_pids(self.seen)
+        return self.popen.returncode
+
+    def leftovers(self, timeout: float = 5.0) -> list[int]:
+        """PIDs of the tree that are still alive (zombies count as gone) after waiting a little."""
+        deadline = time.monotonic() + timeout
+        while True:
+            alive = [pid for pid in self.seen if pid_alive(pid)]
+            if not alive or time.monotonic() > deadline:
+                return alive
+            time.sleep(0.1)
+
+
+def pid_alive(pid: int) -> bool:
+    try:
+        return psutil.Process(pid).status() != psutil.STATUS_ZOMBIE
+    except psutil.NoSuchProcess:
+        return False
+
+
+def kill_pids(pids: set[int]) -> None:
+    for pid in pids:
+        if pid_alive(pid):
+            try:
+                os.kill(pid, signal.SIGKILL)
+            except ProcessLookupError:
+                pass
+
+
+def start_backend(port: int, tmp_path: Path | None = None, host: str = "127.0.0.1") -> Proc:
+    """The demo backend as a real process, waited for until it listens."""
+    log = tmp_path / f"backend-{port}.log" if tmp_path else None
+    proc = Proc([sys.executable, "-m", "backend", str(port), "--host", host], log=log)
+    wait_for_port(port, host)
+    return proc
