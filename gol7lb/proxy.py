@@ -12,6 +12,7 @@ import errno
 import logging
 import math
 import re
+import select
 import socket
 import threading
 import time
@@ -90,15 +91,15 @@ class UpstreamPool:
 
 
 def _still_open(sock: socket.socket | None) -> bool:
-    """An idle upstream socket is reusable only if it has nothing to read (no EOF, no junk)."""
+    """An idle upstream socket is reusable only if it has nothing to read (no EOF, no junk).
+
+    poll() with a zero timeout, because recv() on a socket with a timeout waits first.
+    """
     if sock is None:
         return False
-    try:
-        return not sock.recv(1, socket.MSG_PEEK | socket.MSG_DONTWAIT)  # b"" is EOF
-    except BlockingIOError:
-        return True
-    except OSError:
-        return False
+    poller = select.poll()
+    poller.register(sock, select.POLLIN)
+    return not poller.poll(0)
 
 
 def split_target(raw: str) -> tuple[str, str | None]:
@@ -148,6 +149,7 @@ class UpstreamBody:
         if self.response.length:  # EOF before Content-Length was reached
             self._abort(ConnectionError(f"backend closed with {self.response.length} bytes unsent"))
         self.done = True
+        self.response.close()  # marks the exchange finished (HEAD answers are never "read")
         self.pool.release(self.conn)
         raise StopIteration
 

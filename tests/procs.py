@@ -61,6 +61,7 @@ class Proc:
             out.close()
         self.pid = self.popen.pid
         self.seen: set[int] = {self.pid}
+        self.port: int | None = None
 
     def tree(self) -> list[psutil.Process]:
         """The live process and its descendants; also remembers their PIDs for later checks."""
@@ -125,5 +126,42 @@ def start_backend(port: int, tmp_path: Path | None = None, host: str = "127.0.0.
     """The demo backend as a real process, waited for until it listens."""
     log = tmp_path / f"backend-{port}.log" if tmp_path else None
     proc = Proc([sys.executable, "-m", "backend", str(port), "--host", host], log=log)
+    proc.port = port
     wait_for_port(port, host)
     return proc
+
+
+class LB(Proc):
+    """A real `gunicorn -c gunicorn.conf.py gol7lb.wsgi`, on free ports, control socket off."""
+
+    def __init__(self, env: dict[str, str], log: Path, extra_args: Sequence[str] = ()) -> None:
+        port = int(env.setdefault("PORT", str(free_port())))
+        admin = env.setdefault("GOL7LB_ADMIN_BIND", f"127.0.0.1:{free_port()}")
+        env.setdefault("WEB_CONCURRENCY", "2")
+        super().__init__([sys.executable, "-m", "gunicorn", "-c", "gunicorn.conf.py",
+                          "gol7lb.wsgi", "--no-control-socket", *extra_args], env=env, log=log)
+        self.port = port
+        self.admin_port = int(admin.rpartition(":")[2]) if admin else None
+
+    @property
+    def url(self) -> str:
+        return f"http://127.0.0.1:{self.port}"
+
+    @property
+    def admin_url(self) -> str:
+        return f"http://127.0.0.1:{self.admin_port}"
+
+    def wait_ready(self, timeout: float = 30.0) -> LB:
+        """Until the workers accept (and the admin listener, when on)."""
+        deadline = time.monotonic() + timeout
+        ports = [self.port] + ([self.admin_port] if self.admin_port else [])
+        for port in ports:
+            while port_closed(port):
+                if self.popen.poll() is not None:
+                    raise AssertionError(f"LB exited with {self.popen.returncode}:\n{self.output()}")
+                if time.monotonic() > deadline:
+                    raise AssertionError(f"LB not ready after {timeout}s:\n{self.output()}")
+                time.sleep(0.05)
+        time.sleep(0.3)  # let every worker bind its SO_REUSEPORT listener
+        self.tree()
+        return self

@@ -1,0 +1,152 @@
+"""Settings: defaults < TOML < environment, and a clear one-line refusal of bad values."""
+
+import subprocess
+import sys
+
+import pytest
+
+from gol7lb.config import SETTINGS, ConfigError, load_settings
+from tests.procs import ROOT, free_port
+
+
+def write(tmp_path, text):
+    path = tmp_path / "gol7lb.toml"
+    path.write_text(text)
+    return str(path)
+
+
+def test_defaults_match_the_contract_and_use_demo_backends():
+    s = load_settings({})
+    assert s.algorithm == "round_robin"
+    assert (s.health.type, s.health.interval, s.health.timeout, s.health.rise, s.health.fall,
+            s.health.path, s.health.expect_status) == ("tcp", 10.0, 2.0, 2, 3, "/healthz",
+                                                       "200-399")
+    assert (s.proxy.connect_timeout, s.proxy.read_timeout, s.proxy.retries) == (3.0, 60.0, 2)
+    assert s.admin.address == ("127.0.0.1", 8404)
+    assert s.demo_backends
+    assert [b.url for b in s.backends] == [f"http://127.0.0.1:{p}" for p in (8081, 8082, 8083)]
+
+
+def test_toml_then_environment_override(tmp_path):
+    path = write(tmp_path, """
+algorithm = "random"
+[[backends]]
+url = "http://127.0.0.1:9001"
+weight = 3
+[[backends]]
+url = "http://127.0.0.1:9002"
+[health]
+interval = 5
+rise = 4
+[admin]
+bind = ""
+""")
+    s = load_settings({"GOL7LB_CONFIG": path, "GOL7LB_HEALTH_INTERVAL": "0.5"})
+    assert s.algorithm == "random"
+    assert [(b.url, b.weight) for b in s.backends] == [("http://127.0.0.1:9001", 3),
+                                                      ("http://127.0.0.1:9002", 1)]
+    assert s.health.interval == 0.5 and s.health.rise == 4
+    assert s.admin.address is None and not s.demo_backends
+
+
+def test_backends_env_with_weights_replaces_the_file_list(tmp_path):
+    path = write(tmp_path, '[[backends]]\nurl = "http://127.0.0.1:9001"\n')
+    s = load_settings({"GOL7LB_CONFIG": path,
+                       "GOL7LB_BACKENDS": "http://10.0.0.1:8081 weight=3, http://[::1]:8082"})
+    assert [(b.host, b.port, b.weight) for b in s.backends] == [("10.0.0.1", 8081, 3),
+                                                               ("::1", 8082, 1)]
+
+
+def test_every_setting_has_its_environment_variable():
+    for setting in SETTINGS:
+        value = {"str": None, "int": "7", "float": "7.5"}[setting.kind]
+        if value is None:
+            continue
+        s = load_settings({setting.env: value})
+        section = getattr(s, setting.section) if setting.section else s
+        assert getattr(section, setting.key) == type(setting.default)(value)
+
+
+@pytest.mark.parametrize("env, words", [
+    ({"GOL7LB_HEALTH_INTERVAL": "-1"}, ["health.interval", "'-1'", "> 0"]),
+    ({"GOL7LB_HEALTH_INTERVAL": "soon"}, ["health.interval", "'soon'"]),
+    ({"GOL7LB_HEALTH_RISE": "1.5"}, ["health.rise", "whole number"]),
+    ({"GOL7LB_PROXY_RETRIES": "-1"}, ["proxy.retries"]),
+    ({"GOL7LB_ALGORITHM": "fastest"}, ["algorithm", "'fastest'", "round_robin"]),
+    ({"GOL7LB_HEALTH_TYPE": "udp"}, ["health.type", "tcp, http"]),
+    ({"GOL7LB_HEALTH_EXPECT_STATUS": "200-99"}, ["health.expect_status"]),
+    ({"GOL7LB_ADMIN_BIND": "nowhere"}, ["admin.bind", "host:port"]),
+    ({"GOL7LB_BACKENDS": "ftp://127.0.0.1:21"}, ["backends", "only http://"]),
+    ({"GOL7LB_BACKENDS": "http://127.0.0.1:80/app"}, ["backends", "no path"]),
+    ({"GOL7LB_BACKENDS": "http://127.0.0.1:99999"}, ["backends", "port"]),
+    ({"GOL7LB_BACKENDS": "http://127.0.0.1:81 weight=0"}, ["backends", "weight"]),
+    ({"GOL7LB_BACKENDS": "http://127.0.0.1:81, http://127.0.0.1:81/"}, ["duplicate backend"]),
+    ({"GOL7LB_HELTH_INTERVAL": "1"}, ["unknown environment variable GOL7LB_HELTH_INTERVAL"]),
+    ({"GOL7LB_CONFIG": "/nonexistent/gol7lb.toml"}, ["cannot read", "/nonexistent/gol7lb.toml"]),
+])
+def test_bad_environment_values_are_refused_with_one_line(env, words):
+    with pytest.raises(ConfigError) as info:
+        load_settings(env)
+    message = str(info.value)
+    assert "\n" not in message
+    for word in words:
+        assert word in message
+
+
+@pytest.mark.parametrize("text, words", [
+    ("[health]\nintervall = 3\n", ["unknown setting health.intervall", "interval"]),
+    ("colour = 1\n", ["unknown setting colour"]),
+    ("[health]\ninterval = \"10\"\n", ["health.interval", "'10'"]),
+    ("[health]\nrise = true\n", ["health.rise"]),
+    ("[[backends]]\nurl = \"http://a:1\"\nwieght = 2\n", ["backends[0].wieght"]),
+    ("[[backends]]\nweight = 2\n", ["backends[0].url"]),
+    ("[[backends]]\nurl = \"http://a:1\"\n[[backends]]\nurl = \"http://a:1\"\n",
+     ["duplicate backend http://a:1"]),
+    ("this is not toml", ["cannot parse"]),
+])
+def test_bad_file_values_are_refused_with_one_line(tmp_path, text, words):
+    path = write(tmp_path, text)
+    with pytest.raises(ConfigError) as info:
+        load_settings({"GOL7LB_CONFIG": path})
+    assert "\n" not in str(info.value)
+    for word in words:
+        assert word in str(info.value)
+
+
+def run_gunicorn(env_extra, tmp_path):
+    env = {"PATH": "/usr/bin:/bin", "HOME": str(tmp_path), "PORT": str(free_port()),
+           "GOL7LB_ADMIN_BIND": "", **env_extra}
+    return subprocess.run(
+        [sys.executable, "-m", "gunicorn", "-c", "gunicorn.conf.py", "gol7lb.wsgi",
+         "--no-control-socket"], cwd=ROOT, env=env, capture_output=True, text=True, timeout=60)
+
+
+@pytest.mark.parametrize("env, words", [
+    ({"GOL7LB_HEALTH_INTERVAL": "-1"}, ["health.interval", "-1"]),
+    ({"GOL7LB_BACKENDS": "http://127.0.0.1:81, http://127.0.0.1:81"}, ["duplicate backend"]),
+    ({"PORT": "eighty"}, ["PORT", "eighty"]),
+    ({"WEB_CONCURRENCY": "0"}, ["WEB_CONCURRENCY"]),
+])
+def test_a_bad_setting_stops_the_real_start_without_traceback(tmp_path, env, words):
+    result = run_gunicorn(env, tmp_path)
+    assert result.returncode != 0
+    output = (result.stdout + result.stderr).strip()
+    assert "Traceback" not in output
+    lines = [line for line in output.splitlines() if line.strip()]
+    assert len(lines) == 1, output
+    assert lines[0].startswith("gol7lb: ")
+    for word in words:
+        assert word in lines[0]
+
+
+def test_a_busy_admin_port_stops_the_start_with_a_clear_line(tmp_path):
+    import socket
+    with socket.socket() as busy:
+        busy.bind(("127.0.0.1", 0))
+        busy.listen()
+        port = busy.getsockname()[1]
+        result = run_gunicorn({"GOL7LB_ADMIN_BIND": f"127.0.0.1:{port}",
+                               "GOL7LB_BACKENDS": f"http://127.0.0.1:{free_port()}"}, tmp_path)
+    assert result.returncode != 0
+    assert "Traceback" not in result.stderr
+    assert f"admin.bind '127.0.0.1:{port}'" in result.stderr

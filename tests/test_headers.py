@@ -1,0 +1,67 @@
+"""Header rewriting on its own."""
+
+import pytest
+
+from gol7lb.headers import (
+    client_response_headers,
+    connection_tokens,
+    request_id,
+    upstream_request_headers,
+)
+
+
+def environ(**extra):
+    base = {"REQUEST_METHOD": "GET", "REMOTE_ADDR": "127.0.0.9", "wsgi.url_scheme": "http",
+            "HTTP_HOST": "shop.example:8080"}
+    base.update(extra)
+    return base
+
+
+def test_hop_by_hop_and_connection_named_headers_are_removed_upstream():
+    env = environ(HTTP_CONNECTION="keep-alive, X-Secret", HTTP_X_SECRET="1", HTTP_KEEP_ALIVE="5",
+                  HTTP_TE="trailers", HTTP_UPGRADE="websocket", HTTP_PROXY_AUTHORIZATION="x",
+                  HTTP_PROXY_CONNECTION="close", HTTP_TRAILER="X", HTTP_X_KEPT="yes")
+    headers = upstream_request_headers(env, "shop.example:8080", "8080", "rid")
+    lower = {k.lower() for k in headers}
+    for gone in ("connection", "x-secret", "keep-alive", "te", "upgrade", "proxy-authorization",
+                 "proxy-connection", "trailer"):
+        assert gone not in lower
+    assert headers["X-Kept"] == "yes"
+    assert headers["Host"] == "shop.example:8080"
+
+
+def test_forwarded_headers_appended_and_set():
+    env = environ(HTTP_X_FORWARDED_FOR="10.1.1.1", HTTP_X_FORWARDED_PROTO="https",
+                  HTTP_X_FORWARDED_HOST="evil", HTTP_X_FORWARDED_PORT="1")
+    headers = upstream_request_headers(env, "shop.example:8080", "8080", "rid")
+    assert headers["X-Forwarded-For"] == "10.1.1.1, 127.0.0.9"
+    assert headers["X-Forwarded-Proto"] == "http"
+    assert headers["X-Forwarded-Host"] == "shop.example:8080"
+    assert headers["X-Forwarded-Port"] == "8080"
+    assert headers["X-Request-ID"] == "rid"
+
+
+def test_request_id_kept_when_sane_else_generated():
+    assert request_id({"HTTP_X_REQUEST_ID": "abc-123"}) == "abc-123"
+    generated = request_id({})
+    assert len(generated) == 32 and generated != request_id({})
+    assert request_id({"HTTP_X_REQUEST_ID": "x" * 500}) != "x" * 500
+
+
+def test_response_hop_by_hop_removed_repeated_kept_and_request_id_added():
+    upstream = [("Set-Cookie", "a=1"), ("Connection", "X-Hop"), ("X-Hop", "1"),
+                ("Keep-Alive", "timeout=5"), ("Set-Cookie", "b=2"), ("Date", "x"),
+                ("Server", "y"), ("Transfer-Encoding", "chunked"), ("X-Request-ID", "other")]
+    headers = client_response_headers(upstream, "rid")
+    assert headers == [("Set-Cookie", "a=1"), ("Set-Cookie", "b=2"), ("X-Request-ID", "rid")]
+
+
+@pytest.mark.parametrize("bad", [("Bad Name", "v"), ("X-Ok", "line\r\nbreak")])
+def test_invalid_response_headers_are_refused(bad):
+    with pytest.raises(ValueError):
+        client_response_headers([bad], "rid")
+
+
+def test_connection_tokens():
+    assert connection_tokens("Keep-Alive, X-A ,, x-b") == {"keep-alive", "x-a", "x-b"}
+    assert connection_tokens(None) == frozenset()
