@@ -31,6 +31,7 @@ log = logging.getLogger("gunicorn.error")
 
 BLOCK = 64 * 1024
 MAX_IDLE_PER_BACKEND = 64
+IDEMPOTENT = frozenset({"GET", "HEAD", "OPTIONS", "TRACE", "PUT", "DELETE"})
 _ABSOLUTE_FORM = re.compile(r"[A-Za-z][A-Za-z0-9+.-]*://")
 _BAD_TARGET_CHAR = re.compile(r"[\x00-\x20\x7f]")
 
@@ -253,6 +254,11 @@ class ProxyApp:
             try:
                 conn, response = self._exchange(conn, reused, pool, method, target, headers,
                                                 body, length, chunked, has_body)
+            except ConnectFailed as e:  # the kept-alive connection was dead and so is the backend
+                log.error("backend %s: connect failed: %s (request %s)", backend.url, e, rid)
+                self._quarantine(backend)
+                last_failure = e
+                continue
             except ClientBodyError as e:
                 conn.close()
                 log.info("client request body failed (request %s): %s", rid, e)
@@ -283,14 +289,18 @@ class ProxyApp:
 
         A kept-alive connection the backend closed meanwhile fails on first use; then the
         request goes once more on a fresh connection, which is safe because nothing of the
-        request body has been read from the client yet.
+        request body has been read from the client yet and either the backend cannot have
+        seen the request (the head did not go out) or the method is idempotent. If that
+        fresh connect fails, ConnectFailed sends the request on to the next backend.
         """
+        head_sent = False
         try:
             self._send_head(conn, method, target, headers)
+            head_sent = True
             if not has_body:
                 return conn, conn.getresponse()
         except (ConnectionError, HTTPException):
-            if not reused:
+            if not reused or (head_sent and method not in IDEMPOTENT):
                 raise
             conn.close()
             conn = pool.connect()

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import contextlib
 import os
 import signal
 import socket
@@ -116,10 +117,8 @@ def pid_alive(pid: int) -> bool:
 def kill_pids(pids: set[int]) -> None:
     for pid in pids:
         if pid_alive(pid):
-            try:
+            with contextlib.suppress(ProcessLookupError):
                 os.kill(pid, signal.SIGKILL)
-            except ProcessLookupError:
-                pass
 
 
 def start_backend(port: int, tmp_path: Path | None = None, host: str = "127.0.0.1") -> Proc:
@@ -158,7 +157,8 @@ class LB(Proc):
         for port in ports:
             while port_closed(port):
                 if self.popen.poll() is not None:
-                    raise AssertionError(f"LB exited with {self.popen.returncode}:\n{self.output()}")
+                    raise AssertionError(
+                        f"LB exited with {self.popen.returncode}:\n{self.output()}")
                 if time.monotonic() > deadline:
                     raise AssertionError(f"LB not ready after {timeout}s:\n{self.output()}")
                 time.sleep(0.05)

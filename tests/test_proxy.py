@@ -117,10 +117,10 @@ def test_request_id_is_kept_or_generated_and_returned(shared_lb):
 
 def test_hop_by_hop_request_headers_are_removed(shared_lb):
     raw = raw_request(shared_lb.port, (
-        "GET /echo HTTP/1.1\r\nHost: x\r\nConnection: close\r\nConnection: X-Private\r\n"
-        "X-Private: secret\r\n"
-        "Keep-Alive: timeout=9\r\nTE: trailers\r\nUpgrade: websocket\r\nProxy-Authorization: "
-        "Basic eA==\r\nProxy-Connection: keep-alive\r\nX-Public: yes\r\n\r\n").encode())
+        b"GET /echo HTTP/1.1\r\nHost: x\r\nConnection: close\r\nConnection: X-Private\r\n"
+        b"X-Private: secret\r\n"
+        b"Keep-Alive: timeout=9\r\nTE: trailers\r\nUpgrade: websocket\r\nProxy-Authorization: "
+        b"Basic eA==\r\nProxy-Connection: keep-alive\r\nX-Public: yes\r\n\r\n"))
     status, _, body = split_response(raw)
     names = {name.lower() for name, _ in json.loads(body)["headers"]}
     assert status == 200

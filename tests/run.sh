@@ -1,0 +1,24 @@
+#!/usr/bin/env bash
+# The project's test command (CI runs it through .ci/run): install what the tests need,
+# then run pytest with any arguments given, e.g. `bash tests/run.sh -q tests/test_backend.py`.
+# Works on a fresh machine as root, with no standard input.
+set -euo pipefail
+cd "$(dirname "$0")/.."
+
+export PIP_DISABLE_PIP_VERSION_CHECK=1 PIP_ROOT_USER_ACTION=ignore
+python -m pip install -q -e '.[test]'
+
+# The compose validator for tests/test_packaging.py: Debian's docker-compose (1.x), whose
+# `config` command validates docker-compose.yml without a Docker engine.
+# --no-install-recommends keeps the Docker engine (docker.io, recommended) off the machine.
+if ! command -v docker-compose >/dev/null 2>&1; then
+    sudo=()
+    if [ "$(id -u)" -ne 0 ]; then
+        sudo=(sudo -n)
+    fi
+    export DEBIAN_FRONTEND=noninteractive
+    "${sudo[@]}" apt-get update -q
+    "${sudo[@]}" apt-get install -y -q --no-install-recommends docker-compose
+fi
+
+exec python -m pytest "$@"

@@ -1,0 +1,241 @@
+"""Failures: dead, slow, broken and black-holed backends; a killed supervisor."""
+
+from __future__ import annotations
+
+import os
+import re
+import signal
+import socket
+import threading
+import time
+
+import psutil
+import pytest
+import requests
+
+from tests.conftest import FAST_HEALTH, backends_env
+from tests.procs import free_port, start_backend
+
+
+def status(lb) -> dict:
+    return requests.get(lb.admin_url + "/status", timeout=5).json()
+
+
+def wait_until(predicate, timeout: float, step: float = 0.05) -> float:
+    """Seconds it took for predicate() to hold; fails the test after timeout."""
+    started = time.monotonic()
+    while not predicate():
+        if time.monotonic() - started > timeout:
+            raise AssertionError(f"condition not met within {timeout}s")
+        time.sleep(step)
+    return time.monotonic() - started
+
+
+def alive_map(lb) -> dict[int, bool]:
+    return {int(b["url"].rsplit(":", 1)[1]): b["alive"] for b in status(lb)["backends"]}
+
+
+class Load:
+    """Sequential requests from a few threads for a bounded time, counting every outcome."""
+
+    def __init__(self, url: str, threads: int = 4, seconds: float = 20.0) -> None:
+        self.url = url
+        self.stop = threading.Event()
+        self.ok = 0
+        self.failures: list[str] = []
+        self.ports: set[int] = set()
+        self.deadline = time.monotonic() + seconds
+        self.threads = [threading.Thread(target=self._run) for _ in range(threads)]
+        self.lock = threading.Lock()
+
+    def _run(self) -> None:
+        with requests.Session() as session:
+            while not self.stop.is_set() and time.monotonic() < self.deadline:
+                try:
+                    response = session.get(self.url, timeout=10)
+                    outcome = None if response.status_code == 200 else str(response.status_code)
+                except requests.RequestException as e:
+                    outcome = type(e).__name__
+                with self.lock:
+                    if outcome is None:
+                        self.ok += 1
+                        self.ports.add(int(response.headers["X-Backend-Port"]))
+                    else:
+                        self.failures.append(outcome)
+
+    def __enter__(self) -> Load:
+        for t in self.threads:
+            t.start()
+        return self
+
+    def __exit__(self, *exc) -> None:
+        self.stop.set()
+        for t in self.threads:
+            t.join()
+
+
+@pytest.mark.slow
+def test_backend_killed_under_load_costs_no_request_and_leaves_and_rejoins(lb_factory,
+                                                                           three_backends):
+    lb = lb_factory({"GOL7LB_BACKENDS": backends_env([b.port for b in three_backends]),
+                     **FAST_HEALTH})
+    victim = three_backends[1]
+    with Load(lb.url + "/") as load:
+        time.sleep(1.0)
+        victim.popen.kill()
+        victim.popen.wait()
+        # interval 0.2 x fall 2 + timeout 0.5 = 0.9 s, plus scheduling slack
+        took = wait_until(lambda: not alive_map(lb)[victim.port], timeout=5)
+        time.sleep(1.0)
+        served_before_restart = load.ok
+    assert load.failures == [], load.failures[:5]
+    assert load.ok > 50 and served_before_restart > 50
+    assert took < 0.9 + 2.0
+    restarted = start_backend(victim.port)
+    try:
+        back = wait_until(lambda: alive_map(lb)[victim.port], timeout=5)
+        assert back < 0.2 * 2 + 2.0  # interval x rise, plus slack
+        ports = {int(requests.get(lb.url + "/", timeout=5).headers["X-Backend-Port"])
+                 for _ in range(6)}
+        assert victim.port in ports
+    finally:
+        restarted.stop()
+        assert not restarted.leftovers()
+
+
+def test_connect_failure_moves_to_the_next_backend_before_health_notices(lb_factory,
+                                                                         three_backends):
+    env = {"GOL7LB_BACKENDS": backends_env([b.port for b in three_backends]),
+           "GOL7LB_HEALTH_INTERVAL": "60", "GOL7LB_PROXY_RETRIES": "2"}
+    lb = lb_factory(env)
+    wait_until(lambda: all(b["checked"] for b in status(lb)["backends"]), timeout=5)
+    for backend in three_backends[:2]:
+        backend.popen.kill()
+        backend.popen.wait()
+    served = [requests.get(lb.url + "/", timeout=10) for _ in range(12)]
+    assert [r.status_code for r in served] == [200] * 12
+    assert {int(r.headers["X-Backend-Port"]) for r in served} == {three_backends[2].port}
+    assert all(alive_map(lb).values())  # health checks have not run again: retries did it
+    log = lb.output()
+    assert "connect failed" in log and f"127.0.0.1:{three_backends[0].port}" in log
+
+
+def test_retries_are_bounded(lb_factory, three_backends):
+    env = {"GOL7LB_BACKENDS": backends_env([b.port for b in three_backends]),
+           "GOL7LB_HEALTH_INTERVAL": "60", "GOL7LB_PROXY_RETRIES": "0"}
+    lb = lb_factory(env)
+    wait_until(lambda: all(b["checked"] for b in status(lb)["backends"]), timeout=5)
+    three_backends[0].popen.kill()
+    three_backends[0].popen.wait()
+    codes = sorted(requests.get(lb.url + "/", headers={"Connection": "close"}, timeout=10)
+                   .status_code for _ in range(6))
+    assert 502 in codes and 200 in codes  # no retry: the dead one's turns fail
+
+
+def test_no_healthy_backend_gives_503_with_retry_after(lb_factory):
+    dead = [free_port(), free_port()]
+    lb = lb_factory({"GOL7LB_BACKENDS": backends_env(dead), **FAST_HEALTH})
+    wait_until(lambda: not any(alive_map(lb).values()), timeout=5)
+    response = requests.get(lb.url + "/anything", timeout=10)
+    assert response.status_code == 503
+    assert response.headers["Retry-After"] == "1"
+    assert "no healthy backend" in response.text and "Traceback" not in response.text
+    assert response.headers["X-Request-ID"]
+
+
+def test_slow_backend_gives_504(lb_factory, backend_factory):
+    backend = backend_factory()
+    lb = lb_factory({"GOL7LB_BACKENDS": backends_env([backend.port]),
+                     "GOL7LB_PROXY_READ_TIMEOUT": "1"})
+    started = time.monotonic()
+    response = requests.get(lb.url + "/sleep/5", timeout=10)
+    assert response.status_code == 504
+    assert time.monotonic() - started < 4
+    assert requests.get(lb.url + "/", timeout=5).status_code == 200  # and it recovers
+    assert "timed out" in lb.output()
+
+
+@pytest.mark.parametrize("path", ["/drop", "/garbage"])
+def test_broken_backend_answers_give_502_without_traceback(lb_factory, backend_factory, path):
+    backend = backend_factory()
+    lb = lb_factory({"GOL7LB_BACKENDS": backends_env([backend.port])})
+    response = requests.get(lb.url + path, timeout=10)
+    assert response.status_code == 502
+    assert response.text == "502 Bad Gateway: bad gateway\n"
+    assert requests.get(lb.url + "/", timeout=5).status_code == 200
+    log = lb.output()
+    assert f"backend http://127.0.0.1:{backend.port} failed" in log
+    assert "Traceback" not in log
+
+
+def test_backend_dying_mid_response_cuts_the_client_off(lb_factory, backend_factory):
+    backend = backend_factory()
+    lb = lb_factory({"GOL7LB_BACKENDS": backends_env([backend.port])})
+    received = 0
+    # never a silently short "complete" body: the client must see the break
+    with pytest.raises(requests.RequestException), \
+            requests.get(lb.url + f"/bytes/{4 * 1024**3}", stream=True, timeout=10) as r:
+        assert r.status_code == 200
+        for block in r.iter_content(1024 * 1024):
+            received += len(block)
+            if received >= 50 * 1024 * 1024 and backend.popen.poll() is None:
+                backend.popen.kill()
+    assert received < 4 * 1024**3
+    assert "failed mid-response" in lb.output()
+    assert "Traceback" not in lb.output()
+
+
+def test_black_holed_backend_does_not_delay_the_others(lb_factory, three_backends):
+    # A listener whose accept queue is full: further SYNs are dropped, so connects hang.
+    hole = socket.socket()
+    hole.bind(("127.0.0.1", 0))
+    hole.listen(0)
+    fillers = []
+    try:
+        for _ in range(3):
+            f = socket.socket()
+            f.setblocking(False)
+            f.connect_ex(hole.getsockname())
+            fillers.append(f)
+        time.sleep(0.2)
+        ports = [b.port for b in three_backends] + [hole.getsockname()[1]]
+        lb = lb_factory({"GOL7LB_BACKENDS": backends_env(ports), "GOL7LB_HEALTH_INTERVAL": "0.2",
+                         "GOL7LB_HEALTH_TIMEOUT": "2", "GOL7LB_PROXY_CONNECT_TIMEOUT": "0.5"})
+        time.sleep(3.0)
+        doc = status(lb)
+        checks = {int(b["url"].rsplit(":", 1)[1]): b["checks"] for b in doc["backends"]}
+        hole_checks = checks.pop(hole.getsockname()[1])
+        assert hole_checks <= 2
+        assert min(checks.values()) >= 8, checks  # ~15 expected at 0.2 s
+        assert not alive_map(lb)[hole.getsockname()[1]]
+    finally:
+        for f in fillers:
+            f.close()
+        hole.close()
+
+
+def supervisor_pids(lb) -> list[int]:
+    """Supervisor PIDs in the order the master logged starting them."""
+    return [int(m) for m in re.findall(r"started supervisor \(pid (\d+)\)", lb.output())]
+
+
+@pytest.mark.slow
+def test_killed_supervisor_is_restarted_and_traffic_is_unaffected(lb_factory, three_backends):
+    lb = lb_factory({"GOL7LB_BACKENDS": backends_env([b.port for b in three_backends]),
+                     **FAST_HEALTH})
+    [first] = supervisor_pids(lb)
+    assert first in {p.pid for p in psutil.Process(lb.pid).children()}
+    with Load(lb.url + "/") as load:
+        time.sleep(0.5)
+        os.kill(first, signal.SIGKILL)
+        took = wait_until(lambda: len(supervisor_pids(lb)) == 2, timeout=10)
+        time.sleep(0.5)
+    assert took < 5
+    assert load.failures == [] and load.ok > 20
+    second = supervisor_pids(lb)[1]
+    assert second in {p.pid for p in psutil.Process(lb.pid).children()}
+    lb.tree()  # remember the new supervisor's PID for the leftover check
+    # the new supervisor keeps checking: a stopped backend still leaves the rotation
+    three_backends[0].popen.kill()
+    three_backends[0].popen.wait()
+    wait_until(lambda: not alive_map(lb)[three_backends[0].port], timeout=5)

@@ -1,0 +1,190 @@
+"""Start, serve, stop: graceful and quick shutdown, demo backends, admin, Procfile."""
+
+from __future__ import annotations
+
+import signal
+import sys
+import threading
+import time
+
+import psutil
+import pytest
+import requests
+
+from tests.conftest import FAST_HEALTH, backends_env
+from tests.procs import ROOT, Proc, free_port, port_closed, wait_for_port
+
+DEMO_PORTS = (8081, 8082, 8083)
+
+
+def workers_of(lb) -> list[psutil.Process]:
+    return [p for p in psutil.Process(lb.pid).children() if "gunicorn" in " ".join(p.cmdline())]
+
+
+@pytest.mark.slow
+def test_term_drains_in_flight_requests_refuses_new_ones_and_leaves_nothing(lb_factory,
+                                                                            backend_factory):
+    backend = backend_factory()
+    lb = lb_factory({"GOL7LB_BACKENDS": backends_env([backend.port])})
+    tree = lb.tree()
+    assert len(tree) >= 5  # master, 2 workers, manager, supervisor, admin (+ resource tracker)
+    result: dict[str, object] = {}
+
+    def slow_request() -> None:
+        started = time.monotonic()
+        response = requests.get(lb.url + "/sleep/4", timeout=30)
+        result.update(status=response.status_code, body=response.text,
+                      took=time.monotonic() - started)
+
+    client = threading.Thread(target=slow_request)
+    client.start()
+    time.sleep(0.5)
+    lb.signal(signal.SIGTERM)
+    refused_after = None
+    started = time.monotonic()
+    while time.monotonic() - started < 3:
+        if port_closed(lb.port):
+            refused_after = time.monotonic() - started
+            break
+        time.sleep(0.05)
+    client.join(timeout=30)
+    assert refused_after is not None and refused_after < 3, "new connections still accepted"
+    assert result["status"] == 200 and result["body"] == "slept 4\n"
+    assert 3.5 < result["took"] < 10
+    assert lb.wait(timeout=30) == 0
+    assert lb.leftovers() == []
+    assert port_closed(lb.admin_port)
+    assert "helpers stopped" in lb.output()
+
+
+@pytest.mark.parametrize("sig", [signal.SIGINT, signal.SIGQUIT])
+def test_int_and_quit_stop_quickly_and_leave_nothing(lb_factory, backend_factory, sig):
+    backend = backend_factory()
+    lb = lb_factory({"GOL7LB_BACKENDS": backends_env([backend.port])})
+    outcome: list[str] = []
+
+    def in_flight() -> None:
+        try:
+            outcome.append(str(requests.get(lb.url + "/sleep/20", timeout=30).status_code))
+        except requests.ConnectionError:
+            outcome.append("cut")
+
+    client = threading.Thread(target=in_flight)
+    client.start()
+    time.sleep(0.3)
+    lb.tree()
+    started = time.monotonic()
+    lb.signal(sig)
+    lb.wait(timeout=15)
+    assert time.monotonic() - started < 8  # not the 20 s request, not the 30 s graceful timeout
+    client.join(timeout=10)
+    assert outcome == ["cut"]  # a quick stop does not wait for in-flight requests
+    assert lb.leftovers() == []
+
+
+def test_demo_backends_start_serve_and_stop_with_the_lb(lb_factory):
+    busy = [p for p in DEMO_PORTS if not port_closed(p)]
+    assert not busy, f"demo ports {busy} are taken on this machine; free them to run this test"
+    lb = lb_factory({})
+    assert "started demo backends on 127.0.0.1:8081, 127.0.0.1:8082, 127.0.0.1:8083" in lb.output()
+    seen = {requests.get(lb.url + "/", timeout=5).text for _ in range(3)}
+    assert seen == {f"backend {p}\n" for p in DEMO_PORTS}
+    demo = [p for p in lb.tree() if "backend" in p.cmdline()[1:3] or "-m" in p.cmdline()[1:2]
+            and "backend" in p.cmdline()]
+    assert len(demo) == 3
+    lb.signal(signal.SIGTERM)
+    assert lb.wait(timeout=30) == 0
+    assert lb.leftovers() == []
+    assert all(port_closed(p) for p in DEMO_PORTS)
+    assert "stopped demo backends" in lb.output()
+
+
+def test_a_busy_demo_port_is_a_clear_start_error(lb_factory):
+    import socket
+    with socket.socket() as squatter:
+        squatter.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+        squatter.bind(("127.0.0.1", DEMO_PORTS[1]))
+        squatter.listen()
+        lb = lb_factory({}, ready=False)
+        assert lb.wait(timeout=30) != 0
+    assert "demo backend port 127.0.0.1:8082 is in use" in lb.output()
+    assert "Traceback" not in lb.output()
+    assert lb.leftovers() == []
+
+
+def test_admin_healthz_and_status(lb_factory, three_backends):
+    ports = [b.port for b in three_backends]
+    lb = lb_factory({"GOL7LB_BACKENDS": f"http://127.0.0.1:{ports[0]} weight=3, "
+                     + backends_env(ports[1:]), **FAST_HEALTH})
+    healthz = requests.get(lb.admin_url + "/healthz", timeout=5)
+    assert (healthz.status_code, healthz.text) == (200, "ok\n")
+    deadline = time.monotonic() + 5
+    while True:
+        doc = requests.get(lb.admin_url + "/status", timeout=5).json()
+        if all(b["last_check"] for b in doc["backends"]) or time.monotonic() > deadline:
+            break
+        time.sleep(0.1)
+    assert doc["algorithm"] == "round_robin"
+    assert [b["url"] for b in doc["backends"]] == [f"http://127.0.0.1:{p}" for p in ports]
+    assert [b["weight"] for b in doc["backends"]] == [3, 1, 1]
+    assert all(b["alive"] is True for b in doc["backends"])
+    check = doc["backends"][0]["last_check"]
+    assert check["ok"] is True and check["detail"] == "connected" and check["duration"] >= 0
+    assert requests.get(lb.admin_url + "/nope", timeout=5).status_code == 404
+    assert requests.post(lb.admin_url + "/status", timeout=5).status_code == 405
+    three_backends[2].popen.kill()
+    three_backends[2].popen.wait()
+    deadline = time.monotonic() + 5
+    while requests.get(lb.admin_url + "/status", timeout=5).json()["backends"][2]["alive"]:
+        assert time.monotonic() < deadline
+        time.sleep(0.1)
+    last = requests.get(lb.admin_url + "/status", timeout=5).json()["backends"][2]
+    assert last["last_check"]["ok"] is False and "refused" in last["last_check"]["detail"].lower()
+
+
+def test_admin_can_be_turned_off(lb_factory, backend_factory):
+    backend = backend_factory()
+    lb = lb_factory({"GOL7LB_BACKENDS": backends_env([backend.port]), "GOL7LB_ADMIN_BIND": ""})
+    assert requests.get(lb.url + "/", timeout=5).status_code == 200
+    assert "admin off" in lb.output()
+    assert not any(c.status == psutil.CONN_LISTEN and c.laddr.port != lb.port
+                   for p in lb.tree() for c in p.net_connections("tcp"))
+
+
+def test_web_concurrency_sets_the_number_of_workers(lb_factory, backend_factory):
+    backend = backend_factory()
+    lb = lb_factory({"GOL7LB_BACKENDS": backends_env([backend.port]), "WEB_CONCURRENCY": "3"})
+    assert len(workers_of(lb)) == 3
+    listeners = {c.laddr for p in workers_of(lb) for c in p.net_connections("tcp")
+                 if c.status == psutil.CONN_LISTEN}
+    assert {(a.ip, a.port) for a in listeners} == {("0.0.0.0", lb.port)}
+
+
+def test_toml_config_file_is_used(lb_factory, backend_factory, tmp_path):
+    backend = backend_factory()
+    config = tmp_path / "lb.toml"
+    config.write_text(f'algorithm = "random"\n[[backends]]\nurl = "http://127.0.0.1:{backend.port}"'
+                      '\nweight = 2\n[health]\ninterval = 0.5\n')
+    lb = lb_factory({"GOL7LB_CONFIG": str(config)})
+    doc = requests.get(lb.admin_url + "/status", timeout=5).json()
+    assert doc["algorithm"] == "random" and doc["health"]["interval"] == 0.5
+    assert doc["backends"][0]["weight"] == 2
+    assert requests.get(lb.url + "/", timeout=5).text == f"backend {backend.port}\n"
+
+
+def test_procfile_runs_under_honcho(backend_factory, tmp_path):
+    backend = backend_factory()
+    port = free_port()
+    honcho = Proc([sys.executable, "-m", "honcho", "start", "-p", str(port), "web"],
+                  env={"GOL7LB_BACKENDS": backends_env([backend.port]),
+                       "GOL7LB_ADMIN_BIND": "", "GUNICORN_CMD_ARGS": "--no-control-socket"},
+                  cwd=ROOT, log=tmp_path / "honcho.log")
+    try:
+        wait_for_port(port, timeout=30)
+        time.sleep(0.3)
+        assert requests.get(f"http://127.0.0.1:{port}/", timeout=5).text == \
+            f"backend {backend.port}\n"
+        honcho.tree()
+    finally:
+        honcho.stop()
+    assert honcho.leftovers() == []
