@@ -2,8 +2,8 @@
 
 from __future__ import annotations
 
+import os
 import re
-import uuid
 from collections.abc import Iterable, Mapping
 
 # RFC 9110 section 7.6.1, plus the non-standard ones that are hop-by-hop in practice.
@@ -46,7 +46,7 @@ def request_id(environ: Mapping[str, object]) -> str:
     given = environ.get("HTTP_X_REQUEST_ID")
     if isinstance(given, str) and 0 < len(given) <= MAX_REQUEST_ID and given.isprintable():
         return given
-    return uuid.uuid4().hex
+    return os.urandom(16).hex()
 
 
 def upstream_request_headers(

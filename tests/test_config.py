@@ -150,3 +150,10 @@ def test_a_busy_admin_port_stops_the_start_with_a_clear_line(tmp_path):
     assert result.returncode != 0
     assert "Traceback" not in result.stderr
     assert f"admin.bind '127.0.0.1:{port}'" in result.stderr
+
+
+def test_readme_settings_table_names_every_setting_and_variable():
+    readme = (ROOT / "README.md").read_text()
+    for setting in SETTINGS:
+        assert f"| `{setting.name}` | `{setting.env}` |" in readme, setting.name
+    assert "| `backends` | `GOL7LB_BACKENDS` |" in readme
