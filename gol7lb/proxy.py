@@ -246,15 +246,9 @@ class ProxyApp:
             pool = self.pools[backend.url]
             try:
                 conn, reused = pool.acquire()
-            except ConnectFailed as e:
-                log.error("backend %s: connect failed: %s (request %s)", backend.url, e, rid)
-                self._quarantine(backend)
-                last_failure = e
-                continue
-            try:
                 conn, response = self._exchange(conn, reused, pool, method, target, headers,
                                                 body, length, chunked, has_body)
-            except ConnectFailed as e:  # the kept-alive connection was dead and so is the backend
+            except ConnectFailed as e:  # nothing reached the backend: the next one may serve
                 log.error("backend %s: connect failed: %s (request %s)", backend.url, e, rid)
                 self._quarantine(backend)
                 last_failure = e
