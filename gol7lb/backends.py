@@ -53,6 +53,8 @@ def parse_backend_url(url: str, weight: int = 1) -> Backend:
     host = parts.hostname
     if not host:
         raise BackendError(f"{text!r}: missing host")
+    if not host.isascii() or not host.isprintable():
+        raise BackendError(f"{text!r}: the host must be ASCII (use the punycode form)")
     if port is None:
         port = 80
     if not 1 <= port <= 65535:

@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-import os
+import random
 import re
 from collections.abc import Iterable, Mapping
 
@@ -46,7 +46,7 @@ def request_id(environ: Mapping[str, object]) -> str:
     given = environ.get("HTTP_X_REQUEST_ID")
     if isinstance(given, str) and 0 < len(given) <= MAX_REQUEST_ID and given.isprintable():
         return given
-    return os.urandom(16).hex()
+    return f"{random.getrandbits(128):032x}"  # random reseeds itself in every forked worker
 
 
 def upstream_request_headers(

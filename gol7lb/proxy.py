@@ -1,8 +1,10 @@
 """The WSGI proxy: pick a backend, forward the request, stream the answer, map failures.
 
-Upstream HTTP is the standard library's http.client used at the request-line level, because
-the request target must go out byte for byte (urllib3's urlopen re-encodes it) and no header
-may be added that the client did not send. Connections are kept alive per worker and backend.
+Upstream, the request head is written as bytes in one send, because the target must go out
+byte for byte (urllib3's urlopen re-encodes it), no header may be added that the client did not
+send, and http.client's per-header validation repeats what gunicorn's parser already enforced.
+Responses are parsed by the standard library's http.client.HTTPResponse. Connections are kept
+alive per worker and backend.
 """
 
 from __future__ import annotations
@@ -19,7 +21,7 @@ import time
 from collections import deque
 from collections.abc import Callable, Iterable, Iterator, Sequence
 from http import HTTPStatus
-from http.client import HTTPConnection, HTTPException, HTTPResponse
+from http.client import HTTPException, HTTPResponse
 from typing import Any
 
 from gol7lb.backends import Backend
@@ -51,56 +53,75 @@ class ClientBodyError(Exception):
 
 
 class UpstreamPool:
-    """Idle keep-alive connections to one backend, owned by one worker process."""
+    """Idle keep-alive sockets to one backend, owned by one worker process."""
 
     def __init__(self, backend: Backend, connect_timeout: float, read_timeout: float) -> None:
         self.backend = backend
         self.connect_timeout = connect_timeout
         self.read_timeout = read_timeout
-        self._idle: deque[HTTPConnection] = deque()
+        self._idle: deque[socket.socket] = deque()
 
-    def acquire(self) -> tuple[HTTPConnection, bool]:
-        """An idle connection still open on the far side, else a new one; (conn, reused)."""
+    def acquire(self) -> tuple[socket.socket, bool]:
+        """An idle socket still open on the far side, else a new one; (sock, reused)."""
         while True:
             try:
-                conn = self._idle.pop()
+                sock = self._idle.pop()
             except IndexError:
                 return self.connect(), False
-            if _still_open(conn.sock):
-                return conn, True
-            conn.close()
+            if _still_open(sock):
+                return sock, True
+            sock.close()
 
-    def connect(self) -> HTTPConnection:
-        conn = HTTPConnection(self.backend.host, self.backend.port, timeout=self.connect_timeout)
+    def connect(self) -> socket.socket:
         try:
-            conn.connect()  # http.client sets TCP_NODELAY
+            sock = socket.create_connection(self.backend.address, timeout=self.connect_timeout)
         except TimeoutError:
-            conn.close()
             raise ConnectFailed(f"connect timed out after {self.connect_timeout:g}s",
                                 timed_out=True) from None
         except OSError as e:
-            conn.close()
             raise ConnectFailed(e.strerror or str(e), timed_out=False) from None
-        conn.sock.settimeout(self.read_timeout)
-        return conn
+        sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
+        sock.settimeout(self.read_timeout)
+        return sock
 
-    def release(self, conn: HTTPConnection) -> None:
-        if conn.sock is not None and len(self._idle) < MAX_IDLE_PER_BACKEND:
-            self._idle.append(conn)
+    def release(self, sock: socket.socket) -> None:
+        if len(self._idle) < MAX_IDLE_PER_BACKEND:
+            self._idle.append(sock)
         else:
-            conn.close()
+            sock.close()
 
 
-def _still_open(sock: socket.socket | None) -> bool:
+def _still_open(sock: socket.socket) -> bool:
     """An idle upstream socket is reusable only if it has nothing to read (no EOF, no junk).
 
     poll() with a zero timeout, because recv() on a socket with a timeout waits first.
     """
-    if sock is None:
-        return False
     poller = select.poll()
     poller.register(sock, select.POLLIN)
     return not poller.poll(0)
+
+
+def request_head(method: str, target: str, headers: dict[str, str]) -> bytes:
+    """The request line and header section as one buffer, for one send.
+
+    Every piece was validated before: method and field lines by gunicorn's parser (no CR,
+    LF or NUL gets through it), the target here, and the values this proxy adds itself.
+    """
+    lines = [f"{method} {target} HTTP/1.1"]
+    lines.extend(f"{name}: {value}" for name, value in headers.items())
+    lines.append("\r\n")
+    return "\r\n".join(lines).encode("latin-1")
+
+
+def _read_head(sock: socket.socket, method: str) -> HTTPResponse:
+    """Status line and headers of the backend's answer (1xx interim answers skipped)."""
+    response = HTTPResponse(sock, method=method)
+    try:
+        response.begin()
+    except BaseException:
+        response.close()
+        raise
+    return response
 
 
 def split_target(raw: str) -> tuple[str, str | None]:
@@ -128,10 +149,10 @@ def split_target(raw: str) -> tuple[str, str | None]:
 class UpstreamBody:
     """The response body as a WSGI iterable: streamed block by block, never held whole."""
 
-    def __init__(self, response: HTTPResponse, conn: HTTPConnection, pool: UpstreamPool,
+    def __init__(self, response: HTTPResponse, sock: socket.socket, pool: UpstreamPool,
                  client_sock: socket.socket | None, rid: str) -> None:
         self.response = response
-        self.conn = conn
+        self.sock = sock
         self.pool = pool
         self.client_sock = client_sock
         self.rid = rid
@@ -150,8 +171,11 @@ class UpstreamBody:
         if self.response.length:  # EOF before Content-Length was reached
             self._abort(ConnectionError(f"backend closed with {self.response.length} bytes unsent"))
         self.done = True
-        self.response.close()  # marks the exchange finished (HEAD answers are never "read")
-        self.pool.release(self.conn)
+        self.response.close()
+        if self.response.will_close:
+            self.sock.close()
+        else:
+            self.pool.release(self.sock)
         raise StopIteration
 
     def _abort(self, error: BaseException) -> None:
@@ -173,7 +197,8 @@ class UpstreamBody:
     def close(self) -> None:
         if not self.done:
             self.done = True
-            self.conn.close()  # unread bytes would poison the next request on this connection
+            self.response.close()
+            self.sock.close()  # unread bytes would poison the next request on this connection
 
 
 class ProxyApp:
@@ -240,45 +265,45 @@ class ProxyApp:
         elif chunked:
             headers["Transfer-Encoding"] = "chunked"
         has_body = chunked or length > 0
+        head = request_head(method, target, headers)
 
         last_failure: ConnectFailed | None = None
         for backend in attempts:
             pool = self.pools[backend.url]
             try:
-                conn, reused = pool.acquire()
-                conn, response = self._exchange(conn, reused, pool, method, target, headers,
-                                                body, length, chunked, has_body)
+                sock, reused = pool.acquire()
+                sock, response = self._exchange(sock, reused, pool, method, head, body,
+                                                length, chunked, has_body)
             except ConnectFailed as e:  # nothing reached the backend: the next one may serve
                 log.error("backend %s: connect failed: %s (request %s)", backend.url, e, rid)
                 self._quarantine(backend)
                 last_failure = e
                 continue
             except ClientBodyError as e:
-                conn.close()
+                sock.close()
                 log.info("client request body failed (request %s): %s", rid, e)
                 return self._error(start_response, 400, rid, "incomplete request body",
                                    [("Connection", "close")])
             except TimeoutError:
-                conn.close()
+                sock.close()
                 log.error("backend %s timed out after %gs (request %s)", backend.url,
                           self.settings.proxy.read_timeout, rid)
                 return self._error(start_response, 504, rid, "backend timed out")
             except (OSError, HTTPException) as e:
-                conn.close()
+                sock.close()
                 log.error("backend %s failed: %s (request %s)", backend.url,
                           str(e) or type(e).__name__, rid)
                 return self._error(start_response, 502, rid, "bad gateway")
-            return self._respond(start_response, response, conn, pool, client_sock, rid,
-                                 method)
+            return self._respond(start_response, response, sock, pool, client_sock, rid)
 
         assert last_failure is not None
         if last_failure.timed_out:
             return self._error(start_response, 504, rid, "backend connect timed out")
         return self._error(start_response, 502, rid, "no backend accepted the connection")
 
-    def _exchange(self, conn: HTTPConnection, reused: bool, pool: UpstreamPool, method: str,
-                  target: str, headers: dict[str, str], body: Any, length: int, chunked: bool,
-                  has_body: bool) -> tuple[HTTPConnection, HTTPResponse]:
+    def _exchange(self, sock: socket.socket, reused: bool, pool: UpstreamPool, method: str,
+                  head: bytes, body: Any, length: int, chunked: bool,
+                  has_body: bool) -> tuple[socket.socket, HTTPResponse]:
         """Send one request and read the response head.
 
         A kept-alive connection the backend closed meanwhile fails on first use; then the
@@ -289,32 +314,25 @@ class ProxyApp:
         """
         head_sent = False
         try:
-            self._send_head(conn, method, target, headers)
+            sock.sendall(head)
             head_sent = True
             if not has_body:
-                return conn, conn.getresponse()
+                return sock, _read_head(sock, method)
         except (ConnectionError, HTTPException):
             if not reused or (head_sent and method not in IDEMPOTENT):
                 raise
-            conn.close()
-            conn = pool.connect()
-            self._send_head(conn, method, target, headers)
+            sock.close()
+            sock = pool.connect()
+            sock.sendall(head)
             if not has_body:
-                return conn, conn.getresponse()
+                return sock, _read_head(sock, method)
         # If the backend stops reading, it may still have answered (e.g. 413): read that.
         with contextlib.suppress(BrokenPipeError, ConnectionResetError):
-            self._send_body(conn, body, length, chunked)
-        return conn, conn.getresponse()
+            self._send_body(sock, body, length, chunked)
+        return sock, _read_head(sock, method)
 
     @staticmethod
-    def _send_head(conn: HTTPConnection, method: str, target: str, headers: dict[str, str]) -> None:
-        conn.putrequest(method, target, skip_host=True, skip_accept_encoding=True)
-        for name, value in headers.items():
-            conn.putheader(name, value)
-        conn.endheaders()
-
-    @staticmethod
-    def _send_body(conn: HTTPConnection, body: Any, length: int, chunked: bool) -> None:
+    def _send_body(sock: socket.socket, body: Any, length: int, chunked: bool) -> None:
         sent = 0
         while True:
             try:
@@ -324,15 +342,15 @@ class ProxyApp:
             if not block:
                 break
             sent += len(block)
-            conn.send(b"%x\r\n%b\r\n" % (len(block), block) if chunked else block)
+            sock.sendall(b"%x\r\n%b\r\n" % (len(block), block) if chunked else block)
         if chunked:
-            conn.send(b"0\r\n\r\n")
+            sock.sendall(b"0\r\n\r\n")
         elif sent < length:
             raise ClientBodyError(f"client sent {sent} of {length} body bytes")
 
     def _respond(self, start_response: StartResponse, response: HTTPResponse,
-                 conn: HTTPConnection, pool: UpstreamPool, client_sock: socket.socket | None,
-                 rid: str, method: str) -> Iterable[bytes]:
+                 sock: socket.socket, pool: UpstreamPool, client_sock: socket.socket | None,
+                 rid: str) -> Iterable[bytes]:
         reason = response.reason if response.reason and response.reason.isprintable() else ""
         if not reason.isascii() or not reason:
             try:
@@ -342,12 +360,13 @@ class ProxyApp:
         try:
             headers = client_response_headers(response.getheaders(), rid)
         except ValueError as e:
-            conn.close()
+            response.close()
+            sock.close()
             log.error("backend %s sent an invalid response header %s (request %s)",
                       pool.backend.url, e, rid)
             return self._error(start_response, 502, rid, "bad gateway")
         start_response(f"{response.status} {reason}", headers)
-        return UpstreamBody(response, conn, pool, client_sock, rid)
+        return UpstreamBody(response, sock, pool, client_sock, rid)
 
     def _quarantine(self, backend: Backend) -> None:
         with self._quarantine_lock:
