@@ -1,10 +1,6 @@
 """The WSGI proxy: pick a backend, forward the request, stream the answer, map failures.
 
-Upstream, the request head is written as bytes in one send, because the target must go out
-byte for byte (urllib3's urlopen re-encodes it), no header may be added that the client did not
-send, and http.client's per-header validation repeats what gunicorn's parser already enforced.
-Responses are parsed by the standard library's http.client.HTTPResponse. Connections are kept
-alive per worker and backend.
+The backend side of an exchange (sockets, request head, response parsing) is upstream.py.
 """
 
 from __future__ import annotations
@@ -14,25 +10,28 @@ import errno
 import logging
 import math
 import re
-import select
 import socket
 import threading
 import time
-from collections import deque
 from collections.abc import Callable, Iterable, Iterator, Sequence
 from http import HTTPStatus
-from http.client import HTTPException, HTTPResponse
 from typing import Any
 
 from gol7lb.backends import Backend
 from gol7lb.config import Settings
 from gol7lb.headers import client_response_headers, request_id, upstream_request_headers
 from gol7lb.state import LivenessView, SharedCounters
+from gol7lb.upstream import (
+    ConnectFailed,
+    UpstreamPool,
+    UpstreamProtocolError,
+    UpstreamResponse,
+    request_head,
+)
 
 log = logging.getLogger("gunicorn.error")
 
 BLOCK = 64 * 1024
-MAX_IDLE_PER_BACKEND = 64
 IDEMPOTENT = frozenset({"GET", "HEAD", "OPTIONS", "TRACE", "PUT", "DELETE"})
 _ABSOLUTE_FORM = re.compile(r"[A-Za-z][A-Za-z0-9+.-]*://")
 _BAD_TARGET_CHAR = re.compile(r"[\x00-\x20\x7f]")
@@ -40,88 +39,14 @@ _BAD_TARGET_CHAR = re.compile(r"[\x00-\x20\x7f]")
 StartResponse = Callable[..., Any]
 
 
-class ConnectFailed(OSError):
-    """Opening a connection to a backend failed: the next backend may be tried."""
-
-    def __init__(self, reason: str, timed_out: bool) -> None:
-        super().__init__(reason)
-        self.timed_out = timed_out
+def _read_head(sock: socket.socket, method: str) -> UpstreamResponse:
+    response = UpstreamResponse(sock, method)
+    response.read_head()
+    return response
 
 
 class ClientBodyError(Exception):
     """The client's request body broke off or was malformed: not the backend's fault."""
-
-
-class UpstreamPool:
-    """Idle keep-alive sockets to one backend, owned by one worker process."""
-
-    def __init__(self, backend: Backend, connect_timeout: float, read_timeout: float) -> None:
-        self.backend = backend
-        self.connect_timeout = connect_timeout
-        self.read_timeout = read_timeout
-        self._idle: deque[socket.socket] = deque()
-
-    def acquire(self) -> tuple[socket.socket, bool]:
-        """An idle socket still open on the far side, else a new one; (sock, reused)."""
-        while True:
-            try:
-                sock = self._idle.pop()
-            except IndexError:
-                return self.connect(), False
-            if _still_open(sock):
-                return sock, True
-            sock.close()
-
-    def connect(self) -> socket.socket:
-        try:
-            sock = socket.create_connection(self.backend.address, timeout=self.connect_timeout)
-        except TimeoutError:
-            raise ConnectFailed(f"connect timed out after {self.connect_timeout:g}s",
-                                timed_out=True) from None
-        except OSError as e:
-            raise ConnectFailed(e.strerror or str(e), timed_out=False) from None
-        sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
-        sock.settimeout(self.read_timeout)
-        return sock
-
-    def release(self, sock: socket.socket) -> None:
-        if len(self._idle) < MAX_IDLE_PER_BACKEND:
-            self._idle.append(sock)
-        else:
-            sock.close()
-
-
-def _still_open(sock: socket.socket) -> bool:
-    """An idle upstream socket is reusable only if it has nothing to read (no EOF, no junk).
-
-    poll() with a zero timeout, because recv() on a socket with a timeout waits first.
-    """
-    poller = select.poll()
-    poller.register(sock, select.POLLIN)
-    return not poller.poll(0)
-
-
-def request_head(method: str, target: str, headers: dict[str, str]) -> bytes:
-    """The request line and header section as one buffer, for one send.
-
-    Every piece was validated before: method and field lines by gunicorn's parser (no CR,
-    LF or NUL gets through it), the target here, and the values this proxy adds itself.
-    """
-    lines = [f"{method} {target} HTTP/1.1"]
-    lines.extend(f"{name}: {value}" for name, value in headers.items())
-    lines.append("\r\n")
-    return "\r\n".join(lines).encode("latin-1")
-
-
-def _read_head(sock: socket.socket, method: str) -> HTTPResponse:
-    """Status line and headers of the backend's answer (1xx interim answers skipped)."""
-    response = HTTPResponse(sock, method=method)
-    try:
-        response.begin()
-    except BaseException:
-        response.close()
-        raise
-    return response
 
 
 def split_target(raw: str) -> tuple[str, str | None]:
@@ -149,7 +74,7 @@ def split_target(raw: str) -> tuple[str, str | None]:
 class UpstreamBody:
     """The response body as a WSGI iterable: streamed block by block, never held whole."""
 
-    def __init__(self, response: HTTPResponse, sock: socket.socket, pool: UpstreamPool,
+    def __init__(self, response: UpstreamResponse, sock: socket.socket, pool: UpstreamPool,
                  client_sock: socket.socket | None, rid: str) -> None:
         self.response = response
         self.sock = sock
@@ -163,19 +88,16 @@ class UpstreamBody:
 
     def __next__(self) -> bytes:
         try:
-            data = self.response.read1(BLOCK)
-        except (OSError, HTTPException) as e:
+            data = self.response.read_block()
+        except (OSError, UpstreamProtocolError) as e:
             self._abort(e)
         if data:
             return data
-        if self.response.length:  # EOF before Content-Length was reached
-            self._abort(ConnectionError(f"backend closed with {self.response.length} bytes unsent"))
         self.done = True
-        self.response.close()
-        if self.response.will_close:
-            self.sock.close()
-        else:
+        if self.response.keep_alive:
             self.pool.release(self.sock)
+        else:
+            self.sock.close()
         raise StopIteration
 
     def _abort(self, error: BaseException) -> None:
@@ -197,7 +119,6 @@ class UpstreamBody:
     def close(self) -> None:
         if not self.done:
             self.done = True
-            self.response.close()
             self.sock.close()  # unread bytes would poison the next request on this connection
 
 
@@ -289,7 +210,7 @@ class ProxyApp:
                 log.error("backend %s timed out after %gs (request %s)", backend.url,
                           self.settings.proxy.read_timeout, rid)
                 return self._error(start_response, 504, rid, "backend timed out")
-            except (OSError, HTTPException) as e:
+            except (OSError, UpstreamProtocolError) as e:
                 sock.close()
                 log.error("backend %s failed: %s (request %s)", backend.url,
                           str(e) or type(e).__name__, rid)
@@ -303,7 +224,7 @@ class ProxyApp:
 
     def _exchange(self, sock: socket.socket, reused: bool, pool: UpstreamPool, method: str,
                   head: bytes, body: Any, length: int, chunked: bool,
-                  has_body: bool) -> tuple[socket.socket, HTTPResponse]:
+                  has_body: bool) -> tuple[socket.socket, UpstreamResponse]:
         """Send one request and read the response head.
 
         A kept-alive connection the backend closed meanwhile fails on first use; then the
@@ -318,7 +239,7 @@ class ProxyApp:
             head_sent = True
             if not has_body:
                 return sock, _read_head(sock, method)
-        except (ConnectionError, HTTPException):
+        except (ConnectionError, UpstreamProtocolError):
             if not reused or (head_sent and method not in IDEMPOTENT):
                 raise
             sock.close()
@@ -348,7 +269,7 @@ class ProxyApp:
         elif sent < length:
             raise ClientBodyError(f"client sent {sent} of {length} body bytes")
 
-    def _respond(self, start_response: StartResponse, response: HTTPResponse,
+    def _respond(self, start_response: StartResponse, response: UpstreamResponse,
                  sock: socket.socket, pool: UpstreamPool, client_sock: socket.socket | None,
                  rid: str) -> Iterable[bytes]:
         reason = response.reason if response.reason and response.reason.isprintable() else ""
@@ -358,9 +279,8 @@ class ProxyApp:
             except ValueError:
                 reason = "Unknown"
         try:
-            headers = client_response_headers(response.getheaders(), rid)
+            headers = client_response_headers(response.headers, rid)
         except ValueError as e:
-            response.close()
             sock.close()
             log.error("backend %s sent an invalid response header %s (request %s)",
                       pool.backend.url, e, rid)

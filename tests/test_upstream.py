@@ -1,0 +1,101 @@
+"""The backend side of an exchange, over real socket pairs: framing, interim answers, errors."""
+
+from __future__ import annotations
+
+import socket
+
+import pytest
+
+from gol7lb.upstream import UpstreamProtocolError, UpstreamResponse, request_head, still_open
+
+
+def answer(raw: bytes, method: str = "GET", close: bool = True) -> tuple[UpstreamResponse, bytes]:
+    """Feed raw bytes from a 'backend' socket; return the parsed response and its whole body."""
+    ours, theirs = socket.socketpair()
+    ours.settimeout(5)
+    theirs.sendall(raw)
+    if close:
+        theirs.close()
+    response = UpstreamResponse(ours, method)
+    response.read_head()
+    body = b""
+    while block := response.read_block():
+        body += block
+    ours.close()
+    if not close:
+        theirs.close()
+    return response, body
+
+
+def test_content_length_body_and_repeated_headers():
+    response, body = answer(b"HTTP/1.1 201 Created\r\nContent-Length: 5\r\nSet-Cookie: a=1\r\n"
+                            b"Set-Cookie: b=2\r\n\r\nhello", close=False)
+    assert (response.status, response.reason, body) == (201, "Created", b"hello")
+    assert response.headers == [("Content-Length", "5"), ("Set-Cookie", "a=1"),
+                                ("Set-Cookie", "b=2")]
+    assert response.complete and response.keep_alive
+
+
+def test_chunked_body_is_decoded():
+    response, body = answer(b"HTTP/1.1 200 OK\r\nTransfer-Encoding: chunked\r\n\r\n"
+                            b"3;ext=1\r\nabc\r\n2\r\nde\r\n0\r\nX-Trailer: t\r\n\r\n", close=False)
+    assert body == b"abcde" and response.keep_alive
+
+
+def test_body_until_eof_when_unframed():
+    response, body = answer(b"HTTP/1.0 200 OK\r\n\r\nuntil the end")
+    assert body == b"until the end" and not response.keep_alive
+
+
+@pytest.mark.parametrize("status", [204, 304])
+def test_no_body_statuses(status):
+    response, body = answer(f"HTTP/1.1 {status} X\r\nContent-Length: 10\r\n\r\n".encode(),
+                            close=False)
+    assert body == b"" and response.complete
+
+
+def test_head_answer_has_no_body_whatever_content_length_says():
+    response, body = answer(b"HTTP/1.1 200 OK\r\nContent-Length: 99\r\n\r\n", "HEAD",
+                            close=False)
+    assert body == b"" and response.keep_alive
+
+
+def test_interim_100_continue_is_skipped():
+    response, body = answer(b"HTTP/1.1 100 Continue\r\n\r\nHTTP/1.1 200 OK\r\n"
+                            b"Content-Length: 2\r\nX-Final: 1\r\n\r\nok", close=False)
+    assert response.status == 200 and body == b"ok"
+    assert response.headers == [("Content-Length", "2"), ("X-Final", "1")]
+
+
+def test_connection_close_means_no_reuse():
+    response, _ = answer(b"HTTP/1.1 200 OK\r\nContent-Length: 0\r\nConnection: close\r\n\r\n")
+    assert not response.keep_alive
+
+
+@pytest.mark.parametrize("raw, message", [
+    (b"this is not http\r\n\r\n", "invalid HTTP"),
+    (b"", "without answering"),
+    (b"HTTP/1.1 200 OK\r\nContent-Length: 10\r\n\r\nshort", "before the body ended"),
+    (b"HTTP/1.1 200 OK\r\nContent-Length: 1\r\nContent-Length: 2\r\n\r\nxx", "invalid HTTP"),
+])
+def test_broken_answers_raise(raw, message):
+    with pytest.raises(UpstreamProtocolError, match=message):
+        answer(raw)
+
+
+def test_request_head_is_one_buffer_in_order():
+    head = request_head("GET", "/a%2Fb?x=%41", {"Host": "h", "X-A": "1"})
+    assert head == b"GET /a%2Fb?x=%41 HTTP/1.1\r\nHost: h\r\nX-A: 1\r\n\r\n"
+
+
+def test_still_open_sees_eof_and_junk():
+    ours, theirs = socket.socketpair()
+    ours.settimeout(5)
+    assert still_open(ours)
+    theirs.sendall(b"junk")
+    assert not still_open(ours)
+    ours.close()
+    ours, theirs = socket.socketpair()
+    theirs.close()
+    assert not still_open(ours)
+    ours.close()
