@@ -93,18 +93,17 @@ def client_response_headers(
 
     ValueError for a header that is not valid HTTP, so the caller can answer 502 instead.
     """
-    upstream = list(upstream)
+    kept: list[tuple[str, str, str]] = []
     listed: frozenset[str] = frozenset()
     for name, value in upstream:
-        if name.lower() == "connection":
-            listed = listed | connection_tokens(value)
-    drop = RESPONSE_DROPPED | listed
-    headers = []
-    for name, value in upstream:
-        if name.lower() in drop:
+        lower = name.lower()
+        if lower in RESPONSE_DROPPED:
+            if lower == "connection":
+                listed = listed | connection_tokens(value)
             continue
         if not _TOKEN.fullmatch(name) or not _FIELD_VALUE.fullmatch(value):
             raise ValueError(repr(name))
-        headers.append((name, value))
+        kept.append((lower, name, value))
+    headers = [(name, value) for lower, name, value in kept if lower not in listed]
     headers.append((REQUEST_ID, rid))
     return headers
