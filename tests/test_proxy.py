@@ -276,6 +276,8 @@ def test_one_gib_download_does_not_grow_lb_memory(shared_lb):
     assert received == size
     growth = (peak - before) / 2**20
     assert growth < 10, f"LB grew by {growth:.1f} MiB while streaming 1 GiB"
+    worker_rss = [w.memory_info().rss / 2**20 for w in lb_workers(shared_lb)]
+    assert max(worker_rss) < 40, f"worker RSS after load: {worker_rss} MiB"
 
 
 @pytest.mark.slow
