@@ -48,8 +48,9 @@ def lb_factory(tmp_path: Path) -> Iterator[Callable[..., LB]]:
     started: list[LB] = []
 
     def start(env: dict[str, str] | None = None, ready: bool = True,
-              extra_args: tuple[str, ...] = ()) -> LB:
-        lb = LB(dict(env or {}), log=tmp_path / f"lb-{len(started)}.log", extra_args=extra_args)
+              extra_args: tuple[str, ...] = (), new_session: bool = False) -> LB:
+        lb = LB(dict(env or {}), log=tmp_path / f"lb-{len(started)}.log", extra_args=extra_args,
+                new_session=new_session)
         started.append(lb)
         return lb.wait_ready() if ready else lb
 

@@ -48,7 +48,8 @@ class Proc:
     """A started process and all its descendants, remembered by PID so they can be checked."""
 
     def __init__(self, argv: Sequence[str], env: dict[str, str] | None = None,
-                 cwd: Path | None = None, log: Path | None = None) -> None:
+                 cwd: Path | None = None, log: Path | None = None,
+                 new_session: bool = False) -> None:
         full_env = dict(os.environ)
         full_env.update(env or {})
         full_env.setdefault("PYTHONUNBUFFERED", "1")
@@ -57,6 +58,7 @@ class Proc:
         self.popen = subprocess.Popen(
             list(argv), env=full_env, cwd=str(cwd or ROOT),
             stdout=out, stderr=subprocess.STDOUT, stdin=subprocess.DEVNULL,
+            start_new_session=new_session,  # its own process group, as a terminal gives it
         )
         if log:
             out.close()
@@ -133,12 +135,14 @@ def start_backend(port: int, tmp_path: Path | None = None, host: str = "127.0.0.
 class LB(Proc):
     """A real `gunicorn -c gunicorn.conf.py gol7lb.wsgi`, on free ports, control socket off."""
 
-    def __init__(self, env: dict[str, str], log: Path, extra_args: Sequence[str] = ()) -> None:
+    def __init__(self, env: dict[str, str], log: Path, extra_args: Sequence[str] = (),
+                 new_session: bool = False) -> None:
         port = int(env.setdefault("PORT", str(free_port())))
         admin = env.setdefault("GOL7LB_ADMIN_BIND", f"127.0.0.1:{free_port()}")
         env.setdefault("WEB_CONCURRENCY", "2")
         super().__init__([sys.executable, "-m", "gunicorn", "-c", "gunicorn.conf.py",
-                          "gol7lb.wsgi", "--no-control-socket", *extra_args], env=env, log=log)
+                          "gol7lb.wsgi", "--no-control-socket", *extra_args], env=env, log=log,
+                         new_session=new_session)
         self.port = port
         self.admin_port = int(admin.rpartition(":")[2]) if admin else None
 

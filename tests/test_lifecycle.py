@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import os
 import signal
 import sys
 import threading
@@ -18,7 +19,14 @@ DEMO_PORTS = (8081, 8082, 8083)
 
 
 def workers_of(lb) -> list[psutil.Process]:
-    return [p for p in psutil.Process(lb.pid).children() if "gunicorn" in " ".join(p.cmdline())]
+    workers = []
+    for proc in psutil.Process(lb.pid).children():
+        try:
+            if "gunicorn" in " ".join(proc.cmdline()):
+                workers.append(proc)
+        except psutil.Error:  # a worker that just exited
+            continue
+    return workers
 
 
 @pytest.mark.slow
@@ -97,6 +105,39 @@ def test_demo_backends_start_serve_and_stop_with_the_lb(lb_factory):
     assert lb.leftovers() == []
     assert all(port_closed(p) for p in DEMO_PORTS)
     assert "stopped demo backends" in lb.output()
+
+
+def test_ctrl_c_to_the_whole_process_group_leaves_nothing(lb_factory):
+    """What a terminal does on Ctrl-C: SIGINT to every process of the foreground group."""
+    busy = [p for p in DEMO_PORTS if not port_closed(p)]
+    assert not busy, f"demo ports {busy} are taken on this machine; free them to run this test"
+    lb = lb_factory({}, new_session=True)  # demo backends too
+    assert requests.get(lb.url + "/", timeout=5).status_code == 200
+    lb.tree()
+    os.killpg(lb.pid, signal.SIGINT)
+    assert lb.wait(timeout=15) == 0
+    assert lb.leftovers() == []
+    assert all(port_closed(p) for p in DEMO_PORTS)
+    assert "Traceback" not in lb.output()
+
+
+def test_hup_reloads_workers_and_keeps_serving(lb_factory, backend_factory):
+    backend = backend_factory()
+    lb = lb_factory({"GOL7LB_BACKENDS": backends_env([backend.port])})
+    before = {w.pid for w in workers_of(lb)}
+    lb.signal(signal.SIGHUP)
+    deadline = time.monotonic() + 15
+    while True:
+        after = {w.pid for w in workers_of(lb)}
+        if len(after) == 2 and not after & before:
+            break
+        assert time.monotonic() < deadline, "workers were not replaced after HUP"
+        time.sleep(0.1)
+    time.sleep(0.5)
+    for _ in range(4):
+        assert requests.get(lb.url + "/", timeout=5).text == f"backend {backend.port}\n"
+    assert "take effect after a restart" in lb.output()
+    lb.tree()
 
 
 def test_a_busy_demo_port_is_a_clear_start_error(lb_factory):
