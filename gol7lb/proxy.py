@@ -22,27 +22,22 @@ from gol7lb.config import Settings
 from gol7lb.headers import client_response_headers, request_id, upstream_request_headers
 from gol7lb.state import LivenessView, SharedCounters
 from gol7lb.upstream import (
+    BLOCK,
     ConnectFailed,
     UpstreamPool,
     UpstreamProtocolError,
     UpstreamResponse,
+    read_response_head,
     request_head,
 )
 
 log = logging.getLogger("gunicorn.error")
 
-BLOCK = 64 * 1024
 IDEMPOTENT = frozenset({"GET", "HEAD", "OPTIONS", "TRACE", "PUT", "DELETE"})
 _ABSOLUTE_FORM = re.compile(r"[A-Za-z][A-Za-z0-9+.-]*://")
 _BAD_TARGET_CHAR = re.compile(r"[\x00-\x20\x7f]")
 
 StartResponse = Callable[..., Any]
-
-
-def _read_head(sock: socket.socket, method: str) -> UpstreamResponse:
-    response = UpstreamResponse(sock, method)
-    response.read_head()
-    return response
 
 
 class ClientBodyError(Exception):
@@ -238,7 +233,7 @@ class ProxyApp:
             sock.sendall(head)
             head_sent = True
             if not has_body:
-                return sock, _read_head(sock, method)
+                return sock, read_response_head(sock, method)
         except (ConnectionError, UpstreamProtocolError):
             if not reused or (head_sent and method not in IDEMPOTENT):
                 raise
@@ -246,11 +241,11 @@ class ProxyApp:
             sock = pool.connect()
             sock.sendall(head)
             if not has_body:
-                return sock, _read_head(sock, method)
+                return sock, read_response_head(sock, method)
         # If the backend stops reading, it may still have answered (e.g. 413): read that.
         with contextlib.suppress(BrokenPipeError, ConnectionResetError):
             self._send_body(sock, body, length, chunked)
-        return sock, _read_head(sock, method)
+        return sock, read_response_head(sock, method)
 
     @staticmethod
     def _send_body(sock: socket.socket, body: Any, length: int, chunked: bool) -> None:

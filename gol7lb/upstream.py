@@ -187,3 +187,10 @@ class UpstreamResponse:
                 self.keep_alive = False
                 raise UpstreamProtocolError("backend closed the connection before the body ended")
             self._feed(data)
+
+
+def read_response_head(sock: socket.socket, method: str) -> UpstreamResponse:
+    """A response whose status line and headers are read; its body is read on demand."""
+    response = UpstreamResponse(sock, method)
+    response.read_head()
+    return response
