@@ -24,6 +24,7 @@ ENV_PREFIX = "GOL7LB_"
 CONFIG_ENV = "GOL7LB_CONFIG"
 ALGORITHMS = ("round_robin", "random")
 HEALTH_TYPES = ("tcp", "http")
+CPU_AFFINITY = ("auto", "off")
 DEMO_PORTS = (8081, 8082, 8083)
 
 
@@ -75,6 +76,10 @@ SETTINGS: tuple[Setting, ...] = (
     Setting("", "algorithm", "round_robin", "str", "one of " + ", ".join(ALGORITHMS),
             "How a backend is chosen among the healthy ones (both honour weights).",
             lambda v: v in ALGORITHMS),
+    Setting("", "cpu_affinity", "auto", "str", "one of " + ", ".join(CPU_AFFINITY),
+            "auto: pin worker i to CPU i mod n of the CPUs the LB may use, so a worker's "
+            "threads hand the GIL over on one core (README, Worker class). off: no pinning.",
+            lambda v: v in CPU_AFFINITY),
     Setting("health", "type", "tcp", "str", "one of " + ", ".join(HEALTH_TYPES),
             "tcp: a connect succeeds. http: GET `health.path` answers a status in "
             "`health.expect_status`.", lambda v: v in HEALTH_TYPES),
@@ -140,6 +145,7 @@ class AdminSettings:
 @dataclass(frozen=True)
 class Settings:
     algorithm: str = "round_robin"
+    cpu_affinity: str = "auto"
     backends: tuple[Backend, ...] = ()
     health: HealthSettings = field(default_factory=HealthSettings)
     proxy: ProxySettings = field(default_factory=ProxySettings)
@@ -262,7 +268,8 @@ def _values_from_toml(data: Mapping[str, Any], origin: str) -> tuple[dict[str, A
         elif key in SETTINGS_BY_NAME:
             values[key] = _coerce(SETTINGS_BY_NAME[key], value, origin, from_env=False)
         else:
-            allowed = ", ".join(["backends", *sorted(sections), "algorithm"])
+            top = [st.key for st in SETTINGS if not st.section]
+            allowed = ", ".join(["backends", *sorted(sections), *top])
             raise ConfigError(f"unknown setting {key} ({origin}): allowed are {allowed}")
     return values, backends
 
@@ -332,6 +339,7 @@ def load_settings(env: Mapping[str, str] | None = None) -> Settings:
 
     return Settings(
         algorithm=values["algorithm"],
+        cpu_affinity=values["cpu_affinity"],
         backends=tuple(backends),
         health=HealthSettings(**section("health")),
         proxy=ProxySettings(**section("proxy")),

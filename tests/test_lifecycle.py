@@ -201,6 +201,24 @@ def test_web_concurrency_sets_the_number_of_workers(lb_factory, backend_factory)
     assert {(a.ip, a.port) for a in listeners} == {("0.0.0.0", lb.port)}
 
 
+@pytest.mark.parametrize("mode", ["auto", "off"])
+def test_cpu_affinity_pins_each_worker_to_its_own_cpu_or_not(lb_factory, backend_factory, mode):
+    backend = backend_factory()
+    lb = lb_factory({"GOL7LB_BACKENDS": backends_env([backend.port]),
+                     "GOL7LB_CPU_AFFINITY": mode})
+    allowed = sorted(os.sched_getaffinity(0))
+    pinned = [w.cpu_affinity() for w in workers_of(lb)]
+    assert len(pinned) == 2
+    if mode == "off":
+        assert all(sorted(cpus) == allowed for cpus in pinned)
+    else:
+        assert all(len(cpus) == 1 for cpus in pinned)
+        if len(allowed) >= 2:
+            assert pinned[0] != pinned[1]
+    assert psutil.Process(lb.pid).cpu_affinity() == allowed  # the master is never pinned
+    assert requests.get(lb.url + "/", timeout=5).status_code == 200
+
+
 def test_toml_config_file_is_used(lb_factory, backend_factory, tmp_path):
     backend = backend_factory()
     config = tmp_path / "lb.toml"
