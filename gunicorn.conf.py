@@ -21,7 +21,7 @@ bind = [f"0.0.0.0:{_port}"]
 # gthread: keep-alive client connections wait in a poller, not in a thread, and each worker
 # owns its own SO_REUSEPORT listener so the kernel spreads connections evenly (README).
 worker_class = "gol7lb.worker.ProxyWorker"
-threads = 8
+threads = 32
 reuse_port = True
 keepalive = 5  # seconds an idle client connection is kept open
 worker_connections = 1000
