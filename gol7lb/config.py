@@ -56,20 +56,15 @@ def _positive(value: float) -> bool:
     return 0 < value <= 86400
 
 
-def _status_ranges_ok(value: str) -> bool:
-    try:
-        parse_status_ranges(value)
-    except ValueError:
-        return False
-    return True
-
-
-def _bind_ok(value: str) -> bool:
-    try:
-        parse_bind(value)
-    except ValueError:
-        return False
-    return True
+def _parses(parser: Callable[[str], Any]) -> Callable[[str], bool]:
+    """A setting check that accepts what `parser` accepts (it raises ValueError otherwise)."""
+    def check(value: str) -> bool:
+        try:
+            parser(value)
+        except ValueError:
+            return False
+        return True
+    return check
 
 
 SETTINGS: tuple[Setting, ...] = (
@@ -96,7 +91,7 @@ SETTINGS: tuple[Setting, ...] = (
             lambda v: v.startswith("/") and v.isprintable() and " " not in v),
     Setting("health", "expect_status", "200-399", "str",
             "status codes or ranges like 200-399 or 200,204", "Statuses that pass an http check.",
-            _status_ranges_ok),
+            _parses(lambda v: parse_status_ranges(v))),
     Setting("proxy", "connect_timeout", 3.0, "float", "a number of seconds > 0",
             "Seconds to open a connection to a backend before trying the next one.", _positive),
     Setting("proxy", "read_timeout", 60.0, "float", "a number of seconds > 0",
@@ -105,7 +100,8 @@ SETTINGS: tuple[Setting, ...] = (
     Setting("proxy", "retries", 2, "int", "a whole number from 0 to 100",
             "Further backends tried when connecting fails.", lambda v: 0 <= v <= 100),
     Setting("admin", "bind", "127.0.0.1:8404", "str", "host:port, or \"\" for off",
-            "Admin listener (`/healthz`, `/status`); empty turns it off.", _bind_ok),
+            "Admin listener (`/healthz`, `/status`); empty turns it off.",
+            _parses(lambda v: parse_bind(v))),
 )
 SETTINGS_BY_NAME = {s.name: s for s in SETTINGS}
 BACKENDS_ENV = ENV_PREFIX + "BACKENDS"

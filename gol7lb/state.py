@@ -25,6 +25,7 @@ log = logging.getLogger("gunicorn.error")
 GENERATION = 0  # written by the supervisor only; bumped after every liveness change
 ROTATION = 8  # round-robin tickets, drawn by every worker
 _SLOTS = 16
+MANAGER_RETRY_SECONDS = 1.0  # after a failed Manager read, serve the last snapshot this long
 
 _PR_SET_PDEATHSIG = 1
 
@@ -129,7 +130,6 @@ class LivenessView:
         algorithm: str,
         counters: SharedCounters,
         table_factory: Callable[[], Any],
-        retry_after: float = 1.0,
     ) -> None:
         self.backends = tuple(backends)
         self.algorithm = algorithm
@@ -139,9 +139,7 @@ class LivenessView:
         self._seen = -1  # generation the cached policy was built from; -1 forces the first read
         self._policy: Policy = make_policy(algorithm, self.backends)
         self._refresh_lock = threading.Lock()
-        self._retry_after = retry_after
         self._next_retry = 0.0
-        self.refreshes = 0
 
     def policy(self) -> Policy:
         if self.counters.array[GENERATION] != self._seen:
@@ -163,12 +161,11 @@ class LivenessView:
                 snapshot = self._table.copy()
             except Exception as e:  # the Manager is gone or restarting: keep the last snapshot
                 self._table = None
-                self._next_retry = now + self._retry_after
+                self._next_retry = now + MANAGER_RETRY_SECONDS
                 log.error("cannot read backend state from the manager (%s); serving from the "
                           "last known state", e)
                 return
             self._policy = make_policy(self.algorithm, healthy_backends(self.backends, snapshot))
             self._seen = generation
-            self.refreshes += 1
         finally:
             self._refresh_lock.release()
