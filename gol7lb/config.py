@@ -98,7 +98,8 @@ SETTINGS: tuple[Setting, ...] = (
             "Seconds a backend may stay silent (before or during its answer); then 504.",
             _positive),
     Setting("proxy", "retries", 2, "int", "a whole number from 0 to 100",
-            "Further backends tried when connecting fails.", lambda v: 0 <= v <= 100),
+            "Further backends tried when connecting fails, or when a backend drops an "
+            "idempotent request without a body before answering.", lambda v: 0 <= v <= 100),
     Setting("admin", "bind", "127.0.0.1:8404", "str", "host:port, or \"\" for off",
             "Admin listener (`/healthz`, `/status`); empty turns it off.",
             _parses(lambda v: parse_bind(v))),

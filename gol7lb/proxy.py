@@ -24,6 +24,7 @@ from gol7lb.state import LivenessView, SharedCounters
 from gol7lb.upstream import (
     BLOCK,
     ConnectFailed,
+    UpstreamClosed,
     UpstreamPool,
     UpstreamProtocolError,
     UpstreamResponse,
@@ -183,7 +184,9 @@ class ProxyApp:
         has_body = chunked or length > 0
         head = request_head(method, target, headers)
 
-        last_failure: ConnectFailed | None = None
+        # A request that can be sent again: its method is idempotent and no body was read.
+        replayable = method in IDEMPOTENT and not has_body
+        last_failure: Exception | None = None
         for backend in attempts:
             pool = self.pools[backend.url]
             try:
@@ -205,6 +208,15 @@ class ProxyApp:
                 log.error("backend %s timed out after %gs (request %s)", backend.url,
                           self.settings.proxy.read_timeout, rid)
                 return self._error(start_response, 504, rid, "backend timed out")
+            except (ConnectionError, UpstreamClosed) as e:
+                sock.close()
+                log.error("backend %s failed before answering: %s (request %s)", backend.url,
+                          str(e) or type(e).__name__, rid)
+                if not replayable:
+                    return self._error(start_response, 502, rid, "bad gateway")
+                self._quarantine(backend)  # and on to the next one, like nginx's next_upstream
+                last_failure = e
+                continue
             except (OSError, UpstreamProtocolError) as e:
                 sock.close()
                 log.error("backend %s failed: %s (request %s)", backend.url,
@@ -213,6 +225,8 @@ class ProxyApp:
             return self._respond(start_response, response, sock, pool, client_sock, rid)
 
         assert last_failure is not None
+        if not isinstance(last_failure, ConnectFailed):
+            return self._error(start_response, 502, rid, "bad gateway")
         if last_failure.timed_out:
             return self._error(start_response, 504, rid, "backend connect timed out")
         return self._error(start_response, 502, rid, "no backend accepted the connection")
@@ -234,14 +248,17 @@ class ProxyApp:
             head_sent = True
             if not has_body:
                 return sock, read_response_head(sock, method)
-        except (ConnectionError, UpstreamProtocolError):
+        except (ConnectionError, UpstreamClosed):
             if not reused or (head_sent and method not in IDEMPOTENT):
                 raise
             sock.close()
-            sock = pool.connect()
-            sock.sendall(head)
-            if not has_body:
-                return sock, read_response_head(sock, method)
+            fresh = pool.connect()
+            try:
+                return self._exchange(fresh, False, pool, method, head, body, length, chunked,
+                                      has_body)
+            except BaseException:
+                fresh.close()  # the caller only knows the first socket
+                raise
         # If the backend stops reading, it may still have answered (e.g. 413): read that.
         with contextlib.suppress(BrokenPipeError, ConnectionResetError):
             self._send_body(sock, body, length, chunked)

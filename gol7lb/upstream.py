@@ -34,6 +34,10 @@ class UpstreamProtocolError(Exception):
     """The backend's bytes are not a valid HTTP/1.x answer, or it closed before finishing one."""
 
 
+class UpstreamClosed(UpstreamProtocolError):
+    """The backend closed the connection before sending any answer."""
+
+
 class UpstreamPool:
     """Idle keep-alive sockets to one backend, owned by one worker process."""
 
@@ -158,7 +162,7 @@ class UpstreamResponse:
         while not self._head_done:
             data = self.sock.recv(BLOCK)
             if not data:
-                raise UpstreamProtocolError("backend closed the connection without answering")
+                raise UpstreamClosed("backend closed the connection without answering")
             self._head_bytes += len(data)
             if self._head_bytes > MAX_HEAD and not self._head_done:
                 raise UpstreamProtocolError(f"response head larger than {MAX_HEAD} bytes")

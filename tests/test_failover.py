@@ -120,6 +120,53 @@ def test_connect_failure_moves_to_the_next_backend_before_health_notices(lb_fact
     assert "connect failed" in log and f"127.0.0.1:{three_backends[0].port}" in log
 
 
+class Dropper:
+    """A 'backend' that accepts, reads the request and closes without answering."""
+
+    def __init__(self) -> None:
+        self.sock = socket.socket()
+        self.sock.bind(("127.0.0.1", 0))
+        self.sock.listen(64)
+        self.port = self.sock.getsockname()[1]
+        self.requests = 0
+        self.thread = threading.Thread(target=self._serve, daemon=True)
+        self.thread.start()
+
+    def _serve(self) -> None:
+        while True:
+            try:
+                conn, _ = self.sock.accept()
+            except OSError:
+                return
+            with conn:
+                conn.settimeout(2)
+                try:
+                    if conn.recv(65536):
+                        self.requests += 1
+                except OSError:
+                    pass
+
+    def close(self) -> None:
+        self.sock.close()
+
+
+def test_backend_dropping_a_replayable_request_sends_it_to_the_next_one(lb_factory,
+                                                                         backend_factory):
+    good = backend_factory()
+    dropper = Dropper()
+    try:
+        lb = lb_factory({"GOL7LB_BACKENDS": backends_env([dropper.port, good.port]),
+                         "GOL7LB_HEALTH_INTERVAL": "60"})  # the TCP check passes: it accepts
+        gets = [requests.get(lb.url + "/", headers={"Connection": "close"}, timeout=10)
+                for _ in range(6)]
+        assert [r.status_code for r in gets] == [200] * 6
+        assert {r.text for r in gets} == {f"backend {good.port}\n"}
+        assert dropper.requests >= 1  # it was tried, and the client never saw it fail
+        assert "failed before answering" in lb.output()
+    finally:
+        dropper.close()
+
+
 def test_retries_are_bounded(lb_factory, three_backends):
     env = {"GOL7LB_BACKENDS": backends_env([b.port for b in three_backends]),
            "GOL7LB_HEALTH_INTERVAL": "60", "GOL7LB_PROXY_RETRIES": "0"}
