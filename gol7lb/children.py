@@ -9,6 +9,7 @@ gunicorn's master reaps every child with waitpid(-1) and `is_alive()` would lie.
 from __future__ import annotations
 
 import contextlib
+import ctypes
 import logging
 import multiprocessing
 import multiprocessing.connection
@@ -23,9 +24,45 @@ from collections.abc import Callable, Sequence
 from pathlib import Path
 from typing import Any
 
-from gol7lb.state import die_with_parent
-
 log = logging.getLogger("gunicorn.error")
+LOG_FORMAT = "[%(asctime)s] [%(process)d] [%(levelname)s] %(message)s"
+
+
+def configure_child_logging() -> None:
+    """Spawned children start with bare logging; match gunicorn's error-log format on stderr."""
+    logging.basicConfig(stream=sys.stderr, level=logging.INFO, format=LOG_FORMAT,
+                        datefmt="%Y-%m-%d %H:%M:%S %z")
+
+
+
+_PR_SET_PDEATHSIG = 1
+
+
+def die_with_parent(sig: int = signal.SIGTERM) -> None:
+    """Ask Linux to signal us when our parent (the gunicorn master) dies, even by kill -9.
+
+    No-op where prctl is unavailable.
+    """
+    parent = os.getppid()
+    try:
+        libc = ctypes.CDLL(None, use_errno=True)
+        libc.prctl(_PR_SET_PDEATHSIG, int(sig), 0, 0, 0)
+    except (OSError, AttributeError):
+        return
+    if os.getppid() != parent:  # the parent died before prctl took effect
+        os._exit(0)
+
+
+def init_helper_process() -> None:
+    """First thing in every helper the master spawns.
+
+    Ctrl-C reaches the whole process group; helpers ignore it because the master stops them
+    itself, after its workers have drained.
+    """
+    signal.signal(signal.SIGINT, signal.SIG_IGN)
+    die_with_parent()
+
+
 SPAWN = multiprocessing.get_context("spawn")
 PROJECT_ROOT = Path(__file__).resolve().parent.parent
 

@@ -7,8 +7,6 @@ from __future__ import annotations
 import ctypes
 import logging
 import multiprocessing
-import os
-import signal
 import threading
 import time
 from collections.abc import Callable, Mapping, Sequence
@@ -18,6 +16,7 @@ from typing import Any
 
 from gol7lb.backends import Backend
 from gol7lb.balancer import Policy, make_policy
+from gol7lb.children import init_helper_process
 
 log = logging.getLogger("gunicorn.error")
 
@@ -26,34 +25,6 @@ GENERATION = 0  # written by the supervisor only; bumped after every liveness ch
 ROTATION = 8  # round-robin tickets, drawn by every worker
 _SLOTS = 16
 MANAGER_RETRY_SECONDS = 1.0  # after a failed Manager read, serve the last snapshot this long
-
-_PR_SET_PDEATHSIG = 1
-
-
-def die_with_parent(sig: int = signal.SIGTERM) -> None:
-    """Ask Linux to signal us when our parent (the gunicorn master) dies, even by kill -9.
-
-    No-op where prctl is unavailable.
-    """
-    parent = os.getppid()
-    try:
-        libc = ctypes.CDLL(None, use_errno=True)
-        libc.prctl(_PR_SET_PDEATHSIG, int(sig), 0, 0, 0)
-    except (OSError, AttributeError):
-        return
-    if os.getppid() != parent:  # the parent died before prctl took effect
-        os._exit(0)
-
-
-def init_helper_process() -> None:
-    """First thing in every helper the master spawns.
-
-    Ctrl-C reaches the whole process group; helpers ignore it because the master stops them
-    itself, after its workers have drained.
-    """
-    signal.signal(signal.SIGINT, signal.SIG_IGN)
-    die_with_parent()
-
 
 class SharedCounters:
     """Counters in anonymous shared memory, inherited by forked workers, read without locks.

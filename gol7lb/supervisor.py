@@ -15,20 +15,12 @@ from typing import Any
 import requests
 
 from gol7lb.backends import Backend
+from gol7lb.children import configure_child_logging, init_helper_process
 from gol7lb.config import Settings
 from gol7lb.health import CheckResult, HealthTracker, run_check
-from gol7lb.state import SharedCounters, connect_table, init_helper_process
+from gol7lb.state import SharedCounters, connect_table
 
 log = logging.getLogger("gol7lb.supervisor")
-LOG_FORMAT = "[%(asctime)s] [%(process)d] [%(levelname)s] %(message)s"
-
-
-def configure_child_logging() -> None:
-    """Spawned children start with bare logging; match gunicorn's error-log format on stderr."""
-    logging.basicConfig(stream=sys.stderr, level=logging.INFO, format=LOG_FORMAT,
-                        datefmt="%Y-%m-%d %H:%M:%S %z")
-
-
 def record_for(backend: Backend, tracker: HealthTracker, result: CheckResult | None,
                since: float, checks: int) -> dict[str, Any]:
     return {

@@ -14,9 +14,9 @@ import threading
 from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 from typing import Any
 
+from gol7lb.children import configure_child_logging, init_helper_process
 from gol7lb.config import Settings
-from gol7lb.state import SharedCounters, connect_table, init_helper_process
-from gol7lb.supervisor import configure_child_logging
+from gol7lb.state import SharedCounters, connect_table
 
 log = logging.getLogger("gol7lb.admin")
 
