@@ -22,6 +22,7 @@ class Backend:
     host: str
     port: int
     weight: int = 1
+    max_connections: int = 0  # in-flight cap over all workers; 0: proxy.max_connections
 
     @property
     def address(self) -> tuple[str, int]:
@@ -39,7 +40,7 @@ class Backend:
         return self.netloc
 
 
-def parse_backend_url(url: str, weight: int = 1) -> Backend:
+def parse_backend_url(url: str, weight: int = 1, max_connections: int = 0) -> Backend:
     """Accept only `http://host[:port]`: a path or query would otherwise be ignored silently."""
     if not isinstance(url, str) or not url.strip():
         raise BackendError(f"{url!r}: expected an http://host:port URL")
@@ -71,7 +72,8 @@ def parse_backend_url(url: str, weight: int = 1) -> Backend:
             raise BackendError(f"{text!r}: bad IPv6 address") from None
     weight = check_weight(weight, text)
     canonical = f"http://{'[' + host + ']' if ':' in host else host}:{port}"
-    return Backend(url=canonical, host=host, port=port, weight=weight)
+    return Backend(url=canonical, host=host, port=port, weight=weight,
+                   max_connections=max_connections)
 
 
 def check_weight(weight: object, where: str) -> int:

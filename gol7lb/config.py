@@ -14,28 +14,30 @@ from collections.abc import Callable, Mapping
 from dataclasses import dataclass, field
 from typing import Any
 
-from gol7lb.backends import (
-    Backend,
-    BackendError,
-    check_weight,
-    parse_backend_list,
-    parse_backend_url,
+from gol7lb.backends import Backend, BackendError, parse_backend_list, parse_backend_url
+from gol7lb.pools import (
+    ALGORITHMS,
+    DEFAULT_POOL,
+    ConfigError,
+    Pool,
+    Route,
+    backends_from_toml,
+    check_cookie_name,
+    check_hash_key,
+    check_routes,
+    pools_from_toml,
+    routes_from_toml,
 )
 
 ENV_PREFIX = "GOL7LB_"
 CONFIG_ENV = "GOL7LB_CONFIG"
-ALGORITHMS = ("round_robin", "random")
 HEALTH_TYPES = ("tcp", "http")
 LOG_FORMATS = ("text", "json")
-DEFAULT_POOL = "default"
+RETRY_CONDITIONS = ("connect-failure", "timeout", "reset", "502", "503", "504")
 _TRUE = frozenset({"true", "1", "yes", "on"})
 _FALSE = frozenset({"false", "0", "no", "off"})
 CPU_AFFINITY = ("auto", "off")
 DEMO_PORTS = (8081, 8082, 8083)
-
-
-class ConfigError(Exception):
-    """A setting that stops the start; str() is the one line shown to the operator."""
 
 
 @dataclass(frozen=True)
@@ -43,7 +45,7 @@ class Setting:
     section: str  # "" for top-level keys
     key: str
     default: Any
-    kind: str  # "str" | "float" | "int" | "bool"
+    kind: str  # "str" | "float" | "int" | "bool" | "list" (of strings; comma-separated in env)
     allowed: str  # what the error message says is allowed
     meaning: str
     check: Callable[[Any], bool] = lambda value: True
@@ -62,6 +64,10 @@ def _positive(value: float) -> bool:
     return 0 < value <= 86400
 
 
+def _seconds_or_zero(value: float) -> bool:
+    return 0 <= value <= 86400
+
+
 def _parses(parser: Callable[[str], Any]) -> Callable[[str], bool]:
     """A setting check that accepts what `parser` accepts (it raises ValueError otherwise)."""
     def check(value: str) -> bool:
@@ -75,8 +81,17 @@ def _parses(parser: Callable[[str], Any]) -> Callable[[str], bool]:
 
 SETTINGS: tuple[Setting, ...] = (
     Setting("", "algorithm", "round_robin", "str", "one of " + ", ".join(ALGORITHMS),
-            "How a backend is chosen among the healthy ones (both honour weights).",
+            "The default pool's policy (see Balancing); every one honours weights.",
             lambda v: v in ALGORITHMS),
+    Setting("", "hash_key", "client_ip", "str",
+            "client_ip, path, header:NAME or cookie:NAME",
+            "What consistent_hash hashes, for the default pool (and pools without their own).",
+            check_hash_key),
+    Setting("", "sticky_cookie", "", "str", "a cookie name, or \"\" for off",
+            "A cookie name turns sticky sessions on for the default pool.", check_cookie_name),
+    Setting("", "sticky_secret", "", "str", "a string",
+            "Key of the sticky cookie's keyed hash, for all pools; set it the same on every "
+            "instance (unset: derived from each pool's configuration)."),
     Setting("", "cpu_affinity", "auto", "str", "one of " + ", ".join(CPU_AFFINITY),
             "auto: pin worker i to CPU i mod n of the CPUs the LB may use, so a worker's "
             "threads hand the GIL over on one core (README, Worker class). off: no pinning.",
@@ -98,6 +113,24 @@ SETTINGS: tuple[Setting, ...] = (
     Setting("health", "expect_status", "200-399", "str",
             "status codes or ranges like 200-399 or 200,204", "Statuses that pass an http check.",
             _parses(lambda v: parse_status_ranges(v))),
+    Setting("health", "host", "", "str", "a host name (or host:port), or \"\"",
+            "Host header of http checks (\"\": the backend's host:port).",
+            lambda v: v == "" or (v.isascii() and v.isprintable() and " " not in v)),
+    Setting("health", "expect_body", "", "str", "a string",
+            "http checks pass only if the body contains this (\"\": not checked)."),
+    Setting("health", "passive_fails", 0, "int", "a whole number from 0 to 1000",
+            "> 0: this many consecutive proxy failures (connect failure, timeout, reset, "
+            "502/503/504) eject a backend from every worker.", lambda v: 0 <= v <= 1000),
+    Setting("health", "passive_window", 10.0, "float", "a number of seconds > 0",
+            "...within this many seconds.", _positive),
+    Setting("health", "passive_cooldown", 30.0, "float", "a number of seconds > 0",
+            "First ejection; then 2x, 4x... of it, capped at 10x.", _positive),
+    Setting("health", "max_ejected_percent", 50, "int", "a whole number from 0 to 100",
+            "Never eject more than this share of a pool (and never its last backend).",
+            lambda v: 0 <= v <= 100),
+    Setting("health", "slow_start", 0.0, "float", "a number of seconds >= 0",
+            "A backend that comes back ramps to full weight over this many seconds.",
+            _seconds_or_zero),
     Setting("proxy", "connect_timeout", 3.0, "float", "a number of seconds > 0",
             "Seconds to open a connection to a backend before trying the next one.", _positive),
     Setting("proxy", "read_timeout", 60.0, "float", "a number of seconds > 0",
@@ -106,6 +139,19 @@ SETTINGS: tuple[Setting, ...] = (
     Setting("proxy", "retries", 2, "int", "a whole number from 0 to 100",
             "Further backends tried when connecting fails, or when a backend drops an "
             "idempotent request without a body before answering.", lambda v: 0 <= v <= 100),
+    Setting("proxy", "retry_on", ("connect-failure",), "list",
+            "a list of " + ", ".join(RETRY_CONDITIONS),
+            "Failed attempts that go to another backend (at most proxy.retries more).",
+            lambda v: all(c in RETRY_CONDITIONS for c in v)),
+    Setting("proxy", "retry_buffer", 65536, "int", "a whole number of bytes from 0 to 67108864",
+            "Request bodies up to this size are buffered so they can be retried.",
+            lambda v: 0 <= v <= 64 * 1024 * 1024),
+    Setting("proxy", "queue_timeout", 0.0, "float", "a number of seconds >= 0",
+            "Seconds a request waits when every backend is at max_connections; then 503.",
+            _seconds_or_zero),
+    Setting("proxy", "max_connections", 0, "int", "a whole number from 0 to 1000000",
+            "Default in-flight cap per backend (over all workers) for backends without their "
+            "own; 0: no cap.", lambda v: 0 <= v <= 1_000_000),
     Setting("admin", "bind", "127.0.0.1:8404", "str", "host:port, or \"\" for off",
             "Admin listener (`/healthz`, `/status`, `/metrics`, the API and the dashboard); "
             "empty turns it off. Beyond loopback it needs `admin.token`. Restart to change.",
@@ -123,6 +169,9 @@ SETTINGS: tuple[Setting, ...] = (
             "does)."),
 )
 SETTINGS_BY_NAME = {s.name: s for s in SETTINGS}
+# A named pool without its own policy settings gets the built-in defaults (the top-level
+# algorithm, hash_key and sticky_cookie belong to the default pool).
+POOL_DEFAULTS = {"algorithm": "round_robin", "hash_key": "client_ip", "sticky_cookie": ""}
 BACKENDS_ENV = ENV_PREFIX + "BACKENDS"
 
 
@@ -135,6 +184,13 @@ class HealthSettings:
     fall: int = 3
     path: str = "/healthz"
     expect_status: str = "200-399"
+    host: str = ""
+    expect_body: str = ""
+    passive_fails: int = 0
+    passive_window: float = 10.0
+    passive_cooldown: float = 30.0
+    max_ejected_percent: int = 50
+    slow_start: float = 0.0
 
     @property
     def status_ranges(self) -> tuple[tuple[int, int], ...]:
@@ -146,6 +202,10 @@ class ProxySettings:
     connect_timeout: float = 3.0
     read_timeout: float = 60.0
     retries: int = 2
+    retry_on: tuple[str, ...] = ("connect-failure",)
+    retry_buffer: int = 65536
+    queue_timeout: float = 0.0
+    max_connections: int = 0
 
 
 @dataclass(frozen=True)
@@ -170,19 +230,15 @@ class ReloadSettings:
 
 
 @dataclass(frozen=True)
-class Pool:
-    """A named group of backends with its own selection policy."""
-
-    name: str
-    algorithm: str
-    backends: tuple[Backend, ...]
-
-
-@dataclass(frozen=True)
 class Settings:
     algorithm: str = "round_robin"
+    hash_key: str = "client_ip"
+    sticky_cookie: str = ""
+    sticky_secret: str = ""
     cpu_affinity: str = "auto"
-    backends: tuple[Backend, ...] = ()
+    backends: tuple[Backend, ...] = ()  # the default pool; empty: there is none
+    named_pools: tuple[Pool, ...] = ()
+    routes: tuple[Route, ...] = ()
     health: HealthSettings = field(default_factory=HealthSettings)
     proxy: ProxySettings = field(default_factory=ProxySettings)
     admin: AdminSettings = field(default_factory=AdminSettings)
@@ -196,7 +252,12 @@ class Settings:
     @property
     def pools(self) -> dict[str, Pool]:
         """Pools by name; the `[[backends]]` list is the pool named `default`."""
-        return {DEFAULT_POOL: Pool(DEFAULT_POOL, self.algorithm, self.backends)}
+        pools = {}
+        if self.backends:
+            pools[DEFAULT_POOL] = Pool(DEFAULT_POOL, self.algorithm, self.backends,
+                                       self.hash_key, self.sticky_cookie)
+        pools.update((pool.name, pool) for pool in self.named_pools)
+        return pools
 
 
 def parse_status_ranges(text: str) -> tuple[tuple[int, int], ...]:
@@ -243,6 +304,13 @@ def _coerce(setting: Setting, value: Any, origin: str, from_env: bool) -> Any:
                 raise TypeError
             else:
                 result = value
+        elif setting.kind == "list":
+            if from_env:
+                result = tuple(part.strip() for part in value.split(",") if part.strip())
+            elif not isinstance(value, list) or not all(isinstance(v, str) for v in value):
+                raise TypeError
+            else:
+                result = tuple(value)
         elif setting.kind == "str":
             if not isinstance(value, str):
                 raise TypeError
@@ -285,36 +353,28 @@ def _read_toml(path: str) -> tuple[dict[str, Any], str]:
         raise ConfigError(f"cannot parse {CONFIG_ENV}={path!r}: {e}") from None
 
 
-def _backends_from_toml(items: Any, origin: str) -> list[Backend]:
-    if not isinstance(items, list):
-        raise _bad("backends", items, origin, "an array of tables [[backends]] with url and weight")
-    backends = []
-    for i, item in enumerate(items):
-        where = f"backends[{i}]"
-        if not isinstance(item, dict):
-            raise _bad(where, item, origin, "a table with url and optional weight")
-        unknown = set(item) - {"url", "weight"}
-        if unknown:
-            raise ConfigError(
-                f"unknown setting {where}.{sorted(unknown)[0]} ({origin}): allowed are url, weight"
-            )
-        if "url" not in item:
-            raise ConfigError(f"missing setting {where}.url ({origin}): every backend needs a url")
-        try:
-            weight = check_weight(item.get("weight", 1), str(item["url"]))
-            backends.append(parse_backend_url(item["url"], weight))
-        except BackendError as e:
-            raise ConfigError(f"invalid setting {where} ({origin}): {e}") from None
-    return backends
+@dataclass
+class FileValues:
+    """What a TOML file sets: scalar settings by name, and the structures."""
+
+    values: dict[str, Any]
+    backends: list[Backend] | None = None
+    pools: list[Pool] = field(default_factory=list)
+    routes: list[Route] = field(default_factory=list)
 
 
-def _values_from_toml(data: Mapping[str, Any], origin: str) -> tuple[dict[str, Any], Any]:
-    values: dict[str, Any] = {}
-    backends = None
+def _values_from_toml(data: Mapping[str, Any], origin: str) -> FileValues:
+    found = FileValues({})
     sections = {s.section for s in SETTINGS if s.section}
     for key, value in data.items():
         if key == "backends":
-            backends = _backends_from_toml(value, origin)
+            found.backends = backends_from_toml(value, "backends", origin)
+        elif key == "pools":
+            def check(name: str, raw: Any) -> Any:
+                return _coerce(SETTINGS_BY_NAME[name], raw, origin, from_env=False)
+            found.pools = pools_from_toml(value, origin, POOL_DEFAULTS, check)
+        elif key == "routes":
+            found.routes = routes_from_toml(value, origin)
         elif key in sections:
             if not isinstance(value, dict):
                 raise _bad(key, value, origin, f"a table [{key}]")
@@ -324,14 +384,14 @@ def _values_from_toml(data: Mapping[str, Any], origin: str) -> tuple[dict[str, A
                 if setting is None:
                     allowed = ", ".join(s.key for s in SETTINGS if s.section == key)
                     raise ConfigError(f"unknown setting {name} ({origin}): allowed are {allowed}")
-                values[name] = _coerce(setting, sub_value, origin, from_env=False)
+                found.values[name] = _coerce(setting, sub_value, origin, from_env=False)
         elif key in SETTINGS_BY_NAME:
-            values[key] = _coerce(SETTINGS_BY_NAME[key], value, origin, from_env=False)
+            found.values[key] = _coerce(SETTINGS_BY_NAME[key], value, origin, from_env=False)
         else:
             top = [st.key for st in SETTINGS if not st.section]
-            allowed = ", ".join(["backends", *sorted(sections), *top])
+            allowed = ", ".join(["backends", "pools", "routes", *sorted(sections), *top])
             raise ConfigError(f"unknown setting {key} ({origin}): allowed are {allowed}")
-    return values, backends
+    return found
 
 
 def _values_from_env(env: Mapping[str, str]) -> tuple[dict[str, Any], Any]:
@@ -378,14 +438,14 @@ def load_settings(env: Mapping[str, str] | None = None) -> Settings:
 
     path = env.get(CONFIG_ENV, "").strip()
     digest = ""
+    found = FileValues({})
+    origin = "defaults"
     if path:
         origin = f"in {path}"
         data, digest = _read_toml(path)
-        file_values, file_backends = _values_from_toml(data, origin)
-        values.update(file_values)
-        if file_backends is not None:
-            _check_unique(file_backends, origin)
-            backends = file_backends
+        found = _values_from_toml(data, origin)
+        values.update(found.values)
+        backends = found.backends
         sources.append(path)
 
     env_values, env_backends = _values_from_env(env)
@@ -396,7 +456,7 @@ def load_settings(env: Mapping[str, str] | None = None) -> Settings:
         _check_unique(env_backends, f"from {BACKENDS_ENV}")
         backends = env_backends
 
-    demo = not backends
+    demo = not backends and not found.pools and backends is None
     if demo:
         backends = [parse_backend_url(f"http://127.0.0.1:{port}") for port in DEMO_PORTS]
 
@@ -405,8 +465,13 @@ def load_settings(env: Mapping[str, str] | None = None) -> Settings:
 
     settings = Settings(
         algorithm=values["algorithm"],
+        hash_key=values["hash_key"],
+        sticky_cookie=values["sticky_cookie"],
+        sticky_secret=values["sticky_secret"],
         cpu_affinity=values["cpu_affinity"],
-        backends=tuple(backends),
+        backends=tuple(backends or ()),
+        named_pools=tuple(found.pools),
+        routes=tuple(found.routes),
         health=HealthSettings(**section("health")),
         proxy=ProxySettings(**section("proxy")),
         admin=AdminSettings(**section("admin")),
@@ -417,6 +482,11 @@ def load_settings(env: Mapping[str, str] | None = None) -> Settings:
         path=path,
         file_digest=digest,
     )
+    if not settings.pools:
+        raise ConfigError(f"invalid setting backends = [] ({origin}): no backend anywhere; "
+                          "list [[backends]], [pools.NAME] backends, or leave both out for the "
+                          "demo backends")
+    check_routes(settings.routes, settings.pools, origin)
     _check_admin_exposure(settings.admin)
     return settings
 

@@ -22,7 +22,7 @@ import sys
 import threading
 import time
 from collections.abc import Callable
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from multiprocessing.managers import BaseManager
 from multiprocessing.sharedctypes import RawArray
 from typing import Any, Generic, TypeVar
@@ -192,7 +192,7 @@ class ControlState:
         pools = {}
         for name, pool in self.settings.pools.items():
             kept = [b for b in pool.backends if b.id not in self.removed]
-            pools[name] = Pool(name, pool.algorithm, (*kept, *self.added.get(name, ())))
+            pools[name] = replace(pool, backends=(*kept, *self.added.get(name, ())))
         return pools
 
     def _running_ids(self) -> set[str]:

@@ -59,12 +59,15 @@ def test_backends_env_with_weights_replaces_the_file_list(tmp_path):
 
 def test_every_setting_has_its_environment_variable():
     for setting in SETTINGS:
-        value = {"str": None, "int": "7", "float": "7.5", "bool": "off"}[setting.kind]
+        value = {"str": None, "int": "7", "float": "7.5", "bool": "off", "list": "502, 504"}[
+            setting.kind]
         if value is None:
             continue
         s = load_settings({setting.env: value})
         section = getattr(s, setting.section) if setting.section else s
-        expected = False if setting.kind == "bool" else type(setting.default)(value)
+        expected = {"bool": False, "list": ("502", "504")}.get(setting.kind)
+        if expected is None:
+            expected = type(setting.default)(value)
         assert getattr(section, setting.key) == expected
 
 

@@ -1,0 +1,203 @@
+"""Pools and routes as the file declares them: `[[backends]]` (the pool named `default`),
+`[pools.NAME]` and `[[routes]]`, parsed and validated into frozen values.
+
+Every error is a `ConfigError` whose text is the one line an operator sees at start, in
+`python -m gol7lb check` and in a refused reload.
+"""
+
+from __future__ import annotations
+
+import re
+from collections.abc import Callable, Mapping, Sequence
+from dataclasses import dataclass, field
+from typing import Any
+
+from gol7lb.backends import Backend, BackendError, check_weight, parse_backend_url
+
+DEFAULT_POOL = "default"
+ALGORITHMS = ("round_robin", "random", "least_connections", "power_of_two", "consistent_hash")
+MAX_CONNECTIONS = 1_000_000
+_POOL_NAME = re.compile(r"[A-Za-z0-9][A-Za-z0-9_.-]{0,63}")
+_TOKEN = re.compile(r"[!#$%&'*+\-.^_`|~0-9A-Za-z]+")
+_HOST_LABEL = re.compile(r"[a-z0-9]([a-z0-9-]{0,61}[a-z0-9])?")
+BACKEND_KEYS = ("url", "weight", "max_connections")
+POOL_KEYS = ("algorithm", "hash_key", "sticky_cookie", "backends")
+ROUTE_KEYS = ("host", "path_prefix", "methods", "headers", "pool", "strip_prefix")
+
+
+class ConfigError(Exception):
+    """A setting that stops the start; str() is the one line shown to the operator."""
+
+
+@dataclass(frozen=True)
+class Pool:
+    """A named group of backends with its own selection policy."""
+
+    name: str
+    algorithm: str
+    backends: tuple[Backend, ...]
+    hash_key: str = "client_ip"
+    sticky_cookie: str = ""
+
+
+@dataclass(frozen=True)
+class Route:
+    """Requests matching every given condition go to `pool`; conditions left out match all."""
+
+    pool: str
+    host: str = ""  # "api.example.com" or "*.example.com"; lower case
+    path_prefix: str = ""
+    methods: frozenset[str] = field(default_factory=frozenset)
+    headers: tuple[tuple[str, str], ...] = ()  # (lower-case name, exact value)
+    strip_prefix: bool = False
+
+    def describe(self) -> dict[str, Any]:
+        """For /status."""
+        return {"host": self.host or None, "path_prefix": self.path_prefix or None,
+                "methods": sorted(self.methods) or None,
+                "headers": dict(self.headers) or None, "pool": self.pool,
+                "strip_prefix": self.strip_prefix}
+
+
+def bad(name: str, value: Any, origin: str, allowed: str) -> ConfigError:
+    return ConfigError(f"invalid setting {name} = {value!r} ({origin}): must be {allowed}")
+
+
+def unknown_keys(table: Mapping[str, Any], allowed: Sequence[str], where: str,
+                 origin: str) -> None:
+    extra = sorted(set(table) - set(allowed))
+    if extra:
+        raise ConfigError(f"unknown setting {where}.{extra[0]} ({origin}): allowed are "
+                          + ", ".join(allowed))
+
+
+def check_hash_key(value: str) -> bool:
+    """client_ip | path | header:NAME | cookie:NAME."""
+    if value in ("client_ip", "path"):
+        return True
+    kind, sep, name = value.partition(":")
+    return bool(sep) and kind in ("header", "cookie") and bool(_TOKEN.fullmatch(name))
+
+
+def check_cookie_name(value: str) -> bool:
+    return value == "" or bool(_TOKEN.fullmatch(value))
+
+
+def backends_from_toml(items: Any, where: str, origin: str) -> list[Backend]:
+    if not isinstance(items, list):
+        raise bad(where, items, origin, f"an array of tables [[{where}]] with url and weight")
+    backends = []
+    seen: set[str] = set()
+    for i, item in enumerate(items):
+        at = f"{where}[{i}]"
+        if not isinstance(item, dict):
+            raise bad(at, item, origin, "a table with url and optional weight, max_connections")
+        unknown_keys(item, BACKEND_KEYS, at, origin)
+        if "url" not in item:
+            raise ConfigError(f"missing setting {at}.url ({origin}): every backend needs a url")
+        limit = item.get("max_connections", 0)
+        if isinstance(limit, bool) or not isinstance(limit, int) or \
+                not 0 <= limit <= MAX_CONNECTIONS:
+            raise bad(f"{at}.max_connections", limit, origin,
+                      f"a whole number from 0 (no limit) to {MAX_CONNECTIONS}")
+        try:
+            weight = check_weight(item.get("weight", 1), str(item["url"]))
+            backend = parse_backend_url(item["url"], weight, limit)
+        except BackendError as e:
+            raise ConfigError(f"invalid setting {at} ({origin}): {e}") from None
+        if backend.id in seen:
+            raise ConfigError(f"invalid setting {where} ({origin}): duplicate backend "
+                              f"{backend.url}")
+        seen.add(backend.id)
+        backends.append(backend)
+    return backends
+
+
+def pools_from_toml(data: Any, origin: str, defaults: Mapping[str, str],
+                    check: Callable[[str, Any], Any]) -> list[Pool]:
+    """`[pools.NAME]` tables. `defaults` gives hash_key and sticky_cookie when a pool has none;
+    `check(setting_name, value)` validates a pool's algorithm/hash_key/sticky_cookie like the
+    top-level setting of the same name."""
+    if not isinstance(data, dict):
+        raise bad("pools", data, origin, "tables like [pools.api]")
+    pools = []
+    for name, table in data.items():
+        where = f"pools.{name}"
+        if not _POOL_NAME.fullmatch(name) or name == DEFAULT_POOL:
+            raise bad("pools", name, origin, "pool names of letters, digits, _ . - (up to 64), "
+                      f"and not {DEFAULT_POOL!r}, which is the [[backends]] list")
+        if not isinstance(table, dict):
+            raise bad(where, table, origin, f"a table [{where}]")
+        unknown_keys(table, POOL_KEYS, where, origin)
+        backends = backends_from_toml(table.get("backends", []), f"{where}.backends", origin)
+        if not backends:
+            raise ConfigError(f"invalid setting {where} ({origin}): a pool needs at least one "
+                              f"backend ([[{where}.backends]] with a url)")
+        values = {}
+        for key in ("algorithm", "hash_key", "sticky_cookie"):
+            value = table.get(key, defaults[key])
+            values[key] = check(key, value) if key in table else value
+        pools.append(Pool(name, values["algorithm"], tuple(backends), values["hash_key"],
+                          values["sticky_cookie"]))
+    return pools
+
+
+def _host_pattern(value: Any, at: str, origin: str) -> str:
+    allowed = 'a host name like "api.example.com" or "*.example.com" (port ignored)'
+    if not isinstance(value, str):
+        raise bad(at, value, origin, allowed)
+    host = value.strip().lower()
+    if host.startswith("[") or host.count(":") > 1:  # an IPv6 literal, maybe with a port
+        return host.rsplit("]", 1)[0] + "]" if host.startswith("[") else host
+    host = host.rsplit(":", 1)[0] if ":" in host else host
+    labels = host[2:].split(".") if host.startswith("*.") else host.split(".")
+    if not host or not all(_HOST_LABEL.fullmatch(label) for label in labels):
+        raise bad(at, value, origin, allowed)
+    return host
+
+
+def routes_from_toml(items: Any, origin: str) -> list[Route]:
+    if not isinstance(items, list):
+        raise bad("routes", items, origin, "an array of tables [[routes]]")
+    routes = []
+    for i, item in enumerate(items):
+        at = f"routes[{i}]"
+        if not isinstance(item, dict):
+            raise bad(at, item, origin, "a table with pool and match conditions")
+        unknown_keys(item, ROUTE_KEYS, at, origin)
+        pool = item.get("pool")
+        if not isinstance(pool, str) or not pool:
+            raise ConfigError(f"missing setting {at}.pool ({origin}): every route names a pool")
+        host = _host_pattern(item["host"], f"{at}.host", origin) if "host" in item else ""
+        prefix = item.get("path_prefix", "")
+        if not isinstance(prefix, str) or (prefix and (not prefix.startswith("/")
+                                                      or not prefix.isascii()
+                                                      or not prefix.isprintable()
+                                                      or " " in prefix or "?" in prefix)):
+            raise bad(f"{at}.path_prefix", prefix, origin, 'a path starting with "/"')
+        methods = item.get("methods", [])
+        if not isinstance(methods, list) or not all(
+                isinstance(m, str) and _TOKEN.fullmatch(m) for m in methods):
+            raise bad(f"{at}.methods", methods, origin, 'a list of methods like ["GET", "POST"]')
+        headers = item.get("headers", {})
+        if not isinstance(headers, dict) or not all(
+                _TOKEN.fullmatch(str(k)) and isinstance(v, str) and v.isprintable()
+                for k, v in headers.items()):
+            raise bad(f"{at}.headers", headers, origin,
+                      'a table of header names and exact values like { "X-Canary" = "1" }')
+        strip = item.get("strip_prefix", False)
+        if not isinstance(strip, bool):
+            raise bad(f"{at}.strip_prefix", strip, origin, "true or false")
+        if strip and not prefix:
+            raise bad(f"{at}.strip_prefix", strip, origin, "used together with path_prefix")
+        routes.append(Route(pool, host, prefix, frozenset(m.upper() for m in methods),
+                            tuple((k.lower(), v) for k, v in headers.items()), strip))
+    return routes
+
+
+def check_routes(routes: Sequence[Route], pools: Mapping[str, Pool], origin: str) -> None:
+    for i, route in enumerate(routes):
+        if route.pool not in pools:
+            names = ", ".join(sorted(pools)) or "none (no [[backends]] and no [pools.NAME])"
+            raise ConfigError(f"invalid setting routes[{i}].pool = {route.pool!r} ({origin}): "
+                              f"no such pool; pools are {names}")
