@@ -1,37 +1,57 @@
 """gunicorn settings for GoL7-LB. Thin on purpose: the logic lives in gol7lb/hooks.py.
 
 Run: gunicorn -c gunicorn.conf.py gol7lb.wsgi
+
+gunicorn runs this file again on SIGHUP. Then it must not validate or exit (a SystemExit
+here would take the master down): the `on_reload` hook validates the new configuration and
+keeps the running one if it is bad.
 """
 
 import os
 import sys
 
-from gol7lb import hooks
-from gol7lb.config import ConfigError, env_int, load_settings
+from gol7lb import rundir
 
-try:
-    hooks.configure(load_settings())
-    _port = env_int(os.environ, "PORT", 8080, 1, 65535)
-    workers = env_int(os.environ, "WEB_CONCURRENCY", max(2, os.cpu_count() or 1), 1, 512)
-except ConfigError as _error:
-    sys.stderr.write(f"gol7lb: {_error}\n")
-    sys.exit(2)
+rundir.prepare()  # before anything imports prometheus_client: it reads its directory at import
 
-bind = [f"0.0.0.0:{_port}"]
-# gthread: keep-alive client connections wait in a poller, not in a thread, and each worker
-# owns its own SO_REUSEPORT listener so the kernel spreads connections evenly (README).
+from gol7lb import hooks, logfmt  # noqa: E402
+from gol7lb.config import ConfigError, env_int, load_settings  # noqa: E402
+
+if hooks.boot() is None:  # the first read, at start: a bad setting stops the start here
+    try:
+        _settings = load_settings()
+        _port = env_int(os.environ, "PORT", 8080, 1, 65535)
+        _workers = env_int(os.environ, "WEB_CONCURRENCY", max(2, os.cpu_count() or 1), 1, 512)
+        hooks.check_listen_port(_port)
+    except ConfigError as _error:
+        sys.stderr.write(f"gol7lb: {_error}\n")
+        sys.exit(2)
+    hooks.configure(_settings, _port, _workers)
+
+_boot = hooks.boot()
+bind = [f"0.0.0.0:{_boot.port}"]
+workers = _boot.workers
 worker_class = "gol7lb.worker.ProxyWorker"
 threads = 32
-reuse_port = True
+# One listening socket, opened by the master and shared by the workers: a worker that retires
+# (SIGHUP, max age) closes only its copy, so no queued connection is ever reset, and a second
+# instance on the same port cannot bind. (gunicorn's reuse_port gives each worker a socket of
+# its own, whose queue dies with it.)
+reuse_port = False
 keepalive = 5  # seconds an idle client connection is kept open
 worker_connections = 1000
 graceful_timeout = 30
 timeout = 30  # a worker that stops heart-beating (not a slow request) is replaced
 # This is the edge: never trust X-Forwarded-* from clients to change wsgi.url_scheme.
 forwarded_allow_ips = ""
-accesslog = None
+accesslog = None  # the proxy writes its own access log (log.access), with pool and backend
+logger_class = logfmt.GunicornLogger  # error lines as JSON too when log.format = "json"
+control_socket = rundir.path("gunicorn.ctl")  # one per instance, never shared
 
 on_starting = hooks.on_starting
+pre_fork = hooks.pre_fork
 post_fork = hooks.post_fork
+post_worker_init = hooks.post_worker_init
+child_exit = hooks.child_exit
 on_reload = hooks.on_reload
 on_exit = hooks.on_exit

@@ -33,6 +33,11 @@ class Backend:
         host = f"[{self.host}]" if ":" in self.host else self.host
         return f"{host}:{self.port}"
 
+    @property
+    def id(self) -> str:
+        """The address, `host:port`: what runtime state, the admin API and metrics key on."""
+        return self.netloc
+
 
 def parse_backend_url(url: str, weight: int = 1) -> Backend:
     """Accept only `http://host[:port]`: a path or query would otherwise be ignored silently."""

@@ -1,9 +1,15 @@
-"""The master's helper processes: the supervisor and the admin listener (restarted when they
-die) and the demo backends (not restarted: killing one is how you watch failover).
+"""The master's helper processes, all started, watched and restarted by one mechanism: the
+Manager (shared state), the supervisor (health checks), the admin listener and the config
+watcher are `ManagedChild`ren; the demo backends are plain subprocesses that are not
+restarted (killing one is how you watch failover).
 
 Helpers are started with the spawn method, so they inherit none of gunicorn's sockets,
-threads or signal handlers. Their liveness is watched through `Process.sentinel`, because
-gunicorn's master reaps every child with waitpid(-1) and `is_alive()` would lie.
+threads or signal handlers, and they run in their own process group, so a Ctrl-C or a
+process-group TERM (honcho, a terminal) reaches only the master, which stops them itself
+after its workers have drained. Each is watched by a thread blocked in waitid() on its pid:
+gunicorn's master reaps every child with waitpid(-1), so `Process.is_alive()` would lie and
+the exit status would be lost; waiting on the pid directly keeps it (usually: if gunicorn's
+reaper wins the race the status is reported as unknown, the restart happens all the same).
 """
 
 from __future__ import annotations
@@ -24,18 +30,25 @@ from collections.abc import Callable, Sequence
 from pathlib import Path
 from typing import Any
 
+from gol7lb.logfmt import SwitchableFormatter
+
 log = logging.getLogger("gunicorn.error")
-LOG_FORMAT = "[%(asctime)s] [%(process)d] [%(levelname)s] %(message)s"
+SPAWN = multiprocessing.get_context("spawn")
+PROJECT_ROOT = Path(__file__).resolve().parent.parent
+_PR_SET_PDEATHSIG = 1
+
+
+class StartupError(Exception):
+    """Something the LB needs could not be set up; str() is the one line for the operator."""
 
 
 def configure_child_logging() -> None:
     """Spawned children start with bare logging; match gunicorn's error-log format on stderr."""
-    logging.basicConfig(stream=sys.stderr, level=logging.INFO, format=LOG_FORMAT,
-                        datefmt="%Y-%m-%d %H:%M:%S %z")
-
-
-
-_PR_SET_PDEATHSIG = 1
+    handler = logging.StreamHandler(sys.stderr)
+    handler.setFormatter(SwitchableFormatter())
+    root = logging.getLogger()
+    root.handlers[:] = [handler]
+    root.setLevel(logging.INFO)
 
 
 def die_with_parent(sig: int = signal.SIGTERM) -> None:
@@ -53,22 +66,34 @@ def die_with_parent(sig: int = signal.SIGTERM) -> None:
         os._exit(0)
 
 
-def init_helper_process() -> None:
-    """First thing in every helper the master spawns.
+def set_process_title(role: str) -> None:
+    """`gol7lb: supervisor` in ps and top (setproctitle, the package gunicorn uses too)."""
+    try:
+        from setproctitle import setproctitle
+    except ImportError:
+        return
+    setproctitle(f"gol7lb: {role}")
 
-    Ctrl-C reaches the whole process group; helpers ignore it because the master stops them
-    itself, after its workers have drained.
-    """
+
+def init_helper_process(role: str) -> None:
+    """First thing in every helper the master spawns: its title, its own process group, and
+    death with the master."""
+    set_process_title(role)
+    with contextlib.suppress(OSError):
+        os.setpgid(0, 0)
     signal.signal(signal.SIGINT, signal.SIG_IGN)
     die_with_parent()
 
 
-SPAWN = multiprocessing.get_context("spawn")
-PROJECT_ROOT = Path(__file__).resolve().parent.parent
-
-
-class StartupError(Exception):
-    """Something the LB needs could not be set up; str() is the one line for the operator."""
+def describe_exit(code: int, status: int) -> str:
+    """waitid()'s si_code and si_status in words: 'exit 1', 'killed by SIGKILL'."""
+    if code == os.CLD_EXITED:
+        return f"exit {status}"
+    try:
+        name = signal.Signals(status).name
+    except ValueError:
+        name = f"signal {status}"
+    return f"killed by {name}" + (" (core dumped)" if code == os.CLD_DUMPED else "")
 
 
 class ManagedChild:
@@ -92,67 +117,82 @@ class ManagedChild:
     def pid(self) -> int | None:
         return self.process.pid if self.process else None
 
+    def wait_exit(self) -> str:
+        """Block until the process is gone; how it ended."""
+        pid = self.pid
+        try:
+            result = os.waitid(os.P_PID, pid, os.WEXITED)
+        except ChildProcessError:  # gunicorn's reaper got there first
+            multiprocessing.connection.wait([self.process.sentinel])
+            return "exit status unknown"
+        except InterruptedError:
+            return self.wait_exit()
+        if result is None:
+            return "exit status unknown"
+        return describe_exit(result.si_code, result.si_status)
+
     def restart_delay(self) -> float:
         """Back off only when the child keeps dying right after it starts."""
         self.quick_deaths = self.quick_deaths + 1 if time.monotonic() - self.started_at < 5 else 0
-        return min(30.0, 0.25 * 2 ** self.quick_deaths)
+        return min(30.0, 0.25 * 2 ** self.quick_deaths) if self.quick_deaths else 0.0
 
     def stop(self, timeout: float) -> None:
         process = self.process
         if process is None or process.pid is None:
             return
-        _signal(process.pid, signal.SIGTERM)
+        signal_pid(process.pid, signal.SIGTERM)
         if not multiprocessing.connection.wait([process.sentinel], timeout):
-            _signal(process.pid, signal.SIGKILL)
+            signal_pid(process.pid, signal.SIGKILL)
             multiprocessing.connection.wait([process.sentinel], 2.0)
-        process.join(0)  # reap it ourselves if gunicorn has not
+        with contextlib.suppress(ChildProcessError, OSError):
+            os.waitpid(process.pid, os.WNOHANG)  # reap it ourselves if gunicorn has not
 
 
-def _signal(pid: int, sig: int) -> None:
+def signal_pid(pid: int, sig: int) -> None:
     with contextlib.suppress(ProcessLookupError):
         os.kill(pid, sig)
 
 
-class ChildWatcher(threading.Thread):
-    """A thread in the master that restarts a helper whose sentinel fires, unless stopping."""
+class ChildWatcher:
+    """One thread per helper in the master: restarts it when it dies, unless stopping."""
 
     def __init__(self, children: Sequence[ManagedChild]) -> None:
-        super().__init__(name="gol7lb-child-watcher", daemon=True)
         self.children = list(children)
         self._stopping = threading.Event()
         self._lock = threading.Lock()
 
+    def start_child(self, child: ManagedChild) -> None:
+        """Start one helper now (in start-up order) and watch it from then on."""
+        child.start()
+        log.info("started %s (pid %s)", child.name, child.pid)
+        threading.Thread(target=self._watch, args=(child,), name=f"gol7lb-watch-{child.name}",
+                         daemon=True).start()
+
     def start_children(self) -> None:
         for child in self.children:
-            child.start()
-            log.info("started %s (pid %s)", child.name, child.pid)
-        self.start()
+            self.start_child(child)
 
-    def run(self) -> None:
-        while not self._stopping.is_set():
-            by_sentinel = {c.process.sentinel: c for c in self.children if c.process}
-            ready = multiprocessing.connection.wait(list(by_sentinel), timeout=1.0)
-            for sentinel in ready:
-                child = by_sentinel[sentinel]
-                with self._lock:
-                    if self._stopping.is_set():
-                        return
-                    child.process.join(0)
-                    delay = child.restart_delay()
-                    log.error("%s (pid %s) died (exit %s); restarting in %.2fs", child.name,
-                              child.pid, child.process.exitcode, delay)
-                if self._stopping.wait(delay):
+    def _watch(self, child: ManagedChild) -> None:
+        while True:
+            how = child.wait_exit()
+            with self._lock:
+                if self._stopping.is_set():
                     return
-                with self._lock:
-                    if self._stopping.is_set():
-                        return
-                    child.start()
-                    log.info("restarted %s (pid %s)", child.name, child.pid)
+                delay = child.restart_delay()
+                log.error("%s (pid %s) died (%s); restarting%s", child.name, child.pid, how,
+                          f" in {delay:.2f}s" if delay else "")
+            if self._stopping.wait(delay):
+                return
+            with self._lock:
+                if self._stopping.is_set():
+                    return
+                child.start()
+                log.info("restarted %s (pid %s)", child.name, child.pid)
 
     def stop(self, timeout: float = 5.0) -> None:
         with self._lock:
             self._stopping.set()
-            for child in self.children:
+            for child in reversed(self.children):  # the Manager, started first, stops last
                 child.stop(timeout)
 
 
@@ -190,7 +230,7 @@ class DemoBackends:
     def stop(self, timeout: float = 5.0) -> None:
         for proc in self.procs:
             if proc.poll() is None:
-                _signal(proc.pid, signal.SIGTERM)
+                signal_pid(proc.pid, signal.SIGTERM)
         deadline = time.monotonic() + timeout
         for proc in self.procs:
             try:

@@ -6,6 +6,7 @@ validation messages and the README's settings table all come from that one list.
 
 from __future__ import annotations
 
+import ipaddress
 import os
 import tomllib
 from collections.abc import Callable, Mapping
@@ -24,6 +25,10 @@ ENV_PREFIX = "GOL7LB_"
 CONFIG_ENV = "GOL7LB_CONFIG"
 ALGORITHMS = ("round_robin", "random")
 HEALTH_TYPES = ("tcp", "http")
+LOG_FORMATS = ("text", "json")
+DEFAULT_POOL = "default"
+_TRUE = frozenset({"true", "1", "yes", "on"})
+_FALSE = frozenset({"false", "0", "no", "off"})
 CPU_AFFINITY = ("auto", "off")
 DEMO_PORTS = (8081, 8082, 8083)
 
@@ -37,7 +42,7 @@ class Setting:
     section: str  # "" for top-level keys
     key: str
     default: Any
-    kind: str  # "str" | "float" | "int"
+    kind: str  # "str" | "float" | "int" | "bool"
     allowed: str  # what the error message says is allowed
     meaning: str
     check: Callable[[Any], bool] = lambda value: True
@@ -101,8 +106,20 @@ SETTINGS: tuple[Setting, ...] = (
             "Further backends tried when connecting fails, or when a backend drops an "
             "idempotent request without a body before answering.", lambda v: 0 <= v <= 100),
     Setting("admin", "bind", "127.0.0.1:8404", "str", "host:port, or \"\" for off",
-            "Admin listener (`/healthz`, `/status`); empty turns it off.",
+            "Admin listener (`/healthz`, `/status`, `/metrics`, the API and the dashboard); "
+            "empty turns it off. Beyond loopback it needs `admin.token`. Restart to change.",
             _parses(lambda v: parse_bind(v))),
+    Setting("admin", "token", "", "str", "a string without spaces or control characters",
+            "When set, every mutating admin call needs `Authorization: Bearer <token>`; "
+            "reads stay open.", lambda v: v == "" or (v.isprintable() and " " not in v)),
+    Setting("log", "access", True, "bool", "true or false",
+            "One access-log line per proxied request on standard output."),
+    Setting("log", "format", "text", "str", "one of " + ", ".join(LOG_FORMATS),
+            "text, or json: access and error lines become one JSON object each.",
+            lambda v: v in LOG_FORMATS),
+    Setting("reload", "watch", True, "bool", "true or false",
+            "Re-read `GOL7LB_CONFIG` within 2 s of a change (SIGHUP to the master always "
+            "does)."),
 )
 SETTINGS_BY_NAME = {s.name: s for s in SETTINGS}
 BACKENDS_ENV = ENV_PREFIX + "BACKENDS"
@@ -133,10 +150,31 @@ class ProxySettings:
 @dataclass(frozen=True)
 class AdminSettings:
     bind: str = "127.0.0.1:8404"
+    token: str = ""
 
     @property
     def address(self) -> tuple[str, int] | None:
         return parse_bind(self.bind)
+
+
+@dataclass(frozen=True)
+class LogSettings:
+    access: bool = True
+    format: str = "text"
+
+
+@dataclass(frozen=True)
+class ReloadSettings:
+    watch: bool = True
+
+
+@dataclass(frozen=True)
+class Pool:
+    """A named group of backends with its own selection policy."""
+
+    name: str
+    algorithm: str
+    backends: tuple[Backend, ...]
 
 
 @dataclass(frozen=True)
@@ -147,8 +185,16 @@ class Settings:
     health: HealthSettings = field(default_factory=HealthSettings)
     proxy: ProxySettings = field(default_factory=ProxySettings)
     admin: AdminSettings = field(default_factory=AdminSettings)
+    log: LogSettings = field(default_factory=LogSettings)
+    reload: ReloadSettings = field(default_factory=ReloadSettings)
     demo_backends: bool = False  # True when no backend was configured and the demo ones stand in
     source: str = "defaults"  # where the settings came from, for the start-up log
+    path: str = ""  # GOL7LB_CONFIG, "" when none
+
+    @property
+    def pools(self) -> dict[str, Pool]:
+        """Pools by name; the `[[backends]]` list is the pool named `default`."""
+        return {DEFAULT_POOL: Pool(DEFAULT_POOL, self.algorithm, self.backends)}
 
 
 def parse_status_ranges(text: str) -> tuple[tuple[int, int], ...]:
@@ -185,10 +231,20 @@ def _bad(setting_name: str, value: Any, origin: str, allowed: str) -> ConfigErro
 def _coerce(setting: Setting, value: Any, origin: str, from_env: bool) -> Any:
     """Type-check a TOML value, or convert an environment string, then range-check it."""
     try:
-        if setting.kind == "str":
+        if setting.kind == "bool":
+            if from_env:
+                text = value.strip().lower()
+                if text not in _TRUE | _FALSE:
+                    raise ValueError
+                result: Any = text in _TRUE
+            elif not isinstance(value, bool):
+                raise TypeError
+            else:
+                result = value
+        elif setting.kind == "str":
             if not isinstance(value, str):
                 raise TypeError
-            result: Any = value.strip() if from_env else value
+            result = value.strip() if from_env else value
         elif setting.kind == "int":
             if from_env:
                 result = int(value.strip())
@@ -284,6 +340,10 @@ def _values_from_env(env: Mapping[str, str]) -> tuple[dict[str, Any], Any]:
                 backends = parse_backend_list(raw)
             except BackendError as e:
                 raise ConfigError(f"invalid setting backends ({origin}): {e}") from None
+            if not backends:
+                raise ConfigError(
+                    f"invalid setting backends ({origin}): {name} is set but names no backend; "
+                    "unset it to use the file's backends (or the demo backends)")
         elif name in by_env:
             values[by_env[name].name] = _coerce(by_env[name], raw, origin, from_env=True)
         else:
@@ -334,16 +394,38 @@ def load_settings(env: Mapping[str, str] | None = None) -> Settings:
     def section(name: str) -> dict[str, Any]:
         return {s.key: values[s.name] for s in SETTINGS if s.section == name}
 
-    return Settings(
+    settings = Settings(
         algorithm=values["algorithm"],
         cpu_affinity=values["cpu_affinity"],
         backends=tuple(backends),
         health=HealthSettings(**section("health")),
         proxy=ProxySettings(**section("proxy")),
         admin=AdminSettings(**section("admin")),
+        log=LogSettings(**section("log")),
+        reload=ReloadSettings(**section("reload")),
         demo_backends=demo,
         source=" < ".join(sources),
+        path=path,
     )
+    _check_admin_exposure(settings.admin)
+    return settings
+
+
+def _check_admin_exposure(admin: AdminSettings) -> None:
+    """An admin listener reachable from other hosts can drain every backend: demand a token."""
+    address = admin.address
+    if address is None or admin.token:
+        return
+    host = address[0]
+    try:
+        loopback = ipaddress.ip_address(host).is_loopback
+    except ValueError:
+        loopback = host == "localhost"
+    if not loopback:
+        raise ConfigError(
+            f"invalid setting admin.bind = {admin.bind!r}: not a loopback address, so the admin "
+            "API would be open to the network; set admin.token (GOL7LB_ADMIN_TOKEN) or bind "
+            "to 127.0.0.1")
 
 
 def env_int(env: Mapping[str, str], name: str, default: int, lo: int, hi: int) -> int:

@@ -1,6 +1,8 @@
 """gunicorn server hooks: the master builds the shared state and helper processes before it
-forks workers (on_starting), workers attach to it (post_fork), and the master tears it down
-after its workers have drained (on_exit). gunicorn.conf.py wires these in.
+forks workers (on_starting), gives each worker a slot (pre_fork) and the shared state
+(post_fork, post_worker_init), reloads on SIGHUP (on_reload), cleans up after a worker
+(child_exit), and tears everything down after its workers have drained (on_exit).
+gunicorn.conf.py wires these in.
 """
 
 from __future__ import annotations
@@ -11,37 +13,86 @@ import multiprocessing.process
 import os
 import socket
 import sys
+import time
 from dataclasses import dataclass, field
 from typing import Any
 
-from gol7lb import admin, supervisor
+from gol7lb import admin, logfmt, metrics, reload, rundir, supervisor
 from gol7lb.children import ChildWatcher, DemoBackends, ManagedChild, StartupError
-from gol7lb.config import DEMO_PORTS, Settings
-from gol7lb.state import SharedCounters, StateManager, start_manager
+from gol7lb.config import DEMO_PORTS, ConfigError, Settings
+from gol7lb.hosts import HostTable
+from gol7lb.state import ControlClient, SharedCounters, Snapshot, new_health_record, run_manager
+
+MANAGER_START_SECONDS = 10.0
+
+
+@dataclass(frozen=True)
+class Boot:
+    """What gunicorn.conf.py computed at start; a reload (SIGHUP) keeps it."""
+
+    settings: Settings
+    port: int
+    workers: int
 
 
 @dataclass
 class Runtime:
     """What the master sets up once and every worker inherits through fork."""
 
-    settings: Settings
+    settings: Settings  # the configuration the master started with
+    workers: int
     counters: SharedCounters = field(default_factory=SharedCounters)
-    manager: StateManager | None = None
-    address: Any = None
+    hosts: HostTable = field(default_factory=lambda: HostTable(worker_slots=16))
+    address: str = ""  # the Manager's Unix socket
     authkey: bytes = b""
     admin_sock: socket.socket | None = None
     watcher: ChildWatcher | None = None
     demo: DemoBackends | None = None
+    worker_slot: int | None = None  # in a worker: its slot in the host table and CPU choice
+
+    def startup_snapshot(self) -> Snapshot:
+        """The start-up configuration with every backend up: only for a worker that cannot
+        reach the Manager at all."""
+        health = self.settings.health
+        ids = {b.id for pool in self.settings.pools.values() for b in pool.backends}
+        return Snapshot(generation=0, config_generation=0, loaded_at=0.0, last_error=None,
+                        settings=self.settings, pools=self.settings.pools,
+                        sources=dict.fromkeys(ids, "config"), slots={},
+                        health={i: new_health_record(True, health.rise, health.fall)
+                                for i in ids})
 
 
-_settings: Settings | None = None
+_boot: Boot | None = None
 _runtime: Runtime | None = None
+_client: ControlClient | None = None  # the master's own connection to the control state
 
 
-def configure(settings: Settings) -> None:
-    """Called by gunicorn.conf.py with the validated settings (again on every HUP)."""
-    global _settings
-    _settings = settings
+def configure(settings: Settings, port: int, workers: int) -> None:
+    """Called by gunicorn.conf.py with the validated settings, once, at start."""
+    global _boot
+    _boot = Boot(settings, port, workers)
+
+
+def boot() -> Boot | None:
+    """Set once the master has read its configuration: gunicorn.conf.py runs again on SIGHUP,
+    and must then neither validate (the reload does) nor exit (that kills the master)."""
+    return _boot
+
+
+def check_listen_port(port: int) -> None:
+    """Refuse to start on a port another process already serves.
+
+    With SO_REUSEPORT a second instance would bind silently and take half the traffic; a
+    plain bind attempt before gunicorn binds makes it one clear line instead.
+    """
+    with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as probe:
+        probe.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+        try:
+            probe.bind(("0.0.0.0", port))
+        except OSError as e:
+            raise ConfigError(f"PORT {port} is already in use ({e.strerror or e}): another "
+                              "GoL7-LB instance or another server listens there; stop it or "
+                              "set another PORT") from None
 
 
 def runtime() -> Runtime:
@@ -53,9 +104,12 @@ def runtime() -> Runtime:
 
 def on_starting(server: Any) -> None:
     global _runtime
-    if _settings is None:
+    if _boot is None:
         raise RuntimeError("gol7lb.hooks.configure() was not called by the gunicorn config")
-    rt = Runtime(settings=_settings)
+    settings = _boot.settings
+    rt = Runtime(settings=settings, workers=_boot.workers,
+                 hosts=HostTable(worker_slots=max(16, 2 * _boot.workers + 8)))
+    logfmt.set_format(settings.log.format)
     try:
         _start(rt, server.log)
     except (StartupError, OSError) as e:
@@ -67,6 +121,7 @@ def on_starting(server: Any) -> None:
 
 
 def _start(rt: Runtime, log: Any) -> None:
+    global _client
     settings = rt.settings
     admin_address = settings.admin.address
     if admin_address:
@@ -77,35 +132,79 @@ def _start(rt: Runtime, log: Any) -> None:
     if settings.demo_backends:
         rt.demo = DemoBackends(DEMO_PORTS)
         rt.demo.start()
-    rt.manager = start_manager()
-    rt.address = rt.manager.address
+    rt.address = rundir.path("manager.sock")
     rt.authkey = bytes(multiprocessing.current_process().authkey)
-    children = [ManagedChild("supervisor", supervisor.run,
-                             (settings, rt.address, rt.authkey, rt.counters.array))]
+    rt.watcher = ChildWatcher([])
+    manager = ManagedChild("manager", run_manager, (rt.address, rt.authkey, rt.counters,
+                                                    rt.hosts, rundir.path("state.pickle")))
+    rt.watcher.children.append(manager)
+    rt.watcher.start_child(manager)
+    _client = ControlClient(rt.address, rt.authkey)
+    _wait_for_manager(_client, manager)
+    _client.call("publish_config", settings, time.time())
+
+    helpers = [ManagedChild("supervisor", supervisor.run, (rt.address, rt.authkey, rt.counters))]
     if rt.admin_sock is not None:
-        children.append(ManagedChild("admin listener", admin.run,
-                                     (settings, rt.admin_sock, rt.address, rt.authkey,
-                                      rt.counters.array)))
-    rt.watcher = ChildWatcher(children)
-    rt.watcher.start_children()
-    log.info("gol7lb: %d backends (%s), algorithm %s, settings from %s; admin %s",
-             len(settings.backends), ", ".join(b.url for b in settings.backends),
-             settings.algorithm, settings.source,
+        helpers.append(ManagedChild("admin listener", admin.run,
+                                    (rt.admin_sock, rt.address, rt.authkey, rt.counters,
+                                     rt.hosts)))
+    if settings.path:
+        helpers.append(ManagedChild("config watcher", reload.run,
+                                    (rt.address, rt.authkey, settings.path)))
+    for child in helpers:
+        rt.watcher.children.append(child)
+        rt.watcher.start_child(child)
+    pools = settings.pools
+    log.info("gol7lb: listening on http://0.0.0.0:%d with %d workers; %d backends in %d pools "
+             "(%s), settings from %s; admin %s", _boot.port if _boot else 0, rt.workers,
+             sum(len(p.backends) for p in pools.values()), len(pools),
+             ", ".join(b.url for p in pools.values() for b in p.backends), settings.source,
              f"on http://{settings.admin.bind}" if admin_address else "off")
 
 
+def _wait_for_manager(client: ControlClient, manager: ManagedChild) -> None:
+    deadline = time.monotonic() + MANAGER_START_SECONDS
+    while True:
+        try:
+            client.call("snapshot")
+            return
+        except Exception as e:
+            if manager.process.exitcode is not None or time.monotonic() > deadline:
+                raise StartupError(f"the shared-state manager did not start: {e}") from None
+            time.sleep(0.05)
+
+
+def pre_fork(server: Any, worker: Any) -> None:
+    """Give the new worker the lowest free slot: its cells in the host table, and its CPU
+    (a replacement takes the CPU of the worker it replaces)."""
+    rt = runtime()
+    taken = {getattr(w, "slot", None) for w in server.WORKERS.values()}
+    worker.slot = next((i for i in range(rt.hosts.worker_slots) if i not in taken), None)
+    if worker.slot is None:
+        server.log.error("gol7lb: more than %d workers at once: the new one is not counted "
+                         "in in-flight totals", rt.hosts.worker_slots)
+
+
 def post_fork(server: Any, worker: Any) -> None:
-    """In the new worker: forget the master's multiprocessing children.
+    """In the new worker: forget the master's multiprocessing children and its admin socket.
 
     Otherwise multiprocessing's exit handler in the worker would try to terminate and join
-    the master's supervisor and Manager when the worker exits.
+    the master's helpers when the worker exits.
     """
     multiprocessing.process._children.clear()  # type: ignore[attr-defined]
     rt = runtime()
+    rt.worker_slot = getattr(worker, "slot", None)
     if rt.admin_sock is not None:
         rt.admin_sock.close()  # the worker's copy of the fd only
-    if rt.settings.cpu_affinity == "auto":
-        pin_to_cpu(worker.age)
+    if rt.settings.cpu_affinity == "auto" and rt.worker_slot is not None:
+        pin_to_cpu(rt.worker_slot)
+
+
+def post_worker_init(worker: Any) -> None:
+    """Build the proxy and read the current shared state before the first request."""
+    from gol7lb import wsgi
+
+    wsgi.build_app()
 
 
 def pin_to_cpu(index: int) -> int | None:
@@ -120,9 +219,23 @@ def pin_to_cpu(index: int) -> int | None:
     return cpu
 
 
+def child_exit(server: Any, worker: Any) -> None:
+    """In the master, after a worker was reaped: its requests are no longer in flight, its
+    live gauges go, its counters stay."""
+    if _runtime is not None and getattr(worker, "slot", None) is not None:
+        _runtime.hosts.clear_in_flight(worker.slot)
+    with contextlib.suppress(Exception):
+        metrics.worker_exited(worker.pid)
+
+
 def on_reload(server: Any) -> None:
-    server.log.warning("gol7lb: HUP reloads workers; changed backends or health settings take "
-                       "effect after a restart")
+    """SIGHUP: the same validated reload as a file change; gunicorn then replaces the
+    workers, and the new ones start from the configuration published here."""
+    if _client is None:
+        return
+    if reload.reload_config(_client, "SIGHUP"):
+        with contextlib.suppress(Exception):
+            logfmt.set_format(_client.snapshot().settings.log.format)
 
 
 def on_exit(server: Any) -> None:
@@ -130,15 +243,12 @@ def on_exit(server: Any) -> None:
     if _runtime is not None:
         _teardown(_runtime)
         server.log.info("gol7lb: helpers stopped")
+    rundir.remove()
 
 
 def _teardown(rt: Runtime) -> None:
     if rt.watcher is not None:
         rt.watcher.stop()
-    if rt.manager is not None:
-        # It may be gone already (killed, or signalled with the master's process group).
-        with contextlib.suppress(Exception):
-            rt.manager.shutdown()
     if rt.admin_sock is not None:
         rt.admin_sock.close()
     if rt.demo is not None:

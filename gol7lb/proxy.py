@@ -14,13 +14,19 @@ import socket
 import threading
 import time
 from collections.abc import Callable, Iterable, Iterator, Sequence
+from dataclasses import dataclass
 from http import HTTPStatus
 from typing import Any
 
+from gol7lb import logfmt
+from gol7lb.accesslog import AccessLog
 from gol7lb.backends import Backend
-from gol7lb.config import Settings
+from gol7lb.balancer import Policy, make_policy
+from gol7lb.config import DEFAULT_POOL, Settings
 from gol7lb.headers import client_response_headers, request_id, upstream_request_headers
-from gol7lb.state import LivenessView, SharedCounters
+from gol7lb.hosts import WorkerCells
+from gol7lb.metrics import RequestRecorder
+from gol7lb.state import CachedView, SharedCounters, Snapshot
 from gol7lb.upstream import (
     BLOCK,
     ConnectFailed,
@@ -67,16 +73,106 @@ def split_target(raw: str) -> tuple[str, str | None]:
     return path, authority
 
 
+@dataclass
+class PoolRuntime:
+    """One pool as a worker serves it: its policy over the backends that may take requests."""
+
+    name: str
+    policy: Policy
+    uses_ticket: bool
+
+
+@dataclass
+class Routing:
+    """What the worker serves from for one generation of the shared state. Built once per
+    generation (never per request); requests in flight keep the one they started with."""
+
+    snapshot: Snapshot
+    settings: Settings
+    pools: dict[str, PoolRuntime]
+    upstreams: dict[str, UpstreamPool]  # backend id -> this worker's keep-alive sockets
+    slots: dict[str, int]  # backend id -> host slot (in-flight, requests, failures)
+    retry_after: str
+
+
+def build_routing(snapshot: Snapshot, previous: Routing | None) -> Routing:
+    """Policies over the healthy, not drained backends; keep-alive pools kept by address."""
+    settings = snapshot.settings
+    logfmt.set_format(settings.log.format)
+    old = previous.upstreams if previous else {}
+    upstreams: dict[str, UpstreamPool] = {}
+    pools = {}
+    for name, pool in snapshot.pools.items():
+        for backend in pool.backends:
+            if backend.id not in upstreams:
+                upstreams[backend.id] = _upstream_for(backend, settings, old.get(backend.id))
+        candidates = [b for b in pool.backends
+                      if snapshot.alive(b.id) and b.id not in snapshot.drained]
+        pools[name] = PoolRuntime(name, make_policy(pool.algorithm, candidates),
+                                  pool.algorithm == "round_robin")
+    for backend_id, upstream in old.items():
+        if backend_id not in upstreams:
+            upstream.retire()  # idle sockets close now, busy ones when their request ends
+    return Routing(snapshot, settings, pools, upstreams, dict(snapshot.slots),
+                   str(max(1, math.ceil(settings.health.interval))))
+
+
+def _upstream_for(backend: Backend, settings: Settings,
+                  existing: UpstreamPool | None) -> UpstreamPool:
+    connect, read = settings.proxy.connect_timeout, settings.proxy.read_timeout
+    if existing is None:
+        return UpstreamPool(backend, connect, read)
+    existing.configure(backend, connect, read)
+    return existing
+
+
+class Exchange:
+    """One client request from head to last byte: what the access log, the metrics and the
+    per-host counters are told once it ends."""
+
+    __slots__ = ("app", "started", "method", "path", "client", "rid", "pool", "backend_id",
+                 "slot", "status", "upstream_s", "answered")
+
+    def __init__(self, app: ProxyApp, method: str, path: str, client: str, rid: str) -> None:
+        self.app = app
+        self.started = time.perf_counter()
+        self.method = method
+        self.path = path
+        self.client = client
+        self.rid = rid
+        self.pool = "-"
+        self.backend_id = "-"
+        self.slot: int | None = None  # the host slot counted in flight until finish()
+        self.status = 0
+        self.upstream_s: float | None = None
+        self.answered = False  # the status came from a backend (metrics label it by address)
+
+    def finish(self, sent: int, failed: bool = False) -> None:
+        app = self.app
+        if self.slot is not None:
+            app.cells.end(self.slot, failed)
+            self.slot = None
+        total = time.perf_counter() - self.started
+        metric_backend = self.backend_id if self.answered else "none"
+        app.recorder.record(self.pool, metric_backend, self.status, self.method, total)
+        log_settings = app.view.current().settings.log
+        if log_settings.access:
+            app.access_log.write(log_settings.format, self.client, self.method, self.path,
+                                 self.status, sent, self.pool, self.backend_id,
+                                 self.upstream_s, total, self.rid)
+
+
 class UpstreamBody:
     """The response body as a WSGI iterable: streamed block by block, never held whole."""
 
     def __init__(self, response: UpstreamResponse, sock: socket.socket, pool: UpstreamPool,
-                 client_sock: socket.socket | None, rid: str) -> None:
+                 client_sock: socket.socket | None, exchange: Exchange) -> None:
         self.response = response
         self.sock = sock
         self.pool = pool
         self.client_sock = client_sock
-        self.rid = rid
+        self.exchange = exchange
+        self.sent = 0
         self.done = False
 
     def __iter__(self) -> Iterator[bytes]:
@@ -88,12 +184,14 @@ class UpstreamBody:
         except (OSError, UpstreamProtocolError) as e:
             self._abort(e)
         if data:
+            self.sent += len(data)
             return data
         self.done = True
         if self.response.keep_alive:
             self.pool.release(self.sock)
         else:
             self.sock.close()
+        self.exchange.finish(self.sent)
         raise StopIteration
 
     def _abort(self, error: BaseException) -> None:
@@ -105,58 +203,68 @@ class UpstreamBody:
         reason = ("timed out" if isinstance(error, TimeoutError)
                   else str(error) or type(error).__name__)
         log.error("backend %s failed mid-response (request %s): %s",
-                  self.pool.backend.url, self.rid, reason)
-        self.close()
+                  self.pool.backend.id, self.exchange.rid, reason)
+        self._close(failed=True)
         if self.client_sock is not None:
             with contextlib.suppress(OSError):
                 self.client_sock.shutdown(socket.SHUT_RDWR)
         raise BrokenPipeError(errno.EPIPE, "backend failed mid-response")
 
-    def close(self) -> None:
+    def _close(self, failed: bool) -> None:
         if not self.done:
             self.done = True
             self.sock.close()  # unread bytes would poison the next request on this connection
+            self.exchange.finish(self.sent, failed)
+
+    def close(self) -> None:
+        """Called by the server when the client went away or the body ended early."""
+        self._close(failed=False)
 
 
 class ProxyApp:
     """The WSGI application each gunicorn worker runs."""
 
-    def __init__(self, settings: Settings, view: LivenessView, counters: SharedCounters) -> None:
-        self.settings = settings
+    def __init__(self, view: CachedView[Routing], counters: SharedCounters,
+                 cells: WorkerCells, recorder: RequestRecorder | None = None,
+                 access_log: AccessLog | None = None) -> None:
         self.view = view
         self.counters = counters
-        self.retries = settings.proxy.retries
-        self.uses_ticket = settings.algorithm == "round_robin"
-        self.retry_after = str(max(1, math.ceil(settings.health.interval)))
-        self.pools = {b.url: UpstreamPool(b, settings.proxy.connect_timeout,
-                                          settings.proxy.read_timeout)
-                      for b in settings.backends}
+        self.cells = cells
+        self.recorder = recorder or RequestRecorder()
+        self.access_log = access_log or AccessLog()
         # Passive health: a backend that just refused a connection is tried last in this worker
         # for a while, so a dead backend costs one failed connect, not one per request.
-        self.quarantine_seconds = min(settings.health.interval, 10.0)
         self._quarantined: dict[str, float] = {}
         self._quarantine_lock = threading.Lock()
 
     def __call__(self, environ: dict[str, Any], start_response: StartResponse) -> Iterable[bytes]:
         rid = request_id(environ)
         method = environ["REQUEST_METHOD"]
-        if method == "CONNECT":
-            return self._error(start_response, 405, rid, "CONNECT is not supported: this is a "
-                               "reverse proxy", [("Allow", "GET, HEAD, POST, PUT, DELETE, PATCH, "
-                                                  "OPTIONS")])
         raw = environ.get("RAW_URI") or environ.get("PATH_INFO") or "/"
+        exchange = Exchange(self, method, raw, environ.get("REMOTE_ADDR") or "-", rid)
+        routing = self.view.current()
+        if method == "CONNECT":
+            return self._error(start_response, exchange, 405, "CONNECT is not supported: this "
+                               "is a reverse proxy", [("Allow", "GET, HEAD, POST, PUT, DELETE, "
+                                                       "PATCH, OPTIONS")])
         try:
             if not raw.isascii() or _BAD_TARGET_CHAR.search(raw):
                 raise ValueError(raw)
             target, authority = split_target(raw)
         except ValueError:
-            return self._error(start_response, 400, rid, "bad request target")
+            return self._error(start_response, exchange, 400, "bad request target")
 
-        order = self.view.policy().order(self.counters.take_ticket() if self.uses_ticket else 0)
+        pool = routing.pools.get(DEFAULT_POOL)
+        if pool is None:
+            return self._error(start_response, exchange, 404, "no route matches this request "
+                               "and there is no default pool")
+        exchange.pool = pool.name
+        order = pool.policy.order(self.counters.take_ticket() if pool.uses_ticket else 0)
         if not order:
-            log.error("no healthy backend for %s %s (request %s)", method, target, rid)
-            return self._error(start_response, 503, rid, "no healthy backend",
-                               [("Retry-After", self.retry_after)])
+            log.error("no healthy backend in pool %s for %s %s (request %s)", pool.name, method,
+                      target, rid)
+            return self._error(start_response, exchange, 503, "no healthy backend",
+                               [("Retry-After", routing.retry_after)])
         if self._quarantined:
             order = self._prefer_unquarantined(order)
 
@@ -168,12 +276,14 @@ class ProxyApp:
         first = order[0]
         host = authority or environ.get("HTTP_HOST") or first.netloc
         headers = upstream_request_headers(environ, host, port, rid)
-        return self._forward(environ, start_response, method, target, headers,
-                             order[: 1 + self.retries], client_sock, rid)
+        return self._forward(environ, start_response, routing, exchange, target, headers,
+                             order[: 1 + routing.settings.proxy.retries], client_sock)
 
-    def _forward(self, environ: dict[str, Any], start_response: StartResponse, method: str,
-                 target: str, headers: dict[str, str], attempts: Sequence[Backend],
-                 client_sock: socket.socket | None, rid: str) -> Iterable[bytes]:
+    def _forward(self, environ: dict[str, Any], start_response: StartResponse,
+                 routing: Routing, exchange: Exchange, target: str, headers: dict[str, str],
+                 attempts: Sequence[Backend], client_sock: socket.socket | None) -> Iterable[bytes]:
+        method = exchange.method
+        rid = exchange.rid
         body = environ["wsgi.input"]
         chunked = "chunked" in environ.get("HTTP_TRANSFER_ENCODING", "").lower()
         length = 0 if chunked else int(environ.get("CONTENT_LENGTH") or 0)
@@ -188,48 +298,67 @@ class ProxyApp:
         replayable = method in IDEMPOTENT and not has_body
         last_failure: Exception | None = None
         for backend in attempts:
-            pool = self.pools[backend.url]
+            if last_failure is not None:
+                self.recorder.retry(exchange.backend_id)
+            pool = routing.upstreams[backend.id]
+            exchange.backend_id = backend.id
+            exchange.slot = routing.slots.get(backend.id)
+            if exchange.slot is not None:
+                self.cells.begin(exchange.slot)
+            attempt_started = time.perf_counter()
+            sock: socket.socket | None = None
             try:
                 sock, reused = pool.acquire()
                 sock, response = self._exchange(sock, reused, pool, method, head, body,
                                                 length, chunked, has_body)
             except ConnectFailed as e:  # nothing reached the backend: the next one may serve
-                log.error("backend %s: connect failed: %s (request %s)", backend.url, e, rid)
-                self._quarantine(backend)
+                log.error("backend %s: connect failed: %s (request %s)", backend.id, e, rid)
+                self._quarantine(backend, routing.settings.health.interval)
+                self._attempt_failed(exchange)
                 last_failure = e
                 continue
             except ClientBodyError as e:
-                sock.close()
+                _close(sock)
+                self._attempt_failed(exchange, failed=False)
                 log.info("client request body failed (request %s): %s", rid, e)
-                return self._error(start_response, 400, rid, "incomplete request body",
+                return self._error(start_response, exchange, 400, "incomplete request body",
                                    [("Connection", "close")])
             except TimeoutError:
-                sock.close()
-                log.error("backend %s timed out after %gs (request %s)", backend.url,
-                          self.settings.proxy.read_timeout, rid)
-                return self._error(start_response, 504, rid, "backend timed out")
+                _close(sock)
+                self._attempt_failed(exchange)
+                log.error("backend %s timed out after %gs (request %s)", backend.id,
+                          routing.settings.proxy.read_timeout, rid)
+                return self._error(start_response, exchange, 504, "backend timed out")
             except (ConnectionError, UpstreamClosed) as e:
-                sock.close()
-                log.error("backend %s failed before answering: %s (request %s)", backend.url,
+                _close(sock)
+                self._attempt_failed(exchange)
+                log.error("backend %s failed before answering: %s (request %s)", backend.id,
                           str(e) or type(e).__name__, rid)
                 if not replayable:
-                    return self._error(start_response, 502, rid, "bad gateway")
-                self._quarantine(backend)  # and on to the next one, like nginx's next_upstream
-                last_failure = e
+                    return self._error(start_response, exchange, 502, "bad gateway")
+                self._quarantine(backend, routing.settings.health.interval)
+                last_failure = e  # and on to the next one, like nginx's next_upstream
                 continue
             except (OSError, UpstreamProtocolError) as e:
-                sock.close()
-                log.error("backend %s failed: %s (request %s)", backend.url,
+                _close(sock)
+                self._attempt_failed(exchange)
+                log.error("backend %s failed: %s (request %s)", backend.id,
                           str(e) or type(e).__name__, rid)
-                return self._error(start_response, 502, rid, "bad gateway")
-            return self._respond(start_response, response, sock, pool, client_sock, rid)
+                return self._error(start_response, exchange, 502, "bad gateway")
+            exchange.upstream_s = time.perf_counter() - attempt_started
+            return self._respond(start_response, response, sock, pool, client_sock, exchange)
 
         assert last_failure is not None
         if not isinstance(last_failure, ConnectFailed):
-            return self._error(start_response, 502, rid, "bad gateway")
+            return self._error(start_response, exchange, 502, "bad gateway")
         if last_failure.timed_out:
-            return self._error(start_response, 504, rid, "backend connect timed out")
-        return self._error(start_response, 502, rid, "no backend accepted the connection")
+            return self._error(start_response, exchange, 504, "backend connect timed out")
+        return self._error(start_response, exchange, 502, "no backend accepted the connection")
+
+    def _attempt_failed(self, exchange: Exchange, failed: bool = True) -> None:
+        if exchange.slot is not None:
+            self.cells.end(exchange.slot, failed)
+            exchange.slot = None
 
     def _exchange(self, sock: socket.socket, reused: bool, pool: UpstreamPool, method: str,
                   head: bytes, body: Any, length: int, chunked: bool,
@@ -283,7 +412,7 @@ class ProxyApp:
 
     def _respond(self, start_response: StartResponse, response: UpstreamResponse,
                  sock: socket.socket, pool: UpstreamPool, client_sock: socket.socket | None,
-                 rid: str) -> Iterable[bytes]:
+                 exchange: Exchange) -> Iterable[bytes]:
         reason = response.reason if response.reason and response.reason.isprintable() else ""
         if not reason.isascii() or not reason:
             try:
@@ -291,35 +420,48 @@ class ProxyApp:
             except ValueError:
                 reason = "Unknown"
         try:
-            headers = client_response_headers(response.headers, rid)
+            headers = client_response_headers(response.headers, exchange.rid)
         except ValueError as e:
             sock.close()
+            self._attempt_failed(exchange)
             log.error("backend %s sent an invalid response header %s (request %s)",
-                      pool.backend.url, e, rid)
-            return self._error(start_response, 502, rid, "bad gateway")
+                      pool.backend.id, e, exchange.rid)
+            return self._error(start_response, exchange, 502, "bad gateway")
+        exchange.status = response.status
+        exchange.answered = True
         start_response(f"{response.status} {reason}", headers)
-        return UpstreamBody(response, sock, pool, client_sock, rid)
+        return UpstreamBody(response, sock, pool, client_sock, exchange)
 
-    def _quarantine(self, backend: Backend) -> None:
+    def _quarantine(self, backend: Backend, interval: float) -> None:
         with self._quarantine_lock:
-            self._quarantined[backend.url] = time.monotonic() + self.quarantine_seconds
+            self._quarantined[backend.id] = time.monotonic() + min(interval, 10.0)
 
     def _prefer_unquarantined(self, order: Sequence[Backend]) -> Sequence[Backend]:
         now = time.monotonic()
         with self._quarantine_lock:
-            for url, until in list(self._quarantined.items()):
+            for backend_id, until in list(self._quarantined.items()):
                 if until <= now:
-                    del self._quarantined[url]
+                    del self._quarantined[backend_id]
             blocked = self._quarantined
             if not blocked:
                 return order
-        return sorted(order, key=lambda b: b.url in blocked)  # stable: keeps rotation order
+        return sorted(order, key=lambda b: b.id in blocked)  # stable: keeps rotation order
 
-    @staticmethod
-    def _error(start_response: StartResponse, status: int, rid: str, message: str,
-               extra: list[tuple[str, str]] | None = None) -> list[bytes]:
-        body = f"{status} {HTTPStatus(status).phrase}: {message}\n".encode()
+    def _error(self, start_response: StartResponse, exchange: Exchange, status: int,
+               message: str, extra: list[tuple[str, str]] | None = None) -> list[bytes]:
+        """An answer the LB makes itself (no backend's status): counted and logged now."""
+        phrase = HTTPStatus(status).phrase
+        body = f"{status} {phrase}: {message}\n".encode()
         headers = [("Content-Type", "text/plain; charset=utf-8"),
-                   ("Content-Length", str(len(body))), ("X-Request-ID", rid), *(extra or [])]
-        start_response(f"{status} {HTTPStatus(status).phrase}", headers)
+                   ("Content-Length", str(len(body))), ("X-Request-ID", exchange.rid),
+                   *(extra or [])]
+        exchange.status = status
+        exchange.answered = False
+        start_response(f"{status} {phrase}", headers)
+        exchange.finish(len(body))
         return [body]
+
+
+def _close(sock: socket.socket | None) -> None:
+    if sock is not None:
+        sock.close()

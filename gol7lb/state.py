@@ -1,42 +1,62 @@
-"""Shared state: the Manager-held backend table, lock-free counters in shared memory, and the
-worker-side snapshot that touches the Manager only when the generation counter has moved.
+"""Shared state: the control state held by the Manager, lock-free counters in shared memory, and
+the worker-side view that touches the Manager only when the generation counter has moved.
+
+The Manager process holds one `ControlState`: the running configuration (the file's, plus the
+admin API's runtime changes), the host slot of every backend address, health records and
+drain flags. Every change goes through its methods, so the Manager process is the single
+writer of the generation counter that tells everybody else to re-read. It persists what
+cannot be re-derived (configuration, runtime changes, slots, liveness, drains) to a file in
+the instance's private directory, so a Manager killed and restarted by the master carries on
+where it stopped.
 """
 
 from __future__ import annotations
 
+import contextlib
 import ctypes
 import logging
-import multiprocessing
+import os
+import pickle
+import signal
+import sys
 import threading
 import time
-from collections.abc import Callable, Mapping, Sequence
-from multiprocessing.managers import BaseManager, DictProxy
+from collections.abc import Callable
+from dataclasses import dataclass, field
+from multiprocessing.managers import BaseManager
 from multiprocessing.sharedctypes import RawArray
-from typing import Any
+from typing import Any, Generic, TypeVar
 
 from gol7lb.backends import Backend
-from gol7lb.balancer import Policy, make_policy
-from gol7lb.children import init_helper_process
+from gol7lb.children import configure_child_logging, init_helper_process
+from gol7lb.config import Pool, Settings
+from gol7lb.hosts import HostTable
 
 log = logging.getLogger("gunicorn.error")
 
 # Slots of the shared counter array; 8 slots (64 bytes) apart so writers do not share a cache line.
-GENERATION = 0  # written by the supervisor only; bumped after every liveness change
+GENERATION = 0  # written by the Manager process only; bumped after every change of its state
 ROTATION = 8  # round-robin tickets, drawn by every worker
-_SLOTS = 16
+HEARTBEAT = 16  # the supervisor's last sign of life, CLOCK_MONOTONIC milliseconds
+_SLOTS = 24
 MANAGER_RETRY_SECONDS = 1.0  # after a failed Manager read, serve the last snapshot this long
+FIRST_READ_SECONDS = 5.0  # how long a new worker waits for its first state read
+
 
 class SharedCounters:
     """Counters in anonymous shared memory, inherited by forked workers, read without locks.
 
     Locks are avoided on purpose: a process killed while holding a multiprocessing lock
-    would freeze every reader. The generation has a single writer (the supervisor).
-    Tickets are drawn with a racy read-increment-write; a rare lost update only means two
+    would freeze every reader. Each slot has a single writing process, except the rotation:
+    tickets are drawn with a racy read-increment-write, and a rare lost update only means two
     concurrent requests get the same ticket, which a lock would not make more correct.
     """
 
     def __init__(self, array: Any | None = None) -> None:
         self.array = array if array is not None else RawArray(ctypes.c_uint64, _SLOTS)
+
+    def __reduce__(self) -> tuple[Any, ...]:
+        return (SharedCounters, (self.array,))
 
     @property
     def generation(self) -> int:
@@ -53,90 +73,385 @@ class SharedCounters:
         array[ROTATION] = (ticket + 1) & 0xFFFFFFFFFFFFFFFF
         return ticket
 
+    def beat(self) -> None:
+        self.array[HEARTBEAT] = int(time.monotonic() * 1000)
 
-# --- the Manager ---------------------------------------------------------------------------
+    def heartbeat_age(self) -> float | None:
+        """Seconds since the supervisor's last heartbeat; None if it never beat."""
+        last = self.array[HEARTBEAT]
+        return None if last == 0 else time.monotonic() - last / 1000
 
-_TABLE: dict[str, dict[str, Any]] = {}
+
+class ControlError(Exception):
+    """A refused runtime change; `status` is the HTTP status the admin API answers with."""
+
+    def __init__(self, status: int, message: str) -> None:
+        super().__init__(status, message)
+        self.status = status
+        self.message = message
+
+    def __str__(self) -> str:
+        return self.message
 
 
-def _backend_table() -> dict[str, dict[str, Any]]:
-    """Runs inside the Manager's server process: the one table every client shares."""
-    return _TABLE
+@dataclass(frozen=True)
+class Snapshot:
+    """Everything a worker, the supervisor or the admin listener needs, read in one IPC call."""
+
+    generation: int  # the shared generation counter when this was taken
+    config_generation: int  # successful configuration loads since start
+    loaded_at: float
+    last_error: str | None
+    settings: Settings
+    pools: dict[str, Pool]  # the running pools: the file's plus the admin API's changes
+    sources: dict[str, str]  # backend id -> "config" | "api"
+    slots: dict[str, int]  # backend id -> host slot in the shared HostTable
+    health: dict[str, dict[str, Any]]  # backend id -> the supervisor's record
+    drained: frozenset[str] = field(default_factory=frozenset)
+
+    def backends(self) -> dict[str, Backend]:
+        """Every running backend by id (a backend in several pools once, as first listed)."""
+        found: dict[str, Backend] = {}
+        for pool in self.pools.values():
+            for backend in pool.backends:
+                found.setdefault(backend.id, backend)
+        return found
+
+    def alive(self, backend_id: str) -> bool:
+        return bool(self.health.get(backend_id, {}).get("alive", True))
+
+
+def new_health_record(alive: bool, rise: int, fall: int) -> dict[str, Any]:
+    """What the supervisor starts a backend's checks from.
+
+    At start every backend is up but unconfirmed (as in HAProxy: the first failed check
+    takes it out). One that appears later (reload, API) is down until its first check passes.
+    """
+    return {"alive": alive, "successes": 0 if alive else rise - 1,
+            "failures": fall - 1 if alive else 0, "since": time.time(), "checks": 0,
+            "last_check": None}
+
+
+class ControlState:
+    """Lives in the Manager process; every method runs under one lock."""
+
+    _PERSISTED = ("settings", "config_generation", "loaded_at", "last_error", "added", "removed",
+                  "slots", "alive", "drained")
+
+    def __init__(self, counters: SharedCounters, hosts: HostTable, path: str) -> None:
+        self._counters = counters
+        self._hosts = hosts
+        self._path = path
+        self._lock = threading.Lock()
+        self.settings: Settings | None = None
+        self.config_generation = 0
+        self.loaded_at = 0.0
+        self.last_error: str | None = None
+        self.added: dict[str, list[Backend]] = {}  # pool -> backends the API added
+        self.removed: set[str] = set()  # ids the API removed from every pool
+        self.slots: dict[str, int] = {}
+        self.alive: dict[str, bool] = {}
+        self.drained: set[str] = set()
+        self.records: dict[str, dict[str, Any]] = {}  # latest check per backend (not persisted)
+        if self._load():
+            self._counters.bump_generation()  # a restarted Manager: everybody re-reads
+
+    # persistence ----------------------------------------------------------------------------
+
+    def _load(self) -> bool:
+        try:
+            with open(self._path, "rb") as f:
+                data = pickle.load(f)
+        except FileNotFoundError:
+            return False
+        except Exception as e:  # a torn or foreign file: start empty, the master re-publishes
+            log.error("manager: cannot read saved state %s: %s", self._path, e)
+            return False
+        for name in self._PERSISTED:
+            setattr(self, name, data[name])
+        for backend_id, alive in self.alive.items():
+            self.records[backend_id] = {"alive": alive, "last_check": None}
+        return True
+
+    def _save(self) -> None:
+        data = {name: getattr(self, name) for name in self._PERSISTED}
+        tmp = f"{self._path}.tmp"
+        with open(tmp, "wb") as f:
+            pickle.dump(data, f, protocol=pickle.HIGHEST_PROTOCOL)
+        os.replace(tmp, self._path)
+
+    def _changed(self) -> None:
+        self._save()
+        self._counters.bump_generation()
+
+    # the running pools ----------------------------------------------------------------------
+
+    def _pools(self) -> dict[str, Pool]:
+        if self.settings is None:
+            return {}
+        pools = {}
+        for name, pool in self.settings.pools.items():
+            kept = [b for b in pool.backends if b.id not in self.removed]
+            pools[name] = Pool(name, pool.algorithm, (*kept, *self.added.get(name, ())))
+        return pools
+
+    def _running_ids(self) -> set[str]:
+        return {b.id for pool in self._pools().values() for b in pool.backends}
+
+    def _sources(self) -> dict[str, str]:
+        api = {b.id for backends in self.added.values() for b in backends}
+        return {i: ("api" if i in api else "config") for i in self._running_ids()}
+
+    def _assign_slot(self, backend_id: str) -> None:
+        if backend_id in self.slots:
+            return
+        used = set(self.slots.values())
+        free = next((i for i in range(self._hosts.host_slots) if i not in used), None)
+        if free is None:  # reclaim the slot of an address that left and has nothing in flight
+            running = self._running_ids()
+            for old_id, slot in list(self.slots.items()):
+                if old_id not in running and self._hosts.in_flight(slot) == 0:
+                    del self.slots[old_id]
+                    self._hosts.reset_host(slot)
+                    free = slot
+                    break
+        if free is None:
+            raise ControlError(507, f"too many backend addresses (at most "
+                                    f"{self._hosts.host_slots} at once)")
+        self.slots[backend_id] = free
+
+    def _adopt(self, backend_id: str, alive: bool) -> None:
+        """Give a new address a slot and a health record; one that stays keeps both."""
+        self._assign_slot(backend_id)
+        if backend_id not in self.records:
+            health = self.settings.health if self.settings else None
+            rise, fall = (health.rise, health.fall) if health else (1, 1)
+            self.records[backend_id] = new_health_record(alive, rise, fall)
+            self.alive[backend_id] = alive
+
+    def _forget_gone(self) -> None:
+        running = self._running_ids()
+        for backend_id in list(self.records):
+            if backend_id not in running:
+                del self.records[backend_id]
+                self.alive.pop(backend_id, None)
+
+    # writers ---------------------------------------------------------------------------------
+
+    def publish_config(self, settings: Settings, loaded_at: float) -> int:
+        """A validated configuration takes over; the API's runtime changes end (as HAProxy's
+        do when it reloads its file). Returns the new configuration generation."""
+        with self._lock:
+            first = self.settings is None
+            self.settings = settings
+            self.config_generation += 1
+            self.loaded_at = loaded_at
+            self.last_error = None
+            self.added = {}
+            self.removed = set()
+            for backend_id in self._running_ids():
+                self._adopt(backend_id, alive=first)
+            self._forget_gone()
+            self._changed()
+            return self.config_generation
+
+    def record_error(self, message: str) -> None:
+        with self._lock:
+            self.last_error = message
+            self._changed()
+
+    def add_backend(self, pool: str, backend: Backend) -> None:
+        with self._lock:
+            pools = self._pools()
+            if pool not in pools:
+                raise ControlError(404, f"no pool named {pool!r}: pools are "
+                                        + ", ".join(sorted(pools)))
+            if any(b.id == backend.id for b in pools[pool].backends):
+                raise ControlError(409, f"backend {backend.id} is already in pool {pool!r}")
+            self.removed.discard(backend.id)
+            pools = self._pools()  # an address the API removed earlier may be back from the file
+            if not any(b.id == backend.id for b in pools[pool].backends):
+                self.added.setdefault(pool, []).append(backend)
+            self._adopt(backend.id, alive=False)
+            self._changed()
+
+    def remove_backend(self, backend_id: str) -> None:
+        with self._lock:
+            self._require(backend_id)
+            self.removed.add(backend_id)
+            for name in list(self.added):
+                self.added[name] = [b for b in self.added[name] if b.id != backend_id]
+            self.drained.discard(backend_id)
+            self._forget_gone()
+            self._changed()
+
+    def set_drained(self, backend_id: str, drained: bool) -> None:
+        with self._lock:
+            self._require(backend_id)
+            if drained:
+                self.drained.add(backend_id)
+            else:
+                self.drained.discard(backend_id)
+            self._changed()
+
+    def _require(self, backend_id: str) -> None:
+        if backend_id not in self._running_ids():
+            raise ControlError(404, f"no backend {backend_id!r} (ids are host:port, as in "
+                                    "/status)")
+
+    def publish_health(self, backend_id: str, record: dict[str, Any], changed: bool) -> None:
+        """One check result from the supervisor; the generation moves only on a flip."""
+        with self._lock:
+            if backend_id not in self.records:  # removed meanwhile: a late result
+                return
+            self.records[backend_id] = record
+            if changed or self.alive.get(backend_id) != record["alive"]:
+                self.alive[backend_id] = record["alive"]
+                self._changed()
+
+    # readers ---------------------------------------------------------------------------------
+
+    def snapshot(self) -> Snapshot | None:
+        with self._lock:
+            if self.settings is None:
+                return None
+            return Snapshot(
+                generation=self._counters.generation,
+                config_generation=self.config_generation,
+                loaded_at=self.loaded_at,
+                last_error=self.last_error,
+                settings=self.settings,
+                pools=self._pools(),
+                sources=self._sources(),
+                slots=dict(self.slots),
+                health={k: dict(v) for k, v in self.records.items()},
+                drained=frozenset(self.drained),
+            )
+
+
+# --- the Manager -----------------------------------------------------------------------------
+
+_CONTROL: ControlState | None = None
+
+
+def _control() -> ControlState:
+    """Runs inside the Manager's server process: the one state every client shares."""
+    assert _CONTROL is not None
+    return _CONTROL
 
 
 class StateManager(BaseManager):
-    """A Manager serving one dict: backend URL -> its liveness record."""
+    """A Manager serving one ControlState."""
 
 
-StateManager.register("backend_table", callable=_backend_table, proxytype=DictProxy)
+StateManager.register("control", callable=_control, exposed=(
+    "publish_config", "record_error", "add_backend", "remove_backend", "set_drained",
+    "publish_health", "snapshot"))
 
 
-def start_manager() -> StateManager:
-    """Start the Manager in a fresh interpreter (spawn), so it inherits nothing of gunicorn."""
-    manager = StateManager(ctx=multiprocessing.get_context("spawn"))
-    manager.start(initializer=init_helper_process)
-    return manager
+def run_manager(address: str, authkey: bytes, counters: SharedCounters, hosts: HostTable,
+                state_path: str) -> None:
+    """Entry point of the Manager process, started (and restarted) by the master.
+
+    It listens on a fixed Unix socket in the instance's private directory, so clients
+    reconnect to a restarted Manager at the same address.
+    """
+    global _CONTROL
+    init_helper_process("manager")
+    configure_child_logging()
+    _CONTROL = ControlState(counters, hosts, state_path)
+    with contextlib.suppress(FileNotFoundError):
+        os.unlink(address)  # left behind by a Manager that was killed
+    server = StateManager(address=address, authkey=authkey).get_server()
+    signal.signal(signal.SIGTERM, lambda *_: sys.exit(0))
+    log.info("manager serving shared state on %s (pid %d)", address, os.getpid())
+    server.serve_forever()
 
 
-def connect_table(address: Any, authkey: bytes) -> Any:
-    """A new connection and proxy to the shared table, owned by the calling process."""
-    manager = StateManager(address=address, authkey=authkey)
-    manager.connect()
-    return manager.backend_table()
+class ControlClient:
+    """A process's handle on the control state: one connection per thread, re-made after the
+    Manager restarted (a broken proxy raises once, the next call reconnects)."""
+
+    def __init__(self, address: str, authkey: bytes) -> None:
+        self.address = address
+        self.authkey = authkey
+        self._local = threading.local()
+
+    def _proxy(self) -> Any:
+        proxy = getattr(self._local, "proxy", None)
+        if proxy is None:
+            manager = StateManager(address=self.address, authkey=self.authkey)
+            manager.connect()
+            proxy = self._local.proxy = manager.control()
+        return proxy
+
+    def call(self, method: str, *args: Any) -> Any:
+        try:
+            return getattr(self._proxy(), method)(*args)
+        except ControlError:
+            raise
+        except Exception:
+            self._local.proxy = None
+            raise
+
+    def snapshot(self) -> Snapshot:
+        snapshot = self.call("snapshot")
+        if snapshot is None:
+            raise ConnectionError("the manager has no configuration yet")
+        return snapshot
 
 
-def healthy_backends(
-    backends: Sequence[Backend], table: Mapping[str, Mapping[str, Any]]
-) -> list[Backend]:
-    """Configured backends that the table does not mark down (unknown ones count as up)."""
-    return [b for b in backends if table.get(b.url, {}).get("alive", True)]
+T = TypeVar("T")
 
 
-class LivenessView:
-    """A worker's cached liveness: one shared-memory read per request, IPC only on change."""
+class CachedView(Generic[T]):
+    """A worker's (or helper's) cached state: one shared-memory read per use, IPC only when
+    the generation moved. `build(snapshot, previous)` turns a snapshot into what the caller
+    serves from (the proxy builds its policies; state.py holds data only)."""
 
-    def __init__(
-        self,
-        backends: Sequence[Backend],
-        algorithm: str,
-        counters: SharedCounters,
-        table_factory: Callable[[], Any],
-    ) -> None:
-        self.backends = tuple(backends)
-        self.algorithm = algorithm
+    def __init__(self, counters: SharedCounters, client: ControlClient,
+                 build: Callable[[Snapshot, T | None], T], fallback: Callable[[], T]) -> None:
         self.counters = counters
-        self._table_factory = table_factory
-        self._table: Any = None
-        self._seen = -1  # generation the cached policy was built from; -1 forces the first read
-        self._policy: Policy = make_policy(algorithm, self.backends)
+        self.client = client
+        self._build = build
+        self._seen = -1
         self._refresh_lock = threading.Lock()
         self._next_retry = 0.0
+        self._current: T | None = None
+        deadline = time.monotonic() + FIRST_READ_SECONDS
+        while self._current is None and time.monotonic() < deadline:
+            if not self._read():
+                time.sleep(0.1)
+        if self._current is None:  # the Manager is down: serve the configuration we started with
+            log.error("no shared state after %gs; serving the start-up configuration with "
+                      "every backend assumed up", FIRST_READ_SECONDS)
+            self._current = fallback()
 
-    def policy(self) -> Policy:
+    def current(self) -> T:
         if self.counters.array[GENERATION] != self._seen:
             self._refresh()
-        return self._policy
+        return self._current  # type: ignore[return-value]
 
     def _refresh(self) -> None:
         # One thread refreshes; the others keep serving from the previous snapshot meanwhile.
         if not self._refresh_lock.acquire(blocking=False):
             return
         try:
-            now = time.monotonic()
-            if now < self._next_retry:
-                return
-            generation = self.counters.array[GENERATION]  # read before the table: never skip one
-            try:
-                if self._table is None:
-                    self._table = self._table_factory()
-                snapshot = self._table.copy()
-            except Exception as e:  # the Manager is gone or restarting: keep the last snapshot
-                self._table = None
-                self._next_retry = now + MANAGER_RETRY_SECONDS
-                log.error("cannot read backend state from the manager (%s); serving from the "
-                          "last known state", e)
-                return
-            self._policy = make_policy(self.algorithm, healthy_backends(self.backends, snapshot))
-            self._seen = generation
+            if time.monotonic() >= self._next_retry:
+                self._read()
         finally:
             self._refresh_lock.release()
+
+    def _read(self) -> bool:
+        generation = self.counters.array[GENERATION]  # read before the state: never skip one
+        try:
+            snapshot = self.client.snapshot()
+        except Exception as e:  # the Manager is gone or restarting: keep the last snapshot
+            self._next_retry = time.monotonic() + MANAGER_RETRY_SECONDS
+            if self._current is not None:
+                log.error("cannot read shared state from the manager (%s); serving from the "
+                          "last known state", e or type(e).__name__)
+            return False
+        self._current = self._build(snapshot, self._current)
+        self._seen = generation
+        return True

@@ -1,5 +1,10 @@
 """The supervisor process: one thread per backend runs its health checks and publishes the
-results to the Manager; the generation counter moves only when some backend's liveness flips.
+results to the control state; the generation counter moves only when some backend's liveness
+flips. It follows the running configuration (reloads, backends added or removed through the
+admin API): a backend that stays keeps its checker and its rise/fall state.
+
+If the Manager goes away it keeps checking and publishes again once the Manager is back, so
+health checking never stops for good.
 """
 
 from __future__ import annotations
@@ -14,18 +19,20 @@ from typing import Any
 
 import requests
 
+from gol7lb import logfmt, metrics
 from gol7lb.backends import Backend
 from gol7lb.children import configure_child_logging, init_helper_process
-from gol7lb.config import Settings
+from gol7lb.config import HealthSettings
 from gol7lb.health import CheckResult, HealthTracker, run_check
-from gol7lb.state import SharedCounters, connect_table
+from gol7lb.state import ControlClient, SharedCounters, Snapshot
 
 log = logging.getLogger("gol7lb.supervisor")
-def record_for(backend: Backend, tracker: HealthTracker, result: CheckResult | None,
-               since: float, checks: int) -> dict[str, Any]:
+RECONCILE_SECONDS = 0.25  # how often the generation counter is looked at (a shared-memory read)
+
+
+def record_for(tracker: HealthTracker, result: CheckResult | None, since: float,
+               checks: int) -> dict[str, Any]:
     return {
-        "url": backend.url,
-        "weight": backend.weight,
         "alive": tracker.alive,
         "successes": tracker.successes,
         "failures": tracker.failures,
@@ -35,94 +42,134 @@ def record_for(backend: Backend, tracker: HealthTracker, result: CheckResult | N
     }
 
 
-class Publisher:
-    """Writes records to the Manager table and bumps the generation after liveness changes."""
-
-    def __init__(self, table: Any, counters: SharedCounters) -> None:
-        self.table = table
-        self.counters = counters
-        self._lock = threading.Lock()  # the generation has one writer: serialise our threads
-
-    def publish(self, record: dict[str, Any], changed: bool) -> None:
-        self.table[record["url"]] = record
-        if changed:
-            with self._lock:
-                self.counters.bump_generation()
-
-
 class BackendChecker(threading.Thread):
     """Checks one backend on its own schedule, so a black-holed one cannot delay the others."""
 
-    def __init__(self, backend: Backend, settings: Settings, publisher: Publisher,
-                 previous: dict[str, Any] | None, stop: threading.Event,
-                 failed: threading.Event) -> None:
-        super().__init__(name=f"check {backend.url}", daemon=True)
+    def __init__(self, backend: Backend, health: HealthSettings, client: ControlClient,
+                 record: dict[str, Any], stop: threading.Event) -> None:
+        super().__init__(name=f"check {backend.id}", daemon=True)
         self.backend = backend
-        self.health = settings.health
-        self.publisher = publisher
+        self.health = health
+        self.client = client
         self.stop = stop
-        self.failed = failed
-        if previous:  # a restarted supervisor carries on from the last published state
-            self.tracker = HealthTracker(self.health.rise, self.health.fall, previous["alive"],
-                                         previous["successes"], previous["failures"])
-            self.since = previous["since"]
-            self.checks = previous["checks"]
-        else:
-            self.tracker = HealthTracker(self.health.rise, self.health.fall)
-            self.since = time.time()
-            self.checks = 0
+        self.retired = threading.Event()
+        self.tracker = HealthTracker(health.rise, health.fall, record["alive"],
+                                     record.get("successes", 0), record.get("failures"))
+        self.since = record.get("since") or time.time()
+        self.checks = record.get("checks", 0)
+        self.unpublished = False
+        self._checks_ok = metrics.HEALTH_CHECKS.labels(backend.id, "ok")
+        self._checks_fail = metrics.HEALTH_CHECKS.labels(backend.id, "fail")
+        self._duration = metrics.HEALTH_CHECK_DURATION.labels(backend.id)
+
+    def update(self, backend: Backend, health: HealthSettings) -> None:
+        """A reload kept this address: new weight or health settings, same rise/fall state."""
+        self.backend = backend
+        self.health = health
+        self.tracker.rise, self.tracker.fall = health.rise, health.fall
 
     def run(self) -> None:
         session = requests.Session()
         session.trust_env = False  # never route health checks through an environment proxy
         next_at = time.monotonic()
         try:
-            while not self.stop.is_set():
+            while not (self.stop.is_set() or self.retired.is_set()):
                 result = run_check(self.backend, self.health, session)
                 self.checks += 1
+                (self._checks_ok if result.ok else self._checks_fail).inc()
+                self._duration.observe(result.duration)
                 changed = self.tracker.record(result.ok)
                 if changed:
                     self.since = time.time()
                     state = "UP" if self.tracker.alive else "DOWN"
                     level = logging.INFO if self.tracker.alive else logging.WARNING
-                    log.log(level, "backend %s is %s (%s)", self.backend.url, state, result.detail)
-                self.publisher.publish(
-                    record_for(self.backend, self.tracker, result, self.since, self.checks),
-                    changed)
+                    log.log(level, "backend %s is %s (%s)", self.backend.id, state, result.detail)
+                self._publish(result, changed)
                 next_at = max(next_at + self.health.interval, time.monotonic())
-                self.stop.wait(next_at - time.monotonic())
-        except Exception as e:  # the Manager went away: exit so the master restarts us
-            log.error("supervisor cannot publish health of %s: %s", self.backend.url, e)
-            self.failed.set()
-            self.stop.set()
+                if self.retired.wait(max(0.0, next_at - time.monotonic())):
+                    break
         finally:
             session.close()
 
+    def _publish(self, result: CheckResult | None, changed: bool) -> None:
+        record = record_for(self.tracker, result, self.since, self.checks)
+        try:
+            self.client.call("publish_health", self.backend.id, record,
+                             changed or self.unpublished)
+            self.unpublished = False
+        except Exception as e:  # the Manager is restarting: publish again after the next check
+            if not self.unpublished:
+                log.error("supervisor cannot publish health of %s: %s", self.backend.id,
+                          e or type(e).__name__)
+            self.unpublished = True
 
-def run(settings: Settings, address: Any, authkey: bytes, counters_array: Any) -> None:
-    """Entry point of the supervisor process (started with the spawn method by the master)."""
-    init_helper_process()
+
+class Supervisor:
+    """Keeps one checker per running backend address."""
+
+    def __init__(self, client: ControlClient, counters: SharedCounters) -> None:
+        self.client = client
+        self.counters = counters
+        self.stop = threading.Event()
+        self.checkers: dict[str, BackendChecker] = {}
+        self._seen = -1
+        self._reported = False
+
+    def reconcile(self) -> None:
+        generation = self.counters.generation
+        if generation == self._seen:
+            return
+        try:
+            snapshot = self.client.snapshot()
+        except Exception as e:
+            if not self._reported:
+                log.error("supervisor cannot read shared state: %s", e or type(e).__name__)
+                self._reported = True
+            return
+        self._reported = False
+        self._seen = generation
+        self.apply(snapshot)
+
+    def apply(self, snapshot: Snapshot) -> None:
+        logfmt.set_format(snapshot.settings.log.format)
+        health = snapshot.settings.health
+        running = snapshot.backends()
+        for backend_id in list(self.checkers):
+            if backend_id not in running:
+                self.checkers.pop(backend_id).retired.set()
+        for backend_id, backend in running.items():
+            checker = self.checkers.get(backend_id)
+            if checker is not None:
+                checker.update(backend, health)
+                continue
+            record = snapshot.health.get(backend_id) or {"alive": True}
+            checker = BackendChecker(backend, health, self.client, record, self.stop)
+            self.checkers[backend_id] = checker
+            checker.start()
+
+    def run(self) -> None:
+        parent = os.getppid()
+        while not self.stop.is_set():
+            self.counters.beat()
+            self.reconcile()
+            if os.getppid() != parent:
+                log.warning("supervisor: the master is gone; exiting")
+                break
+            self.stop.wait(RECONCILE_SECONDS)
+        self.stop.set()
+        for checker in self.checkers.values():
+            checker.retired.set()
+        deadline = time.monotonic() + 2.0
+        for checker in self.checkers.values():
+            checker.join(timeout=max(0.0, deadline - time.monotonic()))
+
+
+def run(address: str, authkey: bytes, counters: SharedCounters) -> None:
+    """Entry point of the supervisor process (spawned by the master, restarted if it dies)."""
+    init_helper_process("supervisor")
     configure_child_logging()
-    stop = threading.Event()
-    failed = threading.Event()
-    signal.signal(signal.SIGTERM, lambda *_: stop.set())
-    parent = os.getppid()
-
-    table = connect_table(address, authkey)
-    previous = table.copy()
-    publisher = Publisher(table, SharedCounters(counters_array))
-    checkers = [BackendChecker(b, settings, publisher, previous.get(b.url), stop, failed)
-                for b in settings.backends]
-    for checker in checkers:
-        checker.start()
-    log.info("supervisor checking %d backends (%s every %gs, timeout %gs, rise %d, fall %d)",
-             len(checkers), settings.health.type, settings.health.interval,
-             settings.health.timeout, settings.health.rise, settings.health.fall)
-    while not stop.wait(0.5):
-        if os.getppid() != parent:
-            log.warning("supervisor: the master is gone; exiting")
-            break
-    stop.set()
-    for checker in checkers:
-        checker.join(timeout=settings.health.timeout + 1)
-    sys.exit(1 if failed.is_set() else 0)
+    supervisor = Supervisor(ControlClient(address, authkey), counters)
+    signal.signal(signal.SIGTERM, lambda *_: supervisor.stop.set())
+    log.info("supervisor started (pid %d)", os.getpid())
+    supervisor.run()
+    sys.exit(0)

@@ -45,7 +45,29 @@ class UpstreamPool:
         self.backend = backend
         self.connect_timeout = connect_timeout
         self.read_timeout = read_timeout
+        self.retired = False
         self._idle: deque[socket.socket] = deque()
+
+    def configure(self, backend: Backend, connect_timeout: float, read_timeout: float) -> None:
+        """A reload kept this address; idle sockets carry the old read timeout, so they go."""
+        self.backend = backend
+        self.connect_timeout = connect_timeout
+        if read_timeout != self.read_timeout:
+            self.read_timeout = read_timeout
+            self._close_idle()
+        self.retired = False
+
+    def retire(self) -> None:
+        """The address left the configuration: no socket to it is kept any longer."""
+        self.retired = True
+        self._close_idle()
+
+    def _close_idle(self) -> None:
+        while True:
+            try:
+                self._idle.pop().close()
+            except IndexError:
+                return
 
     def acquire(self) -> tuple[socket.socket, bool]:
         """An idle socket still open on the far side, else a new one; (sock, reused)."""
@@ -71,7 +93,7 @@ class UpstreamPool:
         return sock
 
     def release(self, sock: socket.socket) -> None:
-        if len(self._idle) < MAX_IDLE_PER_BACKEND:
+        if not self.retired and len(self._idle) < MAX_IDLE_PER_BACKEND:
             self._idle.append(sock)
         else:
             sock.close()

@@ -1,7 +1,9 @@
 """The WSGI entry point: `gunicorn -c gunicorn.conf.py gol7lb.wsgi`.
 
-The proxy is built lazily, once per worker, because gunicorn may import this module in the
-master (preload) before the shared state exists.
+The proxy is built once per worker, right after the fork (gunicorn's `post_worker_init`
+hook calls `build_app`), and it reads the shared state before the first request: a new
+worker never serves from a configuration or a liveness older than the current one. If the
+hook did not run (another server configuration), the first request builds it.
 """
 
 from __future__ import annotations
@@ -11,27 +13,25 @@ from collections.abc import Callable, Iterable
 from typing import Any
 
 from gol7lb import hooks
-from gol7lb.proxy import ProxyApp
-from gol7lb.state import LivenessView, connect_table
+from gol7lb.proxy import ProxyApp, Routing, build_routing
+from gol7lb.state import CachedView, ControlClient
 
 _app: ProxyApp | None = None
 _lock = threading.Lock()
 
 
 def build_app() -> ProxyApp:
-    rt = hooks.runtime()
-    settings = rt.settings
-    view = LivenessView(settings.backends, settings.algorithm, rt.counters,
-                        lambda: connect_table(rt.address, rt.authkey))
-    return ProxyApp(settings, view, rt.counters)
+    global _app
+    with _lock:
+        if _app is None:
+            rt = hooks.runtime()
+            view: CachedView[Routing] = CachedView(
+                rt.counters, ControlClient(rt.address, rt.authkey), build_routing,
+                lambda: build_routing(rt.startup_snapshot(), None))
+            _app = ProxyApp(view, rt.counters, rt.hosts.for_worker(rt.worker_slot))
+        return _app
 
 
 def application(environ: dict[str, Any], start_response: Callable[..., Any]) -> Iterable[bytes]:
-    global _app
-    app = _app
-    if app is None:
-        with _lock:
-            if _app is None:
-                _app = build_app()
-            app = _app
+    app = _app or build_app()
     return app(environ, start_response)

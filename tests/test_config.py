@@ -59,12 +59,21 @@ def test_backends_env_with_weights_replaces_the_file_list(tmp_path):
 
 def test_every_setting_has_its_environment_variable():
     for setting in SETTINGS:
-        value = {"str": None, "int": "7", "float": "7.5"}[setting.kind]
+        value = {"str": None, "int": "7", "float": "7.5", "bool": "off"}[setting.kind]
         if value is None:
             continue
         s = load_settings({setting.env: value})
         section = getattr(s, setting.section) if setting.section else s
-        assert getattr(section, setting.key) == type(setting.default)(value)
+        expected = False if setting.kind == "bool" else type(setting.default)(value)
+        assert getattr(section, setting.key) == expected
+
+
+@pytest.mark.parametrize("text, expected", [
+    ("true", True), ("1", True), ("Yes", True), ("on", True),
+    ("false", False), ("0", False), ("no", False), ("OFF", False)])
+def test_booleans_from_the_environment(text, expected):
+    assert load_settings({"GOL7LB_LOG_ACCESS": text}).log.access is expected
+    assert load_settings({"GOL7LB_RELOAD_WATCH": text}).reload.watch is expected
 
 
 @pytest.mark.parametrize("env, words", [
@@ -76,6 +85,13 @@ def test_every_setting_has_its_environment_variable():
     ({"GOL7LB_HEALTH_TYPE": "udp"}, ["health.type", "tcp, http"]),
     ({"GOL7LB_HEALTH_EXPECT_STATUS": "200-99"}, ["health.expect_status"]),
     ({"GOL7LB_ADMIN_BIND": "nowhere"}, ["admin.bind", "host:port"]),
+    ({"GOL7LB_ADMIN_BIND": "0.0.0.0:8404"}, ["admin.bind", "admin.token", "loopback"]),
+    ({"GOL7LB_ADMIN_TOKEN": "two words"}, ["admin.token"]),
+    ({"GOL7LB_LOG_ACCESS": "maybe"}, ["log.access", "'maybe'", "true or false"]),
+    ({"GOL7LB_LOG_FORMAT": "xml"}, ["log.format", "text, json"]),
+    ({"GOL7LB_RELOAD_WATCH": "2"}, ["reload.watch", "true or false"]),
+    ({"GOL7LB_BACKENDS": ""}, ["GOL7LB_BACKENDS", "set but names no backend"]),
+    ({"GOL7LB_BACKENDS": " , "}, ["GOL7LB_BACKENDS", "set but names no backend"]),
     ({"GOL7LB_BACKENDS": "ftp://127.0.0.1:21"}, ["backends", "only http://"]),
     ({"GOL7LB_BACKENDS": "http://127.0.0.1:80/app"}, ["backends", "no path"]),
     ({"GOL7LB_BACKENDS": "http://127.0.0.1:99999"}, ["backends", "port"]),

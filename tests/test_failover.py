@@ -108,7 +108,7 @@ def test_connect_failure_moves_to_the_next_backend_before_health_notices(lb_fact
     env = {"GOL7LB_BACKENDS": backends_env([b.port for b in three_backends]),
            "GOL7LB_HEALTH_INTERVAL": "60", "GOL7LB_PROXY_RETRIES": "2"}
     lb = lb_factory(env)
-    wait_until(lambda: all(b["checked"] for b in status(lb)["backends"]), timeout=5)
+    wait_until(lambda: all(b["last_check"] is not None for b in status(lb)["backends"]), timeout=5)
     for backend in three_backends[:2]:
         backend.popen.kill()
         backend.popen.wait()
@@ -171,7 +171,7 @@ def test_retries_are_bounded(lb_factory, three_backends):
     env = {"GOL7LB_BACKENDS": backends_env([b.port for b in three_backends]),
            "GOL7LB_HEALTH_INTERVAL": "60", "GOL7LB_PROXY_RETRIES": "0"}
     lb = lb_factory(env)
-    wait_until(lambda: all(b["checked"] for b in status(lb)["backends"]), timeout=5)
+    wait_until(lambda: all(b["last_check"] is not None for b in status(lb)["backends"]), timeout=5)
     three_backends[0].popen.kill()
     three_backends[0].popen.wait()
     codes = sorted(requests.get(lb.url + "/", headers={"Connection": "close"}, timeout=10)
@@ -211,7 +211,7 @@ def test_broken_backend_answers_give_502_without_traceback(lb_factory, backend_f
     assert response.text == "502 Bad Gateway: bad gateway\n"
     assert requests.get(lb.url + "/", timeout=5).status_code == 200
     log = lb.output()
-    assert f"backend http://127.0.0.1:{backend.port} failed" in log
+    assert f"backend 127.0.0.1:{backend.port} failed" in log
     assert "Traceback" not in log
 
 

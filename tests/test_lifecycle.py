@@ -136,7 +136,7 @@ def test_hup_reloads_workers_and_keeps_serving(lb_factory, backend_factory):
     time.sleep(0.5)
     for _ in range(4):
         assert requests.get(lb.url + "/", timeout=5).text == f"backend {backend.port}\n"
-    assert "take effect after a restart" in lb.output()
+    assert "reload (SIGHUP): configuration generation 2" in lb.output()
     lb.tree()
 
 

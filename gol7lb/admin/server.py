@@ -1,0 +1,277 @@
+"""The admin listener's HTTP side: a table of routes, JSON in and out, bearer-token checks.
+
+Every answer is complete and small; errors are `{"error": "..."}` with 400, 401, 404, 405
+(with `Allow`), 409 or 503, never a traceback.
+"""
+
+from __future__ import annotations
+
+import hmac
+import json
+import logging
+import re
+import socket
+from dataclasses import dataclass
+from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
+from pathlib import Path
+from typing import Any
+from urllib.parse import unquote
+
+from gol7lb import logfmt, metrics
+from gol7lb.admin.status import backend_entries, status_document
+from gol7lb.backends import BackendError, check_weight, parse_backend_url
+from gol7lb.config import DEFAULT_POOL
+from gol7lb.hosts import HostTable
+from gol7lb.state import ControlClient, ControlError, SharedCounters, Snapshot
+
+log = logging.getLogger("gol7lb.admin")
+DASHBOARD = Path(__file__).with_name("dashboard.html")
+MAX_BODY = 64 * 1024
+SUPERVISOR_STALE_SECONDS = 5.0  # no heartbeat for this long: the supervisor is not running
+JSON_TYPE = "application/json"
+
+
+class ApiError(Exception):
+    def __init__(self, status: int, message: str, headers: dict[str, str] | None = None) -> None:
+        super().__init__(message)
+        self.status = status
+        self.message = message
+        self.headers = headers or {}
+
+
+@dataclass(frozen=True)
+class Route:
+    pattern: re.Pattern[str]
+    handlers: dict[str, str]  # method -> AdminHandler method name
+    mutating: frozenset[str] = frozenset()
+
+
+ROUTES = (
+    Route(re.compile(r"/"), {"GET": "get_dashboard"}),
+    Route(re.compile(r"/healthz"), {"GET": "get_healthz"}),
+    Route(re.compile(r"/status"), {"GET": "get_status"}),
+    Route(re.compile(r"/metrics"), {"GET": "get_metrics"}),
+    Route(re.compile(r"/backends"), {"GET": "get_backends", "POST": "post_backend"},
+          frozenset({"POST"})),
+    Route(re.compile(r"/backends/(?P<id>[^/]+)"), {"GET": "get_backend",
+                                                   "DELETE": "delete_backend"},
+          frozenset({"DELETE"})),
+    Route(re.compile(r"/backends/(?P<id>[^/]+)/drain"), {"POST": "post_drain"},
+          frozenset({"POST"})),
+    Route(re.compile(r"/backends/(?P<id>[^/]+)/enable"), {"POST": "post_enable"},
+          frozenset({"POST"})),
+)
+
+
+class AdminServer(ThreadingHTTPServer):
+    daemon_threads = True
+
+    def __init__(self, sock: socket.socket, client: ControlClient, counters: SharedCounters,
+                 hosts: HostTable) -> None:
+        super().__init__(sock.getsockname()[:2], AdminHandler, bind_and_activate=False)
+        self.socket.close()
+        self.socket = sock  # bound by the master, so bind errors stop the start, not this child
+        self.client = client
+        self.counters = counters
+        self.hosts = hosts
+        self.registry = metrics.scrape_registry(
+            [metrics.BackendStateCollector(self.snapshot_or_none, hosts)])
+        try:
+            self.dashboard = DASHBOARD.read_bytes()
+        except OSError:
+            self.dashboard = None
+
+    def snapshot(self) -> Snapshot:
+        try:
+            snapshot = self.client.snapshot()
+        except Exception as e:
+            raise ApiError(503, f"shared state unreachable: {e or type(e).__name__}") from None
+        logfmt.set_format(snapshot.settings.log.format)
+        return snapshot
+
+    def snapshot_or_none(self) -> Snapshot | None:
+        try:
+            return self.snapshot()
+        except ApiError:
+            return None
+
+    def control(self, method: str, *args: Any) -> None:
+        try:
+            self.client.call(method, *args)
+        except ControlError as e:
+            raise ApiError(e.status, e.message) from None
+        except Exception as e:
+            raise ApiError(503, f"shared state unreachable: {e or type(e).__name__}") from None
+
+
+class AdminHandler(BaseHTTPRequestHandler):
+    server: AdminServer
+    protocol_version = "HTTP/1.1"
+    server_version = "gol7lb-admin"
+
+    def log_message(self, format: str, *args: Any) -> None:  # noqa: A002
+        """Quiet: orchestrators poll /healthz every few seconds."""
+
+    # plumbing ---------------------------------------------------------------------------------
+
+    def _send(self, status: int, body: bytes, content_type: str = "text/plain; charset=utf-8",
+              headers: dict[str, str] | None = None) -> None:
+        self.send_response(status)
+        self.send_header("Content-Type", content_type)
+        self.send_header("Content-Length", str(len(body)))
+        self.send_header("Cache-Control", "no-store")
+        for name, value in (headers or {}).items():
+            self.send_header(name, value)
+        self.end_headers()
+        if self.command != "HEAD":
+            self.wfile.write(body)
+
+    def _json(self, status: int, document: Any, headers: dict[str, str] | None = None) -> None:
+        self._send(status, json.dumps(document, indent=2).encode() + b"\n", JSON_TYPE, headers)
+
+    def _dispatch(self) -> None:
+        path = self.path.split("?", 1)[0]
+        method = "GET" if self.command == "HEAD" else self.command
+        try:
+            for route in ROUTES:
+                match = route.pattern.fullmatch(path)
+                if match is None:
+                    continue
+                if method not in route.handlers:
+                    allowed = sorted(route.handlers)
+                    allow = ", ".join(allowed + (["HEAD"] if "GET" in allowed else []))
+                    raise ApiError(405, f"{self.command} is not allowed on {path}: use "
+                                        f"{allow}", {"Allow": allow})
+                if method in route.mutating:
+                    self._authorize()
+                args = {k: unquote(v) for k, v in match.groupdict().items()}
+                getattr(self, route.handlers[method])(**args)
+                return
+            raise ApiError(404, f"no such admin endpoint {path!r}: try /, /status, /metrics, "
+                                "/healthz or /backends")
+        except ApiError as e:
+            self._discard_body()
+            self._json(e.status, {"error": e.message}, e.headers)
+        except Exception as e:  # never a traceback to the client; one line in the log
+            log.error("admin %s %s failed: %s: %s", self.command, path, type(e).__name__, e)
+            self._json(500, {"error": "internal error, see the LB's log"})
+
+    do_GET = do_HEAD = do_POST = do_PUT = do_DELETE = do_PATCH = do_OPTIONS = _dispatch  # noqa: N815
+
+    def _authorize(self) -> None:
+        token = self.server.snapshot().settings.admin.token
+        if not token:
+            return
+        given = self.headers.get("Authorization", "")
+        scheme, _, credentials = given.partition(" ")
+        if scheme.lower() != "bearer" or not hmac.compare_digest(credentials.strip().encode(),
+                                                                 token.encode()):
+            raise ApiError(401, "this call needs Authorization: Bearer <admin.token>",
+                           {"WWW-Authenticate": 'Bearer realm="gol7lb-admin"'})
+
+    def _discard_body(self) -> None:
+        length = self.headers.get("Content-Length")
+        if length and length.isdigit() and int(length) <= MAX_BODY:
+            self.rfile.read(int(length))
+        elif length or self.headers.get("Transfer-Encoding"):
+            self.close_connection = True
+
+    def _read_json(self) -> dict[str, Any]:
+        length_text = self.headers.get("Content-Length")
+        if self.headers.get("Transfer-Encoding") or length_text is None:
+            self.close_connection = True
+            raise ApiError(400, "send the JSON body with a Content-Length")
+        if not length_text.isdigit() or int(length_text) > MAX_BODY:
+            self.close_connection = True
+            raise ApiError(400, f"the body must be at most {MAX_BODY} bytes of JSON")
+        raw = self.rfile.read(int(length_text))
+        self.headers.replace_header("Content-Length", "0")  # consumed
+        try:
+            body = json.loads(raw or b"null")
+        except (ValueError, UnicodeDecodeError) as e:
+            raise ApiError(400, f"the body is not valid JSON: {e}") from None
+        if not isinstance(body, dict):
+            raise ApiError(400, 'the body must be a JSON object like {"url": "http://host:port"}')
+        return body
+
+    def _entry(self, backend_id: str) -> dict[str, Any]:
+        snapshot = self.server.snapshot()
+        for entry in backend_entries(snapshot, self.server.hosts):
+            if entry["id"] == backend_id:
+                return entry
+        raise ApiError(404, f"no backend {backend_id!r} (ids are host:port, as in /status)")
+
+    # endpoints --------------------------------------------------------------------------------
+
+    def get_dashboard(self) -> None:
+        if self.server.dashboard is None:
+            raise ApiError(404, "the dashboard page is not installed")
+        self._send(200, self.server.dashboard, "text/html; charset=utf-8",
+                   {"Content-Security-Policy": "default-src 'self'; style-src 'self' "
+                    "'unsafe-inline'; script-src 'self' 'unsafe-inline'"})
+
+    def get_healthz(self) -> None:
+        reasons = []
+        try:
+            self.server.client.snapshot()
+        except Exception as e:
+            reasons.append(f"shared state unreachable ({e or type(e).__name__})")
+        age = self.server.counters.heartbeat_age()
+        if age is None or age > SUPERVISOR_STALE_SECONDS:
+            reasons.append("supervisor not running" + (f" (last heartbeat {age:.1f}s ago)"
+                                                       if age is not None else ""))
+        if reasons:
+            self._send(503, ("unhealthy: " + "; ".join(reasons) + "\n").encode())
+        else:
+            self._send(200, b"ok\n")
+
+    def get_status(self) -> None:
+        snapshot = self.server.snapshot()
+        latencies = metrics.latency_percentiles(self.server.registry)
+        self._json(200, status_document(snapshot, self.server.hosts, latencies))
+
+    def get_metrics(self) -> None:
+        body, content_type = metrics.exposition(self.server.registry)
+        self._send(200, body, content_type)
+
+    def get_backends(self) -> None:
+        self._json(200, backend_entries(self.server.snapshot(), self.server.hosts))
+
+    def get_backend(self, id: str) -> None:  # noqa: A002
+        self._json(200, self._entry(id))
+
+    def post_backend(self) -> None:
+        body = self._read_json()
+        unknown = sorted(set(body) - {"url", "weight", "pool"})
+        if unknown:
+            raise ApiError(400, f"unknown field {unknown[0]!r}: allowed are url, weight, pool")
+        pool = body.get("pool", DEFAULT_POOL)
+        if not isinstance(pool, str) or not pool:
+            raise ApiError(400, "pool must be a pool name (a string)")
+        try:
+            weight = check_weight(body.get("weight", 1), str(body.get("url")))
+            backend = parse_backend_url(body.get("url"), weight)  # type: ignore[arg-type]
+        except BackendError as e:
+            raise ApiError(400, f"invalid backend: {e}") from None
+        self.server.control("add_backend", pool, backend)
+        log.info("admin API: added backend %s to pool %s", backend.id, pool)
+        self._json(201, self._entry(backend.id), {"Location": f"/backends/{backend.id}"})
+
+    def delete_backend(self, id: str) -> None:  # noqa: A002
+        self.server.control("remove_backend", id)
+        log.info("admin API: removed backend %s", id)
+        self._json(200, {"id": id, "removed": True})
+
+    def post_drain(self, id: str) -> None:  # noqa: A002
+        self._discard_body()
+        self.server.control("set_drained", id, True)
+        log.info("admin API: draining backend %s", id)
+        self._json(200, self._entry(id))
+
+    def post_enable(self, id: str) -> None:  # noqa: A002
+        self._discard_body()
+        self.server.control("set_drained", id, False)
+        log.info("admin API: enabled backend %s", id)
+        self._json(200, self._entry(id))
+
+

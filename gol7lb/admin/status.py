@@ -1,0 +1,72 @@
+"""The /status document: the running configuration and every backend's state, from one
+snapshot of the control state plus the shared per-host counters."""
+
+from __future__ import annotations
+
+from typing import Any
+
+from gol7lb.hosts import HostTable, HostTotals
+from gol7lb.state import Snapshot
+
+_ZERO = HostTotals(0, 0, 0)
+
+
+def backend_state(alive: bool, drained: bool, in_flight: int, ejected: bool = False) -> str:
+    """up | down | draining | drained | ejected; an operator's drain outranks health."""
+    if drained:
+        return "draining" if in_flight > 0 else "drained"
+    if ejected:
+        return "ejected"
+    return "up" if alive else "down"
+
+
+def backend_entries(snapshot: Snapshot, hosts: HostTable,
+                    latencies: dict[str, list[float]] | None = None) -> list[dict[str, Any]]:
+    pools_of: dict[str, list[str]] = {}
+    for pool in snapshot.pools.values():
+        for backend in pool.backends:
+            pools_of.setdefault(backend.id, []).append(pool.name)
+    entries = []
+    for backend_id, backend in snapshot.backends().items():
+        record = snapshot.health.get(backend_id) or {}
+        slot = snapshot.slots.get(backend_id)
+        totals = hosts.totals(slot) if slot is not None else _ZERO
+        alive = snapshot.alive(backend_id)
+        latency = (latencies or {}).get(backend_id)
+        entries.append({
+            "id": backend_id,
+            "url": backend.url,
+            "alive": alive,
+            "weight": backend.weight,
+            "state": backend_state(alive, backend_id in snapshot.drained, totals.in_flight),
+            "in_flight": totals.in_flight,
+            "requests": totals.requests,
+            "failures": totals.failures,
+            "ejected_until": None,
+            "last_check": record.get("last_check"),
+            "source": snapshot.sources.get(backend_id, "config"),
+            "pools": pools_of.get(backend_id, []),
+            "since": record.get("since"),
+            "checks": record.get("checks", 0),
+            "latency": ({"p50_ms": round(latency[0], 3), "p99_ms": round(latency[1], 3)}
+                        if latency else None),
+        })
+    return entries
+
+
+def status_document(snapshot: Snapshot, hosts: HostTable,
+                    latencies: dict[str, list[float]] | None = None) -> dict[str, Any]:
+    settings = snapshot.settings
+    return {
+        "algorithm": settings.algorithm,
+        "config": {"generation": snapshot.config_generation, "loaded_at": snapshot.loaded_at,
+                   "last_error": snapshot.last_error, "source": settings.source},
+        "pools": {name: {"algorithm": pool.algorithm,
+                         "backends": [b.id for b in pool.backends]}
+                  for name, pool in snapshot.pools.items()},
+        "routes": [],
+        "health": {"type": settings.health.type, "interval": settings.health.interval,
+                   "timeout": settings.health.timeout, "rise": settings.health.rise,
+                   "fall": settings.health.fall},
+        "backends": backend_entries(snapshot, hosts, latencies),
+    }

@@ -1,0 +1,169 @@
+"""Prometheus metrics (prometheus_client in multiprocess mode).
+
+Every process that counts (workers, the supervisor, the master and the config watcher) writes
+its own memory-mapped files in the instance's private directory (`PROMETHEUS_MULTIPROC_DIR`,
+set by `rundir.prepare()` before prometheus_client is first imported); the admin listener
+merges them on each scrape. Counters of a worker that died stay in its files, so totals never
+go backwards. State that is already shared (liveness, in-flight, weights) is not counted
+again per request: the admin listener reads it at scrape time through `BackendStateCollector`.
+
+Why prometheus_client rather than our own exposition: the text format, the multiprocess merge
+and the histogram maths are subtle, and it is what every Prometheus user already runs.
+"""
+
+from __future__ import annotations
+
+import math
+from collections.abc import Callable, Iterable, Iterator
+from typing import Any
+
+from prometheus_client import (
+    CONTENT_TYPE_LATEST,
+    CollectorRegistry,
+    Counter,
+    Gauge,
+    Histogram,
+    generate_latest,
+    multiprocess,
+)
+from prometheus_client.core import GaugeMetricFamily, Metric
+
+from gol7lb.hosts import HostTable
+
+LATENCY_BUCKETS = (0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0,
+                   10.0, 30.0, 60.0)
+KNOWN_METHODS = frozenset({"GET", "HEAD", "POST", "PUT", "DELETE", "PATCH", "OPTIONS",
+                           "TRACE", "CONNECT"})
+
+REQUESTS = Counter("gol7lb_requests", "Requests answered, by pool, backend, status and method.",
+                   ["pool", "backend", "code", "method"])
+REQUEST_DURATION = Histogram("gol7lb_request_duration_seconds",
+                             "Time from the request head to the last byte sent to the client.",
+                             ["pool", "backend"], buckets=LATENCY_BUCKETS)
+HEALTH_CHECKS = Counter("gol7lb_health_checks", "Active health checks, by result.",
+                        ["backend", "result"])
+HEALTH_CHECK_DURATION = Histogram("gol7lb_health_check_duration_seconds",
+                                  "Duration of one active health check.", ["backend"],
+                                  buckets=LATENCY_BUCKETS[:12])
+RETRIES = Counter("gol7lb_retries", "Attempts that failed and were retried on another backend, "
+                  "by the backend that failed.", ["backend"])
+EJECTIONS = Counter("gol7lb_backend_ejections", "Passive-health ejections.", ["backend"])
+CONFIG_RELOADS = Counter("gol7lb_config_reloads", "Configuration reloads, by result.",
+                         ["result"])
+WEBSOCKET_CONNECTIONS = Gauge("gol7lb_websocket_connections", "Open upgraded tunnels.",
+                              ["backend"], multiprocess_mode="livesum")
+
+
+class RequestRecorder:
+    """Per-request counting with the labelled children cached: `labels()` takes a lock and
+    builds a key each call, which the hot path does not need to pay twice."""
+
+    def __init__(self) -> None:
+        self._children: dict[tuple[str, str, int, str], tuple[Any, Any]] = {}
+        self._retries: dict[str, Any] = {}
+
+    def record(self, pool: str, backend: str, code: int, method: str, seconds: float) -> None:
+        key = (pool, backend, code, method)
+        children = self._children.get(key)
+        if children is None:
+            label = method if method in KNOWN_METHODS else "other"
+            children = (REQUESTS.labels(pool, backend, str(code), label),
+                        REQUEST_DURATION.labels(pool, backend))
+            if len(self._children) < 20000:
+                self._children[key] = children
+        children[0].inc()
+        children[1].observe(seconds)
+
+    def retry(self, backend: str) -> None:
+        child = self._retries.get(backend)
+        if child is None:
+            child = self._retries[backend] = RETRIES.labels(backend)
+        child.inc()
+
+
+def worker_exited(pid: int) -> None:
+    """gunicorn's child_exit: the worker's live gauges go, its counters stay."""
+    multiprocess.mark_process_dead(pid)
+
+
+class BackendStateCollector:
+    """`gol7lb_backend_up`, `_in_flight` and `_weight`, read from the shared state when
+    scraped (so they are exact and cost the proxy nothing)."""
+
+    def __init__(self, snapshot: Callable[[], Any], hosts: HostTable) -> None:
+        self._snapshot = snapshot
+        self._hosts = hosts
+
+    def collect(self) -> Iterator[Metric]:
+        snap = self._snapshot()
+        up = GaugeMetricFamily("gol7lb_backend_up", "1 while active health checks pass.",
+                               labels=["backend"])
+        in_flight = GaugeMetricFamily("gol7lb_backend_in_flight",
+                                      "Requests in flight to the backend, all workers.",
+                                      labels=["backend"])
+        weight = GaugeMetricFamily("gol7lb_backend_weight", "Configured weight in the pool.",
+                                   labels=["pool", "backend"])
+        if snap is not None:
+            for backend_id in snap.backends():
+                up.add_metric([backend_id], 1.0 if snap.alive(backend_id) else 0.0)
+                slot = snap.slots.get(backend_id)
+                in_flight.add_metric([backend_id],
+                                     float(self._hosts.in_flight(slot) if slot is not None else 0))
+            for pool in snap.pools.values():
+                for backend in pool.backends:
+                    weight.add_metric([pool.name, backend.id], float(backend.weight))
+        yield from (up, in_flight, weight)
+
+
+def scrape_registry(extra: Iterable[Any] = ()) -> CollectorRegistry:
+    """The admin listener's registry: every process's files merged, plus live state."""
+    registry = CollectorRegistry()
+    multiprocess.MultiProcessCollector(registry)
+    for collector in extra:
+        registry.register(collector)
+    return registry
+
+
+def exposition(registry: CollectorRegistry) -> tuple[bytes, str]:
+    return generate_latest(registry), CONTENT_TYPE_LATEST
+
+
+def latency_percentiles(registry: CollectorRegistry,
+                        quantiles: tuple[float, ...] = (0.5, 0.99)) -> dict[str, list[float]]:
+    """Per backend, the request-duration quantiles in milliseconds, estimated from the merged
+    histogram buckets by linear interpolation (as PromQL's histogram_quantile does)."""
+    buckets: dict[str, dict[float, float]] = {}
+    for metric in registry.collect():
+        if metric.name != "gol7lb_request_duration_seconds":
+            continue
+        for sample in metric.samples:
+            if not sample.name.endswith("_bucket"):
+                continue
+            backend = sample.labels.get("backend", "")
+            bound = float(sample.labels["le"])
+            per = buckets.setdefault(backend, {})
+            per[bound] = per.get(bound, 0.0) + sample.value
+    result = {}
+    for backend, per in buckets.items():
+        bounds = sorted(per)
+        total = per[bounds[-1]] if bounds else 0.0
+        if total <= 0:
+            continue
+        result[backend] = [_quantile(q, bounds, per, total) * 1000 for q in quantiles]
+    return result
+
+
+def _quantile(q: float, bounds: list[float], counts: dict[float, float], total: float) -> float:
+    rank = q * total
+    lower_bound, lower_count = 0.0, 0.0
+    for bound in bounds:
+        count = counts[bound]
+        if count >= rank:
+            if math.isinf(bound):
+                return lower_bound  # beyond the last finite bucket: its upper edge
+            if count == lower_count:
+                return bound
+            return lower_bound + (bound - lower_bound) * (rank - lower_count) / (
+                count - lower_count)
+        lower_bound, lower_count = bound, count
+    return lower_bound

@@ -1,0 +1,133 @@
+"""Reloading the configuration: re-read the file and the environment, validate, and publish a
+new generation, or refuse and keep the running one. One function serves both triggers:
+SIGHUP to the master (gunicorn's `on_reload` hook) and a change of the `GOL7LB_CONFIG` file
+seen by the config watcher process.
+
+Nothing here may exit the process: a `sys.exit()` during gunicorn's reload goes through the
+arbiter and takes the master down. A configuration that does not validate is logged in one
+line, kept as `config.last_error` in /status, and counted in
+`gol7lb_config_reloads_total{result="error"}`.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import logging
+import os
+import signal
+import sys
+import threading
+import time
+from collections.abc import Mapping
+from pathlib import Path
+
+from gol7lb import metrics
+from gol7lb.children import configure_child_logging, init_helper_process
+from gol7lb.config import ConfigError, Settings, load_settings
+from gol7lb.state import ControlClient
+
+log = logging.getLogger("gunicorn.error")
+
+# Settings a running master cannot change: it has bound or forked with them.
+RESTART_ONLY = {"admin.bind": lambda s: s.admin.bind, "cpu_affinity": lambda s: s.cpu_affinity}
+WATCH_DEBOUNCE_MS = 200  # an editor's write-rename lands as one change, well within 2 s
+
+
+def restart_notes(old: Settings | None, new: Settings) -> list[str]:
+    """What changed but takes effect only after a restart, in words for the log."""
+    if old is None:
+        return []
+    return [f"{name} changed from {get(old)!r} to {get(new)!r}: it takes effect after a restart"
+            for name, get in RESTART_ONLY.items() if get(old) != get(new)]
+
+
+def reload_config(client: ControlClient, trigger: str,
+                  env: Mapping[str, str] | None = None) -> bool:
+    """Validate and publish the configuration now in the file and the environment."""
+    try:
+        settings = load_settings(env)
+    except ConfigError as e:
+        log.error("reload (%s) refused, the running configuration stays: %s", trigger, e)
+        metrics.CONFIG_RELOADS.labels("error").inc()
+        try:
+            client.call("record_error", str(e))
+        except Exception as publish_error:
+            log.error("cannot record the reload error in the shared state: %s", publish_error)
+        return False
+    try:
+        previous = client.snapshot().settings
+    except Exception:
+        previous = None
+    try:
+        generation = client.call("publish_config", settings, time.time())
+    except Exception as e:
+        log.error("reload (%s) failed, the running configuration stays: shared state "
+                  "unreachable: %s", trigger, e or type(e).__name__)
+        metrics.CONFIG_RELOADS.labels("error").inc()
+        return False
+    metrics.CONFIG_RELOADS.labels("ok").inc()
+    for note in restart_notes(previous, settings):
+        log.warning("reload (%s): %s", trigger, note)
+    log.info("reload (%s): configuration generation %d from %s: %d backends in %d pools",
+             trigger, generation, settings.source,
+             sum(len(p.backends) for p in settings.pools.values()), len(settings.pools))
+    return True
+
+
+def file_digest(path: str) -> bytes | None:
+    try:
+        return hashlib.sha256(Path(path).read_bytes()).digest()
+    except OSError:
+        return None
+
+
+def watch(path: str, client: ControlClient, stop: threading.Event) -> None:
+    """Reload when the file's content changes.
+
+    The directory is watched (inotify through watchfiles), not the file: editors write a new
+    file and rename it over the old one, and Kubernetes swaps a ConfigMap's symlink, both of
+    which a watch on the old inode would miss. A change event re-reads the file; only a new
+    content (or the file vanishing or coming back) triggers a reload.
+    """
+    from watchfiles import watch as watch_changes
+
+    directory = os.path.dirname(os.path.abspath(path)) or "."
+    last = file_digest(path)
+    for _changes in watch_changes(directory, stop_event=stop, debounce=WATCH_DEBOUNCE_MS,
+                                  step=50, rust_timeout=1000, yield_on_timeout=False,
+                                  recursive=False):
+        digest = file_digest(path)
+        if digest == last:
+            continue
+        last = digest
+        if watching(client):
+            reload_config(client, f"{os.path.basename(path)} changed")
+
+
+def watching(client: ControlClient) -> bool:
+    """`reload.watch` of the running configuration (a reload may turn it off, or on again)."""
+    try:
+        return client.snapshot().settings.reload.watch
+    except Exception:
+        return True  # the Manager is restarting: reloading is still the safe answer
+
+
+def run(address: str, authkey: bytes, path: str) -> None:
+    """Entry point of the config watcher process (spawned by the master, restarted if it
+    dies). It runs whenever `GOL7LB_CONFIG` names a file, and reloads on a change while the
+    running configuration has `reload.watch` on."""
+    init_helper_process("config watcher")
+    configure_child_logging()
+    stop = threading.Event()
+    signal.signal(signal.SIGTERM, lambda *_: stop.set())
+    log.info("config watcher on %s (pid %d)", path, os.getpid())
+    parent = os.getppid()
+
+    def watch_parent() -> None:
+        while os.getppid() == parent and not stop.wait(1.0):
+            pass
+        stop.set()
+
+    threading.Thread(target=watch_parent, daemon=True).start()
+    watch(path, ControlClient(address, authkey), stop)
+    sys.exit(0)

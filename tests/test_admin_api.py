@@ -1,0 +1,165 @@
+"""The runtime admin API against a real LB: drain, enable, add, remove; bad input; the token."""
+
+from __future__ import annotations
+
+import threading
+import time
+
+import pytest
+import requests
+
+from tests.conftest import FAST_HEALTH, backends_env
+from tests.procs import free_port
+
+
+def status(lb) -> dict:
+    return requests.get(lb.admin_url + "/status", timeout=5).json()
+
+
+def entry(lb, port: int) -> dict:
+    return next(b for b in status(lb)["backends"] if b["id"] == f"127.0.0.1:{port}")
+
+
+def wait_until(condition, timeout: float = 10.0, interval: float = 0.05):
+    deadline = time.monotonic() + timeout
+    while True:
+        value = condition()
+        if value:
+            return value
+        assert time.monotonic() < deadline, "condition not met in time"
+        time.sleep(interval)
+
+
+def served_ports(lb, n: int) -> list[int]:
+    return [int(requests.get(lb.url + "/", timeout=5).headers["X-Backend-Port"])
+            for _ in range(n)]
+
+
+def test_drain_lets_in_flight_finish_then_reports_drained_and_enable_undoes_it(
+        lb_factory, three_backends):
+    ports = [b.port for b in three_backends]
+    lb = lb_factory({"GOL7LB_BACKENDS": backends_env(ports), **FAST_HEALTH})
+    victim = ports[0]
+    # A slow request in flight on the victim: round robin over 3, so send 3 at once.
+    results: list[int] = []
+
+    def slow() -> None:
+        results.append(requests.get(lb.url + "/sleep/1.5", timeout=10).status_code)
+
+    threads = [threading.Thread(target=slow) for _ in range(3)]
+    for t in threads:
+        t.start()
+    wait_until(lambda: entry(lb, victim)["in_flight"] == 1)
+    answer = requests.post(f"{lb.admin_url}/backends/127.0.0.1:{victim}/drain", timeout=5)
+    assert answer.status_code == 200
+    assert answer.json()["state"] == "draining"
+    wait_until(lambda: entry(lb, victim)["state"] == "drained", timeout=10)
+    for t in threads:
+        t.join()
+    assert results == [200, 200, 200]  # the in-flight request on the drained backend finished
+    assert victim not in served_ports(lb, 12)
+    answer = requests.post(f"{lb.admin_url}/backends/127.0.0.1:{victim}/enable", timeout=5)
+    assert answer.status_code == 200 and answer.json()["state"] == "up"
+    assert victim in served_ports(lb, 6)
+
+
+def test_added_backend_is_checked_then_serves_and_removed_one_stops(lb_factory,
+                                                                     backend_factory):
+    first, extra = backend_factory(), backend_factory()
+    lb = lb_factory({"GOL7LB_BACKENDS": backends_env([first.port]), **FAST_HEALTH})
+    answer = requests.post(lb.admin_url + "/backends", json={
+        "url": f"http://127.0.0.1:{extra.port}", "weight": 2}, timeout=5)
+    assert answer.status_code == 201, answer.text
+    created = answer.json()
+    assert created["id"] == f"127.0.0.1:{extra.port}"
+    assert created["source"] == "api" and created["weight"] == 2
+    assert created["state"] == "down"  # health-checked before it takes traffic
+    wait_until(lambda: entry(lb, extra.port)["state"] == "up", timeout=5)
+    assert status(lb)["pools"]["default"]["backends"] == [f"127.0.0.1:{first.port}",
+                                                          f"127.0.0.1:{extra.port}"]
+    ports = served_ports(lb, 9)
+    assert ports.count(extra.port) == 6 and ports.count(first.port) == 3  # weight 2 : 1
+
+    assert requests.post(lb.admin_url + "/backends", json={
+        "url": f"http://127.0.0.1:{extra.port}"}, timeout=5).status_code == 409
+    answer = requests.delete(f"{lb.admin_url}/backends/127.0.0.1:{extra.port}", timeout=5)
+    assert answer.status_code == 200
+    assert set(served_ports(lb, 6)) == {first.port}
+    assert [b["id"] for b in status(lb)["backends"]] == [f"127.0.0.1:{first.port}"]
+
+
+@pytest.mark.parametrize("method, path, body, code, words", [
+    ("POST", "/backends", "not json", 400, "not valid JSON"),
+    ("POST", "/backends", "[1, 2]", 400, "JSON object"),
+    ("POST", "/backends", '{"url": "ftp://127.0.0.1:21"}', 400, "only http://"),
+    ("POST", "/backends", '{"url": "http://127.0.0.1:1", "weight": 0}', 400, "weight"),
+    ("POST", "/backends", '{"url": "http://127.0.0.1:1", "colour": "red"}', 400, "colour"),
+    ("POST", "/backends", '{"url": "http://127.0.0.1:1", "pool": "nope"}', 404, "nope"),
+    ("POST", "/backends/127.0.0.1:1/drain", "", 404, "no backend"),
+    ("POST", "/backends/127.0.0.1:1/enable", "", 404, "no backend"),
+    ("DELETE", "/backends/127.0.0.1:1", "", 404, "no backend"),
+    ("GET", "/nowhere", "", 404, "no such admin endpoint"),
+    ("PUT", "/status", "", 405, "not allowed"),
+    ("GET", "/backends/127.0.0.1:1/drain", "", 405, "not allowed"),
+])
+def test_bad_admin_calls_get_a_json_error_and_no_traceback(lb_factory, backend_factory,
+                                                           method, path, body, code, words):
+    backend = backend_factory()
+    lb = lb_factory({"GOL7LB_BACKENDS": backends_env([backend.port])})
+    answer = requests.request(method, lb.admin_url + path, data=body, timeout=5)
+    assert answer.status_code == code
+    assert answer.headers["Content-Type"] == "application/json"
+    assert words in answer.json()["error"]
+    if code == 405:
+        assert "Allow" in answer.headers
+    assert "Traceback" not in lb.output()
+
+
+def test_a_token_guards_every_mutating_call_and_reads_stay_open(lb_factory, backend_factory):
+    backend = backend_factory()
+    lb = lb_factory({"GOL7LB_BACKENDS": backends_env([backend.port]),
+                     "GOL7LB_ADMIN_TOKEN": "s3cret"})
+    drain = f"{lb.admin_url}/backends/127.0.0.1:{backend.port}/drain"
+    for headers in ({}, {"Authorization": "Bearer wrong"}, {"Authorization": "Basic s3cret"}):
+        answer = requests.post(drain, headers=headers, timeout=5)
+        assert answer.status_code == 401 and "Bearer" in answer.json()["error"]
+        assert answer.headers["WWW-Authenticate"].startswith("Bearer")
+    assert requests.delete(f"{lb.admin_url}/backends/127.0.0.1:{backend.port}",
+                           timeout=5).status_code == 401
+    assert requests.post(lb.admin_url + "/backends", json={"url": "http://127.0.0.1:1"},
+                         timeout=5).status_code == 401
+    assert requests.get(lb.admin_url + "/status", timeout=5).status_code == 200
+    assert requests.get(lb.admin_url + "/metrics", timeout=5).status_code == 200
+    answer = requests.post(drain, headers={"Authorization": "Bearer s3cret"}, timeout=5)
+    assert answer.status_code == 200 and answer.json()["state"] == "drained"
+
+
+def test_a_non_loopback_admin_bind_without_token_refuses_to_start(lb_factory,
+                                                                  backend_factory):
+    backend = backend_factory()
+    lb = lb_factory({"GOL7LB_BACKENDS": backends_env([backend.port]),
+                     "GOL7LB_ADMIN_BIND": f"0.0.0.0:{free_port()}"}, ready=False)
+    assert lb.wait(timeout=20) == 2
+    output = lb.output()
+    assert "admin.bind" in output and "admin.token" in output
+    assert "Traceback" not in output
+
+
+def test_drain_survives_a_reload_and_api_changes_end_with_it(lb_factory, backend_factory,
+                                                             tmp_path):
+    a, b, extra = backend_factory(), backend_factory(), backend_factory()
+    config = tmp_path / "lb.toml"
+    config.write_text(f'[[backends]]\nurl = "http://127.0.0.1:{a.port}"\n'
+                      f'[[backends]]\nurl = "http://127.0.0.1:{b.port}"\n')
+    lb = lb_factory({"GOL7LB_CONFIG": str(config), **FAST_HEALTH})
+    assert requests.post(f"{lb.admin_url}/backends/127.0.0.1:{a.port}/drain",
+                         timeout=5).status_code == 200
+    assert requests.post(lb.admin_url + "/backends", json={
+        "url": f"http://127.0.0.1:{extra.port}"}, timeout=5).status_code == 201
+    generation = status(lb)["config"]["generation"]
+    config.write_text(config.read_text() + "[health]\nrise = 1\n")  # any valid edit reloads
+    wait_until(lambda: status(lb)["config"]["generation"] > generation, timeout=5)
+    doc = status(lb)
+    assert [e["id"] for e in doc["backends"]] == [f"127.0.0.1:{a.port}", f"127.0.0.1:{b.port}"]
+    assert entry(lb, a.port)["state"] == "drained"  # host state, kept by address
+    assert set(served_ports(lb, 6)) == {b.port}
