@@ -269,15 +269,17 @@ def test_token_is_asked_once_and_sent_on_mutating_calls(
         browser: Browser, lb_factory: Callable[..., LB], three_backends: list[Proc]) -> None:
     lb = _dashboard_lb(lb_factory, three_backends, GOL7LB_ADMIN_TOKEN="secret")
     target = three_backends[0]
-    unauthorised = requests.post(f"{lb.admin_url}/backends/{_id(target)}/drain", timeout=10)
-    assert unauthorised.status_code == 401, unauthorised.text
+    refused = requests.post(f"{lb.admin_url}/backends/{_id(target)}/drain", timeout=10,
+                            headers={"Authorization": "Bearer wrong"})
+    assert refused.status_code == 401, refused.text
     _open_all_up(browser, lb, three_backends)
 
-    # A wrong token: the call fails, the status line shows the API's error, nothing changes.
+    # A wrong token: the call fails, the status line shows the API's JSON error, nothing changes.
     browser.click(_id(target), "drain")
     assert "token" in browser.answer_prompt("wrong").lower()
-    browser.until("an error in the status line",
-                  lambda: "error" in browser.status_line()[1].split())
+    text, _ = browser.until("an error in the status line", lambda: (
+        "error" in browser.status_line()[1].split() and browser.status_line()))
+    assert refused.json()["error"] in text, text
     assert browser.states()[_id(target)] == "up"
 
     # The right token: the drain goes through, and the page keeps the token.
