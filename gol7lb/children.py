@@ -8,20 +8,26 @@ threads or signal handlers, and they run in their own process group, so a Ctrl-C
 process-group TERM (honcho, a terminal) reaches only the master, which stops them itself
 after its workers have drained. Each is watched by a thread blocked in waitid() on its pid:
 gunicorn's master reaps every child with waitpid(-1), so `Process.is_alive()` would lie and
-the exit status would be lost; waiting on the pid directly keeps it (usually: if gunicorn's
-reaper wins the race the status is reported as unknown, the restart happens all the same).
+the exit status would be lost to whichever waiter is first. Each helper is therefore watched
+through a pidfd: it becomes readable when the helper dies; if gunicorn reaped it first, the
+kernel still tells the holder of the pidfd how it ended (PIDFD_INFO_EXIT, Linux 6.15+), so a
+`kill -9` is logged as "killed by SIGKILL" whoever reaps. Older kernels: the status is
+reported as unknown when gunicorn wins that race; the restart happens all the same.
 """
 
 from __future__ import annotations
 
 import contextlib
 import ctypes
+import fcntl
 import logging
 import multiprocessing
 import multiprocessing.connection
 import os
+import select
 import signal
 import socket
+import struct
 import subprocess
 import sys
 import threading
@@ -96,6 +102,34 @@ def describe_exit(code: int, status: int) -> str:
     return f"killed by {name}" + (" (core dumped)" if code == os.CLD_DUMPED else "")
 
 
+def describe_wait_status(status: int) -> str:
+    if os.WIFSIGNALED(status):
+        return describe_exit(os.CLD_KILLED, os.WTERMSIG(status))
+    return describe_exit(os.CLD_EXITED, os.WEXITSTATUS(status))
+
+
+# linux/pidfd.h: PIDFD_GET_INFO = _IOWR(0xFF, 11, struct pidfd_info) with its 64-byte first
+# version; exit_code (a wait status) is the s32 at offset 60 when PIDFD_INFO_EXIT is set.
+_PIDFD_INFO_SIZE = 64
+_PIDFD_GET_INFO = (3 << 30) | (_PIDFD_INFO_SIZE << 16) | (0xFF << 8) | 11
+_PIDFD_INFO_EXIT = 1 << 3
+
+
+def pidfd_exit_status(pidfd: int) -> int | None:
+    """How a process ended, from its pidfd, even after someone else reaped it; None when the
+    kernel cannot tell (before Linux 6.15, or not reaped yet)."""
+    info = bytearray(_PIDFD_INFO_SIZE)
+    struct.pack_into("=Q", info, 0, _PIDFD_INFO_EXIT)
+    try:
+        fcntl.ioctl(pidfd, _PIDFD_GET_INFO, info, True)
+    except OSError:
+        return None
+    (mask,) = struct.unpack_from("=Q", info, 0)
+    if not mask & _PIDFD_INFO_EXIT:
+        return None
+    return struct.unpack_from("=i", info, 60)[0]
+
+
 class ManagedChild:
     """One helper process, re-created from the same target and arguments on every restart."""
 
@@ -104,6 +138,7 @@ class ManagedChild:
         self.target = target
         self.args = tuple(args)
         self.process: Any = None
+        self.pidfd: int | None = None
         self.started_at = 0.0
         self.quick_deaths = 0
 
@@ -112,6 +147,10 @@ class ManagedChild:
                                      name=f"gol7lb-{self.name}", daemon=True)
         self.process.start()
         self.started_at = time.monotonic()
+        try:
+            self.pidfd = os.pidfd_open(self.process.pid)
+        except (OSError, AttributeError):  # gone already, or no pidfd on this platform
+            self.pidfd = None
 
     @property
     def pid(self) -> int | None:
@@ -119,17 +158,24 @@ class ManagedChild:
 
     def wait_exit(self) -> str:
         """Block until the process is gone; how it ended."""
-        pid = self.pid
-        try:
-            result = os.waitid(os.P_PID, pid, os.WEXITED)
-        except ChildProcessError:  # gunicorn's reaper got there first
+        pidfd = self.pidfd
+        if pidfd is None:
             multiprocessing.connection.wait([self.process.sentinel])
             return "exit status unknown"
-        except InterruptedError:
-            return self.wait_exit()
-        if result is None:
-            return "exit status unknown"
-        return describe_exit(result.si_code, result.si_status)
+        try:
+            select.select([pidfd], [], [])  # readable once the process has exited
+            try:
+                result = os.waitid(os.P_PIDFD, pidfd, os.WEXITED | os.WNOHANG)
+            except ChildProcessError:  # gunicorn's reaper got there first
+                result = None
+            if result is not None:
+                return describe_exit(result.si_code, result.si_status)
+            status = pidfd_exit_status(pidfd)
+            return "exit status unknown" if status is None else describe_wait_status(status)
+        finally:
+            os.close(pidfd)
+            if self.pidfd == pidfd:
+                self.pidfd = None
 
     def restart_delay(self) -> float:
         """Back off only when the child keeps dying right after it starts."""

@@ -6,6 +6,7 @@ validation messages and the README's settings table all come from that one list.
 
 from __future__ import annotations
 
+import hashlib
 import ipaddress
 import os
 import tomllib
@@ -190,6 +191,7 @@ class Settings:
     demo_backends: bool = False  # True when no backend was configured and the demo ones stand in
     source: str = "defaults"  # where the settings came from, for the start-up log
     path: str = ""  # GOL7LB_CONFIG, "" when none
+    file_digest: str = ""  # sha256 of the file's bytes these settings were read from
 
     @property
     def pools(self) -> dict[str, Pool]:
@@ -268,12 +270,17 @@ def _coerce(setting: Setting, value: Any, origin: str, from_env: bool) -> Any:
     return result
 
 
-def _read_toml(path: str) -> dict[str, Any]:
+def _read_toml(path: str) -> tuple[dict[str, Any], str]:
+    """The parsed file and the sha256 of the bytes parsed (what a reload compares)."""
     try:
         with open(path, "rb") as f:
-            return tomllib.load(f)
+            raw = f.read()
     except OSError as e:
         raise ConfigError(f"cannot read {CONFIG_ENV}={path!r}: {e.strerror or e}") from None
+    try:
+        return tomllib.loads(raw.decode("utf-8")), hashlib.sha256(raw).hexdigest()
+    except UnicodeDecodeError as e:
+        raise ConfigError(f"cannot parse {CONFIG_ENV}={path!r}: not UTF-8 ({e.reason})") from None
     except tomllib.TOMLDecodeError as e:
         raise ConfigError(f"cannot parse {CONFIG_ENV}={path!r}: {e}") from None
 
@@ -370,9 +377,11 @@ def load_settings(env: Mapping[str, str] | None = None) -> Settings:
     sources = ["defaults"]
 
     path = env.get(CONFIG_ENV, "").strip()
+    digest = ""
     if path:
         origin = f"in {path}"
-        file_values, file_backends = _values_from_toml(_read_toml(path), origin)
+        data, digest = _read_toml(path)
+        file_values, file_backends = _values_from_toml(data, origin)
         values.update(file_values)
         if file_backends is not None:
             _check_unique(file_backends, origin)
@@ -406,6 +415,7 @@ def load_settings(env: Mapping[str, str] | None = None) -> Settings:
         demo_backends=demo,
         source=" < ".join(sources),
         path=path,
+        file_digest=digest,
     )
     _check_admin_exposure(settings.admin)
     return settings

@@ -23,7 +23,7 @@ from gol7lb.config import DEMO_PORTS, ConfigError, Settings
 from gol7lb.hosts import HostTable
 from gol7lb.state import ControlClient, SharedCounters, Snapshot, new_health_record, run_manager
 
-MANAGER_START_SECONDS = 10.0
+MANAGER_START_SECONDS = 30.0
 
 
 @dataclass(frozen=True)

@@ -74,42 +74,56 @@ def reload_config(client: ControlClient, trigger: str,
     return True
 
 
-def file_digest(path: str) -> bytes | None:
+def file_digest(path: str) -> str | None:
     try:
-        return hashlib.sha256(Path(path).read_bytes()).digest()
+        return hashlib.sha256(Path(path).read_bytes()).hexdigest()
     except OSError:
         return None
 
 
 def watch(path: str, client: ControlClient, stop: threading.Event) -> None:
-    """Reload when the file's content changes.
+    """Reload when the file's content differs from the one the running configuration was
+    read from (so a change made while this process was starting or restarting counts too).
 
     The directory is watched (inotify through watchfiles), not the file: editors write a new
-    file and rename it over the old one, and Kubernetes swaps a ConfigMap's symlink, both of
-    which a watch on the old inode would miss. A change event re-reads the file; only a new
-    content (or the file vanishing or coming back) triggers a reload.
+    file and rename it over the old one, and Kubernetes swaps a ConfigMap's `..data` symlink,
+    both of which a watch on the old inode would miss. Only events on the file's name or on
+    `..`-names wake it, so log files written beside the config do not.
     """
     from watchfiles import watch as watch_changes
 
+    logging.getLogger("watchfiles").setLevel(logging.WARNING)  # it logs every event at INFO
     directory = os.path.dirname(os.path.abspath(path)) or "."
-    last = file_digest(path)
-    for _changes in watch_changes(directory, stop_event=stop, debounce=WATCH_DEBOUNCE_MS,
-                                  step=50, rust_timeout=1000, yield_on_timeout=False,
-                                  recursive=False):
-        digest = file_digest(path)
-        if digest == last:
-            continue
-        last = digest
-        if watching(client):
-            reload_config(client, f"{os.path.basename(path)} changed")
+    name = os.path.basename(path)
+
+    def relevant(_change: object, changed: str) -> bool:
+        base = os.path.basename(changed)
+        return base == name or base.startswith("..")
+
+    check(path, client)
+    for _changes in watch_changes(directory, watch_filter=relevant, stop_event=stop,
+                                  debounce=WATCH_DEBOUNCE_MS, step=50, rust_timeout=1000,
+                                  yield_on_timeout=False, recursive=False):
+        check(path, client)
 
 
-def watching(client: ControlClient) -> bool:
-    """`reload.watch` of the running configuration (a reload may turn it off, or on again)."""
+def check(path: str, client: ControlClient) -> None:
+    """Reload if the file now holds something else than what was last loaded or refused."""
     try:
-        return client.snapshot().settings.reload.watch
-    except Exception:
-        return True  # the Manager is restarting: reloading is still the safe answer
+        running = client.snapshot().settings
+    except Exception as e:
+        log.error("config watcher cannot read the running configuration: %s", e)
+        return
+    digest = file_digest(path)
+    if digest == running.file_digest or digest == _last_refused.get("digest"):
+        return
+    if not running.reload.watch:
+        return
+    if not reload_config(client, f"{os.path.basename(path)} changed"):
+        _last_refused["digest"] = digest  # say it once, not on every event until it is fixed
+
+
+_last_refused: dict[str, str | None] = {}
 
 
 def run(address: str, authkey: bytes, path: str) -> None:

@@ -166,6 +166,21 @@ class LB(Proc):
                 if time.monotonic() > deadline:
                     raise AssertionError(f"LB not ready after {timeout}s:\n{self.output()}")
                 time.sleep(0.05)
-        time.sleep(0.3)  # let every worker bind its SO_REUSEPORT listener
+        if self.admin_port:  # and every helper is up: /healthz says 200 only then
+            while not self._healthy():
+                if self.popen.poll() is not None or time.monotonic() > deadline:
+                    raise AssertionError(f"LB not healthy after {timeout}s:\n{self.output()}")
+                time.sleep(0.05)
         self.tree()
         return self
+
+    def _healthy(self) -> bool:
+        try:
+            with socket.create_connection(("127.0.0.1", self.admin_port), timeout=5) as s:
+                s.sendall(b"GET /healthz HTTP/1.1\r\nHost: t\r\nConnection: close\r\n\r\n")
+                answer = b""
+                while chunk := s.recv(4096):
+                    answer += chunk
+                return answer.startswith(b"HTTP/1.1 200")
+        except OSError:
+            return False

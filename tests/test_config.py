@@ -142,6 +142,8 @@ def run_gunicorn(env_extra, tmp_path):
     ({"GOL7LB_BACKENDS": "http://127.0.0.1:81, http://127.0.0.1:81"}, ["duplicate backend"]),
     ({"PORT": "eighty"}, ["PORT", "eighty"]),
     ({"WEB_CONCURRENCY": "0"}, ["WEB_CONCURRENCY"]),
+    ({"GOL7LB_BACKENDS": ""}, ["GOL7LB_BACKENDS", "set but names no backend"]),
+    ({"GOL7LB_ADMIN_BIND": "0.0.0.0:18404"}, ["admin.bind", "admin.token"]),
 ])
 def test_a_bad_setting_stops_the_real_start_without_traceback(tmp_path, env, words):
     result = run_gunicorn(env, tmp_path)

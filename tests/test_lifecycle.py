@@ -119,6 +119,7 @@ def test_ctrl_c_to_the_whole_process_group_leaves_nothing(lb_factory):
     assert lb.leftovers() == []
     assert all(port_closed(p) for p in DEMO_PORTS)
     assert "Traceback" not in lb.output()
+    assert "died" not in lb.output()  # helpers are stopped by the master, not by the group
 
 
 def test_hup_reloads_workers_and_keeps_serving(lb_factory, backend_factory):
@@ -247,3 +248,6 @@ def test_procfile_runs_under_honcho(backend_factory, tmp_path):
     finally:
         honcho.stop()
     assert honcho.leftovers() == []
+    log = (tmp_path / "honcho.log").read_text()
+    assert "helpers stopped" in log
+    assert "died" not in log and "restarting" not in log and "Traceback" not in log

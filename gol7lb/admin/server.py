@@ -11,6 +11,8 @@ import json
 import logging
 import re
 import socket
+import sys
+import threading
 from dataclasses import dataclass
 from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 from pathlib import Path
@@ -28,6 +30,7 @@ log = logging.getLogger("gol7lb.admin")
 DASHBOARD = Path(__file__).with_name("dashboard.html")
 MAX_BODY = 64 * 1024
 SUPERVISOR_STALE_SECONDS = 5.0  # no heartbeat for this long: the supervisor is not running
+STATE_CALL_SECONDS = 5.0  # a frozen Manager makes /healthz say so instead of hanging
 JSON_TYPE = "application/json"
 
 
@@ -81,13 +84,34 @@ class AdminServer(ThreadingHTTPServer):
         except OSError:
             self.dashboard = None
 
+    def handle_error(self, request: Any, client_address: Any) -> None:
+        """One line, not socketserver's traceback on stderr (a client that hung up, mostly)."""
+        error = sys.exc_info()[1]
+        if not isinstance(error, ConnectionError):
+            log.error("admin request from %s failed: %s: %s", client_address[0],
+                      type(error).__name__, error)
+
     def snapshot(self) -> Snapshot:
-        try:
-            snapshot = self.client.snapshot()
-        except Exception as e:
-            raise ApiError(503, f"shared state unreachable: {e or type(e).__name__}") from None
+        """The control state, read within STATE_CALL_SECONDS or a 503."""
+        result: list[Any] = []
+        reader = threading.Thread(target=self._read_into, args=(result,), daemon=True)
+        reader.start()
+        reader.join(STATE_CALL_SECONDS)
+        if not result:
+            raise ApiError(503, f"shared state unreachable: no answer from the manager in "
+                                f"{STATE_CALL_SECONDS:g}s")
+        if isinstance(result[0], BaseException):
+            error = result[0]
+            raise ApiError(503, f"shared state unreachable: {error or type(error).__name__}")
+        snapshot = result[0]
         logfmt.set_format(snapshot.settings.log.format)
         return snapshot
+
+    def _read_into(self, result: list[Any]) -> None:
+        try:
+            result.append(self.client.snapshot())
+        except Exception as e:
+            result.append(e)
 
     def snapshot_or_none(self) -> Snapshot | None:
         try:
@@ -152,6 +176,8 @@ class AdminHandler(BaseHTTPRequestHandler):
         except ApiError as e:
             self._discard_body()
             self._json(e.status, {"error": e.message}, e.headers)
+        except ConnectionError:  # the client went away mid-answer: nothing left to tell it
+            self.close_connection = True
         except Exception as e:  # never a traceback to the client; one line in the log
             log.error("admin %s %s failed: %s: %s", self.command, path, type(e).__name__, e)
             self._json(500, {"error": "internal error, see the LB's log"})
@@ -213,9 +239,9 @@ class AdminHandler(BaseHTTPRequestHandler):
     def get_healthz(self) -> None:
         reasons = []
         try:
-            self.server.client.snapshot()
-        except Exception as e:
-            reasons.append(f"shared state unreachable ({e or type(e).__name__})")
+            self.server.snapshot()
+        except ApiError as e:
+            reasons.append(e.message)
         age = self.server.counters.heartbeat_age()
         if age is None or age > SUPERVISOR_STALE_SECONDS:
             reasons.append("supervisor not running" + (f" (last heartbeat {age:.1f}s ago)"
