@@ -8,17 +8,27 @@ cd "$(dirname "$0")/.."
 export PIP_DISABLE_PIP_VERSION_CHECK=1 PIP_ROOT_USER_ACTION=ignore
 python -m pip install -q -e '.[test]'
 
-# The compose validator for tests/test_packaging.py: Debian's docker-compose (1.x), whose
-# `config` command validates docker-compose.yml without a Docker engine.
+# Debian packages the tests need, installed only when missing (one `apt-get update` for all):
+# * docker-compose (1.x), the compose validator for tests/test_packaging.py: its `config`
+#   command validates docker-compose.yml without a Docker engine;
+# * chromium and chromium-driver (/usr/bin/chromium, /usr/bin/chromedriver), the headless
+#   browser tests/test_dashboard.py drives with Selenium; never a downloaded browser build.
 # --no-install-recommends keeps the Docker engine (docker.io, recommended) off the machine.
+apt_packages=()
 if ! command -v docker-compose >/dev/null 2>&1; then
+    apt_packages+=(docker-compose)
+fi
+if [ ! -x /usr/bin/chromium ] || [ ! -x /usr/bin/chromedriver ]; then
+    apt_packages+=(chromium chromium-driver)
+fi
+if [ ${#apt_packages[@]} -gt 0 ]; then
     sudo=()
     if [ "$(id -u)" -ne 0 ]; then
         sudo=(sudo -n)
     fi
     export DEBIAN_FRONTEND=noninteractive
     "${sudo[@]}" apt-get update -q
-    "${sudo[@]}" apt-get install -y -q --no-install-recommends docker-compose
+    "${sudo[@]}" apt-get install -y -q --no-install-recommends "${apt_packages[@]}"
 fi
 
 exec python -m pytest "$@"
