@@ -265,18 +265,18 @@ def _ring(members: tuple[tuple[str, int], ...]) -> tuple[array, array]:
 
     Cached: liveness flips do not change the ring, only which owners may take a request.
     Costs about 1 us per point (100 per unit of weight). Each point is sorted as one int,
-    position << 16 | rank of the backend's id, so ties between positions (2**-64 odds) are
+    position << 32 | rank of the backend's id, so ties between positions (2**-64 odds) are
     broken by id, never by configured order.
     """
     by_id = sorted(range(len(members)), key=lambda index: members[index][0])
     combined: list[int] = []
     for rank, index in enumerate(by_id):
         backend_id, weight = members[index]
-        combined.extend([position << 16 | rank for position in
+        combined.extend([position << 32 | rank for position in
                          _backend_points(backend_id, weight * POINTS_PER_WEIGHT)])
     combined.sort()
-    return (array("Q", [point >> 16 for point in combined]),
-            array("I", [by_id[point & 0xFFFF] for point in combined]))
+    return (array("Q", [point >> 32 for point in combined]),
+            array("I", [by_id[point & 0xFFFFFFFF] for point in combined]))
 
 
 class ConsistentHashPolicy:
