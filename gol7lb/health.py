@@ -1,16 +1,29 @@
-"""One health check (TCP connect or HTTP GET) and the rise/fall bookkeeping of one backend."""
+"""One health check (TCP connect or HTTP GET) and the rise/fall bookkeeping of one backend.
+
+HTTP checks go through the proxy's own upstream code (gol7lb.upstream: the same connect, the
+same request head, the same llhttp response parser), so the LB has one HTTP client stack and a
+check sees a backend exactly as the proxy will.
+"""
 
 from __future__ import annotations
 
 import socket
 import time
 from dataclasses import asdict, dataclass
-from typing import Any
-
-import requests
+from typing import Any, cast
 
 from gol7lb.backends import Backend
 from gol7lb.config import HealthSettings
+from gol7lb.upstream import (
+    ConnectFailed,
+    UpstreamProtocolError,
+    UpstreamResponse,
+    open_connection,
+    request_head,
+)
+
+MAX_CHECK_BODY = 64 * 1024  # expect_body is looked for in this much of the body
+USER_AGENT = "gol7lb-health-check"
 
 
 @dataclass(frozen=True)
@@ -36,27 +49,81 @@ def tcp_check(backend: Backend, timeout: float) -> CheckResult:
     return CheckResult(ok, detail, time.monotonic() - started, time.time())
 
 
-def http_check(backend: Backend, settings: HealthSettings,
-               session: requests.Session) -> CheckResult:
+class _DeadlineSocket:
+    """What UpstreamResponse reads from: each recv() may wait only for what is left of the
+    check's time, so a backend that trickles bytes cannot stretch a check past its timeout."""
+
+    def __init__(self, sock: socket.socket, deadline: float) -> None:
+        self.sock = sock
+        self.deadline = deadline
+
+    def settle(self) -> None:
+        left = self.deadline - time.monotonic()
+        if left <= 0:
+            raise TimeoutError("health check deadline passed")
+        self.sock.settimeout(left)
+
+    def recv(self, size: int) -> bytes:
+        self.settle()
+        return self.sock.recv(size)
+
+
+def _http_verdict(backend: Backend, settings: HealthSettings, deadline: float,
+                  timeout: float) -> tuple[bool, str]:
+    """GET settings.path on a fresh connection (Connection: close), never following a redirect."""
+    sock = open_connection(backend, connect_timeout=timeout, read_timeout=timeout)
+    try:
+        reader = _DeadlineSocket(sock, deadline)
+        reader.settle()
+        sock.sendall(request_head("GET", settings.path, {
+            "Host": settings.host or backend.netloc,
+            "User-Agent": USER_AGENT,
+            "Accept": "*/*",
+            "Connection": "close",
+        }))
+        # UpstreamResponse only ever calls recv() on what it is given.
+        response = UpstreamResponse(cast(socket.socket, reader), "GET")
+        response.read_head()
+        if not any(lo <= response.status <= hi for lo, hi in settings.status_ranges):
+            return False, f"HTTP {response.status} (expected {settings.expect_status})"
+        if settings.expect_body:
+            wanted = settings.expect_body.encode()
+            body = bytearray()
+            while len(body) < MAX_CHECK_BODY and wanted not in body:
+                block = response.read_block()
+                if not block:
+                    break
+                body += block
+            if wanted not in body[:MAX_CHECK_BODY]:
+                return False, f"body lacks {settings.expect_body!r}"
+        return True, f"HTTP {response.status}"
+    finally:
+        sock.close()
+
+
+def http_check(backend: Backend, settings: HealthSettings) -> CheckResult:
+    """Pass when the status is in expect_status and, if expect_body is set, the first 64 KiB
+    of the body contain it. Connect, send and read together take at most settings.timeout."""
+    timeout = settings.timeout
     started = time.monotonic()
     try:
-        response = session.get(
-            f"http://{backend.netloc}{settings.path}", timeout=settings.timeout,
-            allow_redirects=False, stream=True,
-        )
-        response.close()
-        ok = any(lo <= response.status_code <= hi for lo, hi in settings.status_ranges)
-        detail = f"HTTP {response.status_code}"
-    except requests.Timeout:
-        ok, detail = False, f"timed out after {settings.timeout:g}s"
-    except requests.RequestException as e:
-        ok, detail = False, type(e).__name__
+        ok, detail = _http_verdict(backend, settings, started + timeout, timeout)
+    except ConnectFailed as e:
+        ok, detail = False, f"timed out after {timeout:g}s" if e.timed_out else str(e)
+    except TimeoutError:
+        ok, detail = False, f"timed out after {timeout:g}s"
+    except UpstreamProtocolError as e:
+        ok, detail = False, str(e)
+    except OSError as e:
+        ok, detail = False, e.strerror or str(e) or type(e).__name__
+    except Exception as e:  # e.g. a path that is not latin-1: fail the check, keep the thread
+        ok, detail = False, f"check failed: {e or type(e).__name__}"
     return CheckResult(ok, detail, time.monotonic() - started, time.time())
 
 
-def run_check(backend: Backend, settings: HealthSettings, session: requests.Session) -> CheckResult:
+def run_check(backend: Backend, settings: HealthSettings) -> CheckResult:
     if settings.type == "http":
-        return http_check(backend, settings, session)
+        return http_check(backend, settings)
     return tcp_check(backend, settings.timeout)
 
 

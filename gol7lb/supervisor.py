@@ -17,8 +17,6 @@ import threading
 import time
 from typing import Any
 
-import requests
-
 from gol7lb import logfmt, metrics
 from gol7lb.backends import Backend
 from gol7lb.children import configure_child_logging, init_helper_process
@@ -69,27 +67,22 @@ class BackendChecker(threading.Thread):
         self.tracker.rise, self.tracker.fall = health.rise, health.fall
 
     def run(self) -> None:
-        session = requests.Session()
-        session.trust_env = False  # never route health checks through an environment proxy
         next_at = time.monotonic()
-        try:
-            while not (self.stop.is_set() or self.retired.is_set()):
-                result = run_check(self.backend, self.health, session)
-                self.checks += 1
-                (self._checks_ok if result.ok else self._checks_fail).inc()
-                self._duration.observe(result.duration)
-                changed = self.tracker.record(result.ok)
-                if changed:
-                    self.since = time.time()
-                    state = "UP" if self.tracker.alive else "DOWN"
-                    level = logging.INFO if self.tracker.alive else logging.WARNING
-                    log.log(level, "backend %s is %s (%s)", self.backend.id, state, result.detail)
-                self._publish(result, changed)
-                next_at = max(next_at + self.health.interval, time.monotonic())
-                if self.retired.wait(max(0.0, next_at - time.monotonic())):
-                    break
-        finally:
-            session.close()
+        while not (self.stop.is_set() or self.retired.is_set()):
+            result = run_check(self.backend, self.health)
+            self.checks += 1
+            (self._checks_ok if result.ok else self._checks_fail).inc()
+            self._duration.observe(result.duration)
+            changed = self.tracker.record(result.ok)
+            if changed:
+                self.since = time.time()
+                state = "UP" if self.tracker.alive else "DOWN"
+                level = logging.INFO if self.tracker.alive else logging.WARNING
+                log.log(level, "backend %s is %s (%s)", self.backend.id, state, result.detail)
+            self._publish(result, changed)
+            next_at = max(next_at + self.health.interval, time.monotonic())
+            if self.retired.wait(max(0.0, next_at - time.monotonic())):
+                break
 
     def _publish(self, result: CheckResult | None, changed: bool) -> None:
         record = record_for(self.tracker, result, self.since, self.checks)

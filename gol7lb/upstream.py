@@ -81,22 +81,29 @@ class UpstreamPool:
             sock.close()
 
     def connect(self) -> socket.socket:
-        try:
-            sock = socket.create_connection(self.backend.address, timeout=self.connect_timeout)
-        except TimeoutError:
-            raise ConnectFailed(f"connect timed out after {self.connect_timeout:g}s",
-                                timed_out=True) from None
-        except OSError as e:
-            raise ConnectFailed(e.strerror or str(e), timed_out=False) from None
-        sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
-        sock.settimeout(self.read_timeout)
-        return sock
+        return open_connection(self.backend, self.connect_timeout, self.read_timeout)
 
     def release(self, sock: socket.socket) -> None:
         if not self.retired and len(self._idle) < MAX_IDLE_PER_BACKEND:
             self._idle.append(sock)
         else:
             sock.close()
+
+
+def open_connection(backend: Backend, connect_timeout: float,
+                    read_timeout: float) -> socket.socket:
+    """A new connection to a backend (the proxy's pools and the health checks both use it);
+    ConnectFailed says why not, in words fit for a log line or /status."""
+    try:
+        sock = socket.create_connection(backend.address, timeout=connect_timeout)
+    except TimeoutError:
+        raise ConnectFailed(f"connect timed out after {connect_timeout:g}s",
+                            timed_out=True) from None
+    except OSError as e:
+        raise ConnectFailed(e.strerror or str(e), timed_out=False) from None
+    sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
+    sock.settimeout(read_timeout)
+    return sock
 
 
 def still_open(sock: socket.socket) -> bool:
