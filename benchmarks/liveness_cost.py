@@ -1,4 +1,4 @@
-"""Per-request cost of learning backend liveness: the generation check every request pays,
+"""Per-request cost of learning backend state: the generation check every request pays,
 against a Manager read (one IPC round trip), the design this project avoids on the hot path.
 
 Run: python benchmarks/liveness_cost.py
@@ -6,11 +6,18 @@ Run: python benchmarks/liveness_cost.py
 
 from __future__ import annotations
 
+import multiprocessing
+import os
+import tempfile
 import time
 import timeit
 
 from gol7lb.backends import parse_backend_url
-from gol7lb.state import LivenessView, SharedCounters, connect_table, start_manager
+from gol7lb.balancer import PickContext
+from gol7lb.config import Settings
+from gol7lb.hosts import HostTable
+from gol7lb.pooltable import build_table
+from gol7lb.state import CachedView, ControlClient, SharedCounters, run_manager
 
 
 def per_call_us(fn, number: int) -> float:
@@ -19,28 +26,47 @@ def per_call_us(fn, number: int) -> float:
 
 
 def main() -> None:
-    manager = start_manager()
+    directory = tempfile.mkdtemp(prefix="gol7lb-bench-")
+    address = os.path.join(directory, "manager.sock")
+    authkey = os.urandom(16)
+    counters = SharedCounters()
+    hosts = HostTable(worker_slots=4, lock_path=os.path.join(directory, "hosts.lock"))
+    manager = multiprocessing.get_context("spawn").Process(
+        target=run_manager, args=(address, authkey, counters, hosts,
+                                  os.path.join(directory, "state.pickle")), daemon=True)
+    manager.start()
     try:
-        table = connect_table(manager.address, bytes(manager._authkey))
-        backends = [parse_backend_url(f"http://127.0.0.1:{8081 + i}") for i in range(3)]
-        for b in backends:
-            table[b.url] = {"url": b.url, "alive": True}
-        counters = SharedCounters()
-        view = LivenessView(backends, "round_robin", counters,
-                            lambda: connect_table(manager.address, bytes(manager._authkey)))
-        view.policy()  # first read
-        cached = per_call_us(lambda: view.policy().order(counters.take_ticket()), 200_000)
-        ipc = per_call_us(lambda: table.copy(), 2_000)
+        client = ControlClient(address, authkey)
+        deadline = time.monotonic() + 20
+        while True:
+            try:
+                client.call("snapshot")
+                break
+            except Exception:
+                if time.monotonic() > deadline:
+                    raise
+                time.sleep(0.05)
+        backends = tuple(parse_backend_url(f"http://127.0.0.1:{8081 + i}") for i in range(3))
+        client.call("publish_config", Settings(backends=backends), time.time())
+        view = CachedView(counters, client, build_table, lambda: None)
+
+        def pick() -> object:
+            pool = view.current().pools["default"]
+            return pool.policy.order(PickContext(counters.take_ticket()))[0]
+
+        cached = per_call_us(pick, 200_000)
+        ipc = per_call_us(client.snapshot, 2_000)
         started = time.perf_counter()
         counters.bump_generation()
-        view.policy()
+        view.current()
         refresh = (time.perf_counter() - started) * 1e6
         print(f"generation check + ticket + pick (every request): {cached:.2f} us")
         print(f"Manager read (one IPC round trip), per request if done naively: {ipc:.1f} us")
-        print(f"refresh after a liveness change (once per change per worker): {refresh:.1f} us")
+        print(f"refresh after a change (once per change per worker): {refresh:.1f} us")
         print(f"ratio: {ipc / cached:.0f}x")
     finally:
-        manager.shutdown()
+        manager.terminate()
+        manager.join(5)
 
 
 if __name__ == "__main__":

@@ -349,20 +349,13 @@ ALGORITHMS = (*SIMPLE_POLICIES, "consistent_hash")
 
 
 def make_policy(algorithm: str, backends: Sequence[Backend],
-                available: Collection[str] | None = None,
+                available: Collection[str],
                 weights: Mapping[str, int] | None = None) -> Policy:
     """`backends`: the pool's backends in configured order (ALL of them, down ones included,
     so consistent_hash can keep its ring stable); `available`: ids that may take requests
     now (up, not drained, not ejected); `weights`: effective weight by id (>= 1) overriding
     Backend.weight (the proxy passes ramped weights for slow start).
-
-    `available=None` is the pre-PickContext call `make_policy(algorithm, healthy)`: every
-    given backend is available and order() also takes a bare ticket. It exists only until
-    proxy.py passes `available`; then it can go.
     """
-    if available is None:
-        return _TicketAdapter(make_policy(algorithm, backends, {b.id for b in backends},
-                                          weights))
     if algorithm == "consistent_hash":
         return ConsistentHashPolicy(backends, available, weights)
     try:
@@ -374,20 +367,6 @@ def make_policy(algorithm: str, backends: Sequence[Backend],
     effective = None if weights is None else [max(1, weights.get(b.id, b.weight))
                                               for b in chosen]
     return factory(chosen, effective)
-
-
-class _TicketAdapter:
-    """Transitional: lets a caller that passes `order(ticket)` use the PickContext policies."""
-
-    def __init__(self, policy: Policy) -> None:
-        self.policy = policy
-        self.uses_ticket = policy.uses_ticket
-        self.uses_in_flight = policy.uses_in_flight
-
-    def order(self, ctx: PickContext | int) -> Sequence[Backend]:
-        if isinstance(ctx, int):
-            ctx = PickContext(ticket=ctx) if ctx else NO_CONTEXT
-        return self.policy.order(ctx)
 
 
 def next_peer(backends: Sequence[Backend], alive: Sequence[bool], ticket: int) -> Backend | None:

@@ -49,6 +49,7 @@ class Runtime:
     watcher: ChildWatcher | None = None
     demo: DemoBackends | None = None
     worker_slot: int | None = None  # in a worker: its slot in the host table and CPU choice
+    threads: int = 32  # in a worker: gunicorn's threads setting (the per-backend share)
 
     def startup_snapshot(self) -> Snapshot:
         """The start-up configuration with every backend up: only for a worker that cannot
@@ -108,7 +109,8 @@ def on_starting(server: Any) -> None:
         raise RuntimeError("gol7lb.hooks.configure() was not called by the gunicorn config")
     settings = _boot.settings
     rt = Runtime(settings=settings, workers=_boot.workers,
-                 hosts=HostTable(worker_slots=max(16, 2 * _boot.workers + 8)))
+                 hosts=HostTable(worker_slots=max(16, 2 * _boot.workers + 8),
+                                 lock_path=rundir.path("hosts.lock")))
     logfmt.set_format(settings.log.format)
     try:
         _start(rt, server.log)
@@ -194,6 +196,7 @@ def post_fork(server: Any, worker: Any) -> None:
     multiprocessing.process._children.clear()  # type: ignore[attr-defined]
     rt = runtime()
     rt.worker_slot = getattr(worker, "slot", None)
+    rt.threads = max(1, int(getattr(worker.cfg, "threads", 32) or 32))
     if rt.admin_sock is not None:
         rt.admin_sock.close()  # the worker's copy of the fd only
     if rt.settings.cpu_affinity == "auto" and rt.worker_slot is not None:

@@ -11,12 +11,17 @@ least-connections view) sum a host's cells over all worker slots.
 from __future__ import annotations
 
 import ctypes
+import fcntl
+import os
 import threading
+import time
 from multiprocessing.sharedctypes import RawArray
 from typing import Any, NamedTuple
 
 IN_FLIGHT, REQUESTS, FAILURES = range(3)
 _FIELDS = 3
+STREAK, STREAK_START = range(2)  # shared by every worker: consecutive failures, since when (ms)
+_SHARED_FIELDS = 2
 HOST_SLOTS = 1024  # addresses tracked at once (backends of every pool, past and present)
 
 
@@ -30,16 +35,23 @@ class HostTable:
     """The shared array; created by the master before any worker or helper exists."""
 
     def __init__(self, worker_slots: int, host_slots: int = HOST_SLOTS,
-                 array: Any | None = None) -> None:
+                 array: Any | None = None, shared: Any | None = None,
+                 lock_path: str = "") -> None:
         self.worker_slots = worker_slots
         self.host_slots = host_slots
         self.array = array if array is not None else RawArray(
             ctypes.c_int64, host_slots * worker_slots * _FIELDS)
+        # Passive-health streaks: written by every worker without a lock on purpose; a lost
+        # update only moves an ejection by one failure, and no writer can freeze the others.
+        self.shared = shared if shared is not None else RawArray(
+            ctypes.c_int64, host_slots * _SHARED_FIELDS)
+        self.lock_path = lock_path  # byte-range locks for max_connections, one byte a slot
         self._row = worker_slots * _FIELDS
 
     def __reduce__(self) -> tuple[Any, ...]:
         """Spawned helpers receive the same shared memory, not a copy."""
-        return (HostTable, (self.worker_slots, self.host_slots, self.array))
+        return (HostTable, (self.worker_slots, self.host_slots, self.array, self.shared,
+                            self.lock_path))
 
     def totals(self, host_slot: int) -> HostTotals:
         base = host_slot * self._row
@@ -62,13 +74,35 @@ class HostTable:
         """Zero a reclaimed slot before a new address takes it (control state only)."""
         base = host_slot * self._row
         self.array[base:base + self._row] = [0] * self._row
+        self.shared[host_slot * _SHARED_FIELDS + STREAK] = 0
+
+    def note_failure(self, host_slot: int, window: float) -> int:
+        """One more consecutive failure (a streak older than `window` seconds starts over);
+        returns the streak."""
+        base = host_slot * _SHARED_FIELDS
+        now = int(time.monotonic() * 1000)
+        shared = self.shared
+        streak = shared[base + STREAK]
+        if streak == 0 or now - shared[base + STREAK_START] > window * 1000:
+            shared[base + STREAK_START] = now
+            streak = 0
+        streak += 1
+        shared[base + STREAK] = streak
+        return streak
+
+    def note_success(self, host_slot: int) -> None:
+        index = host_slot * _SHARED_FIELDS + STREAK
+        if self.shared[index]:
+            self.shared[index] = 0
 
     def for_worker(self, worker_slot: int | None) -> WorkerCells:
         return WorkerCells(self, worker_slot)
 
 
 class WorkerCells:
-    """One worker's writing handle: its threads serialise on an in-process lock only."""
+    """One worker's writing handle: its threads serialise on an in-process lock only, except
+    for a backend with a `max_connections` cap, where the check and the increment also hold
+    that host's byte-range lock (fcntl), which the kernel drops if the process dies."""
 
     def __init__(self, table: HostTable, worker_slot: int | None) -> None:
         self.table = table
@@ -77,6 +111,30 @@ class WorkerCells:
         self._offset = (worker_slot or 0) * _FIELDS
         self._row = table._row
         self._lock = threading.Lock()
+        self._lock_fd: int | None = None
+
+    def try_begin(self, host_slot: int, limit: int) -> bool:
+        """begin() unless the host already has `limit` requests in flight over all workers."""
+        if not limit or not self.enabled:
+            self.begin(host_slot)
+            return True
+        with self._lock:
+            fd = self._lock_file()
+            fcntl.lockf(fd, fcntl.LOCK_EX, 1, host_slot)
+            try:
+                if self.table.in_flight(host_slot) >= limit:
+                    return False
+                cell = host_slot * self._row + self._offset
+                self.array[cell + IN_FLIGHT] += 1
+                self.array[cell + REQUESTS] += 1
+                return True
+            finally:
+                fcntl.lockf(fd, fcntl.LOCK_UN, 1, host_slot)
+
+    def _lock_file(self) -> int:
+        if self._lock_fd is None:
+            self._lock_fd = os.open(self.table.lock_path, os.O_RDWR | os.O_CREAT, 0o600)
+        return self._lock_fd
 
     def begin(self, host_slot: int) -> None:
         """A request goes to this host: one more in flight, one more request."""

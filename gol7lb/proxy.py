@@ -14,22 +14,21 @@ import socket
 import threading
 import time
 from collections.abc import Callable, Iterable, Iterator, Sequence
-from dataclasses import dataclass
 from http import HTTPStatus
 from typing import Any
 
-from gol7lb import logfmt
 from gol7lb.accesslog import AccessLog
 from gol7lb.backends import Backend
-from gol7lb.balancer import Policy, make_policy
-from gol7lb.config import DEFAULT_POOL, Settings
+from gol7lb.balancer import PickContext
 from gol7lb.headers import client_response_headers, request_id, upstream_request_headers
 from gol7lb.hosts import WorkerCells
 from gol7lb.metrics import RequestRecorder
-from gol7lb.state import CachedView, SharedCounters, Snapshot
+from gol7lb.outcomes import Outcome, classify_error, classify_status, may_retry
+from gol7lb.pooltable import PoolRuntime, PoolTable
+from gol7lb.routing import strip_prefix
+from gol7lb.state import CachedView, ControlClient, SharedCounters
 from gol7lb.upstream import (
     BLOCK,
-    ConnectFailed,
     UpstreamClosed,
     UpstreamPool,
     UpstreamProtocolError,
@@ -73,65 +72,12 @@ def split_target(raw: str) -> tuple[str, str | None]:
     return path, authority
 
 
-@dataclass
-class PoolRuntime:
-    """One pool as a worker serves it: its policy over the backends that may take requests."""
-
-    name: str
-    policy: Policy
-    uses_ticket: bool
-
-
-@dataclass
-class Routing:
-    """What the worker serves from for one generation of the shared state. Built once per
-    generation (never per request); requests in flight keep the one they started with."""
-
-    snapshot: Snapshot
-    settings: Settings
-    pools: dict[str, PoolRuntime]
-    upstreams: dict[str, UpstreamPool]  # backend id -> this worker's keep-alive sockets
-    slots: dict[str, int]  # backend id -> host slot (in-flight, requests, failures)
-    retry_after: str
-
-
-def build_routing(snapshot: Snapshot, previous: Routing | None) -> Routing:
-    """Policies over the healthy, not drained backends; keep-alive pools kept by address."""
-    settings = snapshot.settings
-    logfmt.set_format(settings.log.format)
-    old = previous.upstreams if previous else {}
-    upstreams: dict[str, UpstreamPool] = {}
-    pools = {}
-    for name, pool in snapshot.pools.items():
-        for backend in pool.backends:
-            if backend.id not in upstreams:
-                upstreams[backend.id] = _upstream_for(backend, settings, old.get(backend.id))
-        candidates = [b for b in pool.backends
-                      if snapshot.alive(b.id) and b.id not in snapshot.drained]
-        pools[name] = PoolRuntime(name, make_policy(pool.algorithm, candidates),
-                                  pool.algorithm == "round_robin")
-    for backend_id, upstream in old.items():
-        if backend_id not in upstreams:
-            upstream.retire()  # idle sockets close now, busy ones when their request ends
-    return Routing(snapshot, settings, pools, upstreams, dict(snapshot.slots),
-                   str(max(1, math.ceil(settings.health.interval))))
-
-
-def _upstream_for(backend: Backend, settings: Settings,
-                  existing: UpstreamPool | None) -> UpstreamPool:
-    connect, read = settings.proxy.connect_timeout, settings.proxy.read_timeout
-    if existing is None:
-        return UpstreamPool(backend, connect, read)
-    existing.configure(backend, connect, read)
-    return existing
-
-
 class Exchange:
     """One client request from head to last byte: what the access log, the metrics and the
     per-host counters are told once it ends."""
 
     __slots__ = ("app", "started", "method", "path", "client", "rid", "pool", "backend_id",
-                 "slot", "status", "upstream_s", "answered")
+                 "slot", "local", "status", "upstream_s", "answered")
 
     def __init__(self, app: ProxyApp, method: str, path: str, client: str, rid: str) -> None:
         self.app = app
@@ -143,6 +89,7 @@ class Exchange:
         self.pool = "-"
         self.backend_id = "-"
         self.slot: int | None = None  # the host slot counted in flight until finish()
+        self.local: str | None = None  # the backend counted in this worker's share
         self.status = 0
         self.upstream_s: float | None = None
         self.answered = False  # the status came from a backend (metrics label it by address)
@@ -152,6 +99,9 @@ class Exchange:
         if self.slot is not None:
             app.cells.end(self.slot, failed)
             self.slot = None
+        if self.local is not None:
+            app.release_share(self.local)
+            self.local = None
         total = time.perf_counter() - self.started
         metric_backend = self.backend_id if self.answered else "none"
         app.recorder.record(self.pool, metric_backend, self.status, self.method, total)
@@ -221,28 +171,110 @@ class UpstreamBody:
         self._close(failed=False)
 
 
+class RequestBody:
+    """The client's body as attempts send it. A body up to `proxy.retry_buffer` is read whole
+    before the first attempt, so any attempt can send it again; a larger one is streamed
+    once, and the request is never sent twice after that."""
+
+    def __init__(self, source: Any, length: int, chunked: bool, limit: int) -> None:
+        self.source = source
+        self.length = length
+        self.chunked = chunked
+        self.present = chunked or length > 0
+        self.kept: bytes | None = None if self.present else b""
+        self._prefix = b""
+        if chunked:
+            data = self._read_up_to(limit + 1)
+            if len(data) <= limit:
+                self.kept = data
+            else:
+                self._prefix = data
+        elif 0 < length <= limit:
+            self.kept = self._read_up_to(length)
+            if len(self.kept) < length:
+                raise ClientBodyError(f"client sent {len(self.kept)} of {length} body bytes")
+
+    @property
+    def replayable(self) -> bool:
+        return self.kept is not None
+
+    def _read_up_to(self, limit: int) -> bytes:
+        parts = []
+        got = 0
+        while got < limit:
+            try:
+                block = self.source.read(min(BLOCK, limit - got))
+            except Exception as e:  # gunicorn's body parser errors and client socket errors
+                raise ClientBodyError(str(e) or type(e).__name__) from e
+            if not block:
+                break
+            parts.append(block)
+            got += len(block)
+        return b"".join(parts)
+
+    def framing(self, headers: dict[str, str]) -> None:
+        """Content-Length for a kept body (a small chunked body goes out with a length)."""
+        if self.kept is not None:
+            if self.present:
+                headers["Content-Length"] = str(len(self.kept))
+        elif self.chunked:
+            headers["Transfer-Encoding"] = "chunked"
+        else:
+            headers["Content-Length"] = str(self.length)
+
+    def send(self, sock: socket.socket) -> None:
+        if self.kept is not None:
+            if self.kept:
+                sock.sendall(self.kept)
+            return
+        sent = 0
+        block = self._prefix
+        self._prefix = b""
+        while True:
+            if not block:
+                try:
+                    block = self.source.read(BLOCK)
+                except Exception as e:
+                    raise ClientBodyError(str(e) or type(e).__name__) from e
+                if not block:
+                    break
+            sent += len(block)
+            sock.sendall(b"%x\r\n%b\r\n" % (len(block), block) if self.chunked else block)
+            block = b""
+        if self.chunked:
+            sock.sendall(b"0\r\n\r\n")
+        elif sent < self.length:
+            raise ClientBodyError(f"client sent {sent} of {self.length} body bytes")
+
+
 class ProxyApp:
     """The WSGI application each gunicorn worker runs."""
 
-    def __init__(self, view: CachedView[Routing], counters: SharedCounters,
-                 cells: WorkerCells, recorder: RequestRecorder | None = None,
+    def __init__(self, view: CachedView[PoolTable], counters: SharedCounters,
+                 cells: WorkerCells, client: ControlClient | None = None, threads: int = 32,
+                 recorder: RequestRecorder | None = None,
                  access_log: AccessLog | None = None) -> None:
         self.view = view
         self.counters = counters
         self.cells = cells
+        self.client = client
+        self.threads = threads
         self.recorder = recorder or RequestRecorder()
         self.access_log = access_log or AccessLog()
-        # Passive health: a backend that just refused a connection is tried last in this worker
-        # for a while, so a dead backend costs one failed connect, not one per request.
-        self._quarantined: dict[str, float] = {}
-        self._quarantine_lock = threading.Lock()
+        # This worker's requests in flight per backend: the default bound keeps a frozen
+        # backend from holding more than its share of the worker's threads.
+        self._local: dict[str, int] = {}
+        self._local_lock = threading.Lock()
+        self._ejecting: set[str] = set()
 
     def __call__(self, environ: dict[str, Any], start_response: StartResponse) -> Iterable[bytes]:
         rid = request_id(environ)
         method = environ["REQUEST_METHOD"]
         raw = environ.get("RAW_URI") or environ.get("PATH_INFO") or "/"
         exchange = Exchange(self, method, raw, environ.get("REMOTE_ADDR") or "-", rid)
-        routing = self.view.current()
+        table = self.view.current()
+        if table.rebuild_at <= time.monotonic():
+            table = self.view.rebuild()  # slow start: the next step of a ramp, no IPC
         if method == "CONNECT":
             return self._error(start_response, exchange, 405, "CONNECT is not supported: this "
                                "is a reverse proxy", [("Allow", "GET, HEAD, POST, PUT, DELETE, "
@@ -254,115 +286,218 @@ class ProxyApp:
         except ValueError:
             return self._error(start_response, exchange, 400, "bad request target")
 
-        pool = routing.pools.get(DEFAULT_POOL)
-        if pool is None:
+        path = target.split("?", 1)[0]
+        match = table.router.match(environ, path, method, authority or environ.get("HTTP_HOST"))
+        if match is None:
             return self._error(start_response, exchange, 404, "no route matches this request "
                                "and there is no default pool")
+        pool = table.pools[match.pool]
         exchange.pool = pool.name
-        order = pool.policy.order(self.counters.take_ticket() if pool.uses_ticket else 0)
-        if not order:
-            log.error("no healthy backend in pool %s for %s %s (request %s)", pool.name, method,
-                      target, rid)
-            return self._error(start_response, exchange, 503, "no healthy backend",
-                               [("Retry-After", routing.retry_after)])
-        if self._quarantined:
-            order = self._prefer_unquarantined(order)
+        if match.strip:
+            target = strip_prefix(target, match.strip)
 
+        try:
+            body = self._request_body(environ, table)
+        except ClientBodyError as e:
+            log.info("client request body failed (request %s): %s", rid, e)
+            return self._error(start_response, exchange, 400, "incomplete request body",
+                               [("Connection", "close")])
         client_sock = environ.get("gunicorn.socket")
         try:
             port = str(client_sock.getsockname()[1]) if client_sock else environ["SERVER_PORT"]
         except OSError:
             port = environ.get("SERVER_PORT", "")
-        first = order[0]
-        host = authority or environ.get("HTTP_HOST") or first.netloc
+        host = authority or environ.get("HTTP_HOST") or ""
         headers = upstream_request_headers(environ, host, port, rid)
-        return self._forward(environ, start_response, routing, exchange, target, headers,
-                             order[: 1 + routing.settings.proxy.retries], client_sock)
+        body.framing(headers)
+        return self._forward(environ, start_response, table, pool, exchange, target, headers,
+                             body, client_sock)
 
-    def _forward(self, environ: dict[str, Any], start_response: StartResponse,
-                 routing: Routing, exchange: Exchange, target: str, headers: dict[str, str],
-                 attempts: Sequence[Backend], client_sock: socket.socket | None) -> Iterable[bytes]:
-        method = exchange.method
-        rid = exchange.rid
-        body = environ["wsgi.input"]
+    @staticmethod
+    def _request_body(environ: dict[str, Any], table: PoolTable) -> RequestBody:
         chunked = "chunked" in environ.get("HTTP_TRANSFER_ENCODING", "").lower()
         length = 0 if chunked else int(environ.get("CONTENT_LENGTH") or 0)
-        if length:
-            headers["Content-Length"] = str(length)
-        elif chunked:
-            headers["Transfer-Encoding"] = "chunked"
-        has_body = chunked or length > 0
-        head = request_head(method, target, headers)
+        return RequestBody(environ["wsgi.input"], length, chunked,
+                           table.settings.proxy.retry_buffer)
 
-        # A request that can be sent again: its method is idempotent and no body was read.
-        replayable = method in IDEMPOTENT and not has_body
-        last_failure: Exception | None = None
-        for backend in attempts:
-            if last_failure is not None:
+    # picking ------------------------------------------------------------------------------------
+
+    def _context(self, table: PoolTable, pool: PoolRuntime, environ: dict[str, Any],
+                 path: str) -> PickContext:
+        policy = pool.policy
+        in_flight = _NO_LOAD
+        if policy.uses_in_flight:
+            slots, hosts = table.slots, self.cells.table
+
+            def in_flight(backend_id: str) -> int:
+                slot = slots.get(backend_id)
+                return hosts.in_flight(slot) if slot is not None else 0
+        key = None
+        if pool.pool.algorithm == "consistent_hash":
+            key = request_key(pool.pool.hash_key, environ, path)
+        return PickContext(self.counters.take_ticket() if policy.uses_ticket else 0, in_flight,
+                           key)
+
+    def _pick(self, table: PoolTable, pool: PoolRuntime, environ: dict[str, Any], path: str,
+              tried: set[str], sticky: str | None) -> tuple[Backend | None, bool]:
+        """The next backend to try, with its in-flight slot taken; (None, full) when there is
+        none: full is True when every candidate was at its limit (worth queueing for)."""
+        order: Sequence[Backend] = pool.policy.order(self._context(table, pool, environ, path))
+        if sticky is not None and sticky in pool.available:
+            order = [pool.by_id[sticky], *(b for b in order if b.id != sticky)]
+        full = False
+        share = self._local_share(pool)
+        for backend in order:
+            if backend.id in tried:
+                continue
+            if self._local.get(backend.id, 0) >= share:
+                full = True
+                continue
+            slot = table.slots.get(backend.id)
+            if slot is not None and not self.cells.try_begin(slot, pool.limits[backend.id]):
+                full = True
+                continue
+            with self._local_lock:
+                self._local[backend.id] = self._local.get(backend.id, 0) + 1
+            return backend, False
+        return None, full
+
+    def _local_share(self, pool: PoolRuntime) -> int:
+        """A backend may hold at most this many of this worker's threads (Envoy's circuit
+        breaker, per worker): its fair share, doubled, so a frozen backend leaves the others
+        the rest."""
+        available = len(pool.available) or 1
+        if available == 1:
+            return self.threads
+        return max(2, math.ceil(2 * self.threads / available))
+
+    def release_share(self, backend_id: str) -> None:
+        with self._local_lock:
+            left = self._local.get(backend_id, 1) - 1
+            if left > 0:
+                self._local[backend_id] = left
+            else:
+                self._local.pop(backend_id, None)
+
+    # forwarding -------------------------------------------------------------------------------
+
+    def _forward(self, environ: dict[str, Any], start_response: StartResponse,
+                 table: PoolTable, pool: PoolRuntime, exchange: Exchange, target: str,
+                 headers: dict[str, str], body: RequestBody,
+                 client_sock: socket.socket | None) -> Iterable[bytes]:
+        method = exchange.method
+        settings = table.settings
+        path = target.split("?", 1)[0]
+        sticky = _cookie(environ, pool.pool.sticky_cookie) if pool.pool.sticky_cookie else None
+        sticky_id = pool.sticky_values.get(sticky) if sticky else None
+        idempotent_without_body = method in IDEMPOTENT and not body.present
+        tried: set[str] = set()
+        last: Outcome | None = None
+        queue_deadline = time.monotonic() + settings.proxy.queue_timeout
+        for _attempt in range(1 + settings.proxy.retries):
+            backend, full = self._pick(table, pool, environ, path, tried, sticky_id)
+            while backend is None and full and not tried and \
+                    time.monotonic() < queue_deadline:
+                time.sleep(QUEUE_POLL_SECONDS)  # every candidate is at max_connections
+                backend, full = self._pick(table, pool, environ, path, tried, sticky_id)
+            if backend is None:
+                break
+            tried.add(backend.id)
+            if last is not None:
                 self.recorder.retry(exchange.backend_id)
-            pool = routing.upstreams[backend.id]
             exchange.backend_id = backend.id
-            exchange.slot = routing.slots.get(backend.id)
-            if exchange.slot is not None:
-                self.cells.begin(exchange.slot)
-            attempt_started = time.perf_counter()
+            exchange.slot = table.slots.get(backend.id)
+            exchange.local = backend.id
+            upstream = table.upstreams[backend.id]
+            head = request_head(method, target, headers)
+            started = time.perf_counter()
             sock: socket.socket | None = None
             try:
-                sock, reused = pool.acquire()
-                sock, response = self._exchange(sock, reused, pool, method, head, body,
-                                                length, chunked, has_body)
-            except ConnectFailed as e:  # nothing reached the backend: the next one may serve
-                log.error("backend %s: connect failed: %s (request %s)", backend.id, e, rid)
-                self._quarantine(backend, routing.settings.health.interval)
-                self._attempt_failed(exchange)
-                last_failure = e
-                continue
+                sock, reused = upstream.acquire()
+                sock, response = self._exchange(sock, reused, upstream, method, head, body)
             except ClientBodyError as e:
                 _close(sock)
-                self._attempt_failed(exchange, failed=False)
-                log.info("client request body failed (request %s): %s", rid, e)
+                self._attempt_ended(exchange, table, settings, failed=False)
+                log.info("client request body failed (request %s): %s", exchange.rid, e)
                 return self._error(start_response, exchange, 400, "incomplete request body",
                                    [("Connection", "close")])
-            except TimeoutError:
+            except Exception as e:
                 _close(sock)
-                self._attempt_failed(exchange)
-                log.error("backend %s timed out after %gs (request %s)", backend.id,
-                          routing.settings.proxy.read_timeout, rid)
-                return self._error(start_response, exchange, 504, "backend timed out")
-            except (ConnectionError, UpstreamClosed) as e:
-                _close(sock)
-                self._attempt_failed(exchange)
-                log.error("backend %s failed before answering: %s (request %s)", backend.id,
-                          str(e) or type(e).__name__, rid)
-                if not replayable:
-                    return self._error(start_response, exchange, 502, "bad gateway")
-                self._quarantine(backend, routing.settings.health.interval)
-                last_failure = e  # and on to the next one, like nginx's next_upstream
-                continue
-            except (OSError, UpstreamProtocolError) as e:
-                _close(sock)
-                self._attempt_failed(exchange)
-                log.error("backend %s failed: %s (request %s)", backend.id,
-                          str(e) or type(e).__name__, rid)
-                return self._error(start_response, exchange, 502, "bad gateway")
-            exchange.upstream_s = time.perf_counter() - attempt_started
-            return self._respond(start_response, response, sock, pool, client_sock, exchange)
+                last = classify_error(e)
+                self._attempt_ended(exchange, table, settings, failed=True)
+                log.error("backend %s failed (%s): %s (request %s)", backend.id, last.kind,
+                          _reason(e, settings.proxy.read_timeout), exchange.rid)
+                if may_retry(last, settings.proxy.retry_on, body.replayable,
+                             idempotent_without_body):
+                    continue
+                return self._error(start_response, exchange, last.status, last.message)
+            exchange.upstream_s = time.perf_counter() - started
+            failure = classify_status(response.status)
+            if failure is not None:
+                self._passive_failure(exchange, table, settings)
+                last = failure
+                if may_retry(failure, settings.proxy.retry_on, body.replayable,
+                             idempotent_without_body) and len(tried) <= settings.proxy.retries \
+                        and len(tried) < len(pool.available):
+                    sock.close()
+                    self._attempt_ended(exchange, table, settings, failed=True, noted=True)
+                    log.error("backend %s answered %d; trying another (request %s)",
+                              backend.id, response.status, exchange.rid)
+                    continue
+            elif exchange.slot is not None:
+                self.cells.table.note_success(exchange.slot)
+            cookie = None
+            if pool.pool.sticky_cookie and sticky != pool.sticky_by_id.get(backend.id):
+                cookie = (f"{pool.pool.sticky_cookie}={pool.sticky_by_id[backend.id]}; Path=/; "
+                          "HttpOnly; SameSite=Lax")
+            return self._respond(start_response, response, sock, upstream, client_sock,
+                                 exchange, cookie)
 
-        assert last_failure is not None
-        if not isinstance(last_failure, ConnectFailed):
-            return self._error(start_response, exchange, 502, "bad gateway")
-        if last_failure.timed_out:
-            return self._error(start_response, exchange, 504, "backend connect timed out")
-        return self._error(start_response, exchange, 502, "no backend accepted the connection")
+        if last is None:
+            if tried or full:
+                return self._error(start_response, exchange, 503, "every backend is at its "
+                                   "connection limit", [("Retry-After", "1")])
+            log.error("no healthy backend in pool %s for %s %s (request %s)", pool.name,
+                      method, path, exchange.rid)
+            return self._error(start_response, exchange, 503, "no healthy backend",
+                               [("Retry-After", table.retry_after)])
+        return self._error(start_response, exchange, last.status, last.message)
 
-    def _attempt_failed(self, exchange: Exchange, failed: bool = True) -> None:
+    def _attempt_ended(self, exchange: Exchange, table: PoolTable, settings: Any,
+                       failed: bool, noted: bool = False) -> None:
+        """An attempt that will not stream a response: its slot and share go back."""
+        if failed and not noted:
+            self._passive_failure(exchange, table, settings)
         if exchange.slot is not None:
             self.cells.end(exchange.slot, failed)
             exchange.slot = None
+        if exchange.local is not None:
+            self.release_share(exchange.local)
+            exchange.local = None
 
-    def _exchange(self, sock: socket.socket, reused: bool, pool: UpstreamPool, method: str,
-                  head: bytes, body: Any, length: int, chunked: bool,
-                  has_body: bool) -> tuple[socket.socket, UpstreamResponse]:
+    def _passive_failure(self, exchange: Exchange, table: PoolTable, settings: Any) -> None:
+        health = settings.health
+        slot = exchange.slot
+        if not health.passive_fails or slot is None or self.client is None:
+            return
+        streak = self.cells.table.note_failure(slot, health.passive_window)
+        backend_id = exchange.backend_id
+        if streak >= health.passive_fails and backend_id not in self._ejecting:
+            self._ejecting.add(backend_id)
+            self.cells.table.note_success(slot)  # the next streak starts after the ejection
+            threading.Thread(target=self._eject, args=(backend_id,), daemon=True).start()
+
+    def _eject(self, backend_id: str) -> None:
+        """Off the request path: the Manager decides (max_ejected_percent) and tells all."""
+        try:
+            self.client.call("eject", backend_id)  # type: ignore[union-attr]
+        except Exception as e:
+            log.error("cannot eject %s: %s", backend_id, e or type(e).__name__)
+        finally:
+            self._ejecting.discard(backend_id)
+
+    def _exchange(self, sock: socket.socket, reused: bool, upstream: UpstreamPool, method: str,
+                  head: bytes, body: RequestBody) -> tuple[socket.socket, UpstreamResponse]:
         """Send one request and read the response head.
 
         A kept-alive connection the backend closed meanwhile fails on first use; then the
@@ -375,44 +510,26 @@ class ProxyApp:
         try:
             sock.sendall(head)
             head_sent = True
-            if not has_body:
+            if not body.present:
                 return sock, read_response_head(sock, method)
         except (ConnectionError, UpstreamClosed):
-            if not reused or (head_sent and method not in IDEMPOTENT):
+            if not reused or (head_sent and method not in IDEMPOTENT) or not body.replayable:
                 raise
             sock.close()
-            fresh = pool.connect()
+            fresh = upstream.connect()
             try:
-                return self._exchange(fresh, False, pool, method, head, body, length, chunked,
-                                      has_body)
+                return self._exchange(fresh, False, upstream, method, head, body)
             except BaseException:
                 fresh.close()  # the caller only knows the first socket
                 raise
         # If the backend stops reading, it may still have answered (e.g. 413): read that.
         with contextlib.suppress(BrokenPipeError, ConnectionResetError):
-            self._send_body(sock, body, length, chunked)
+            body.send(sock)
         return sock, read_response_head(sock, method)
 
-    @staticmethod
-    def _send_body(sock: socket.socket, body: Any, length: int, chunked: bool) -> None:
-        sent = 0
-        while True:
-            try:
-                block = body.read(BLOCK)
-            except Exception as e:  # gunicorn's body parser errors and client socket errors
-                raise ClientBodyError(str(e) or type(e).__name__) from e
-            if not block:
-                break
-            sent += len(block)
-            sock.sendall(b"%x\r\n%b\r\n" % (len(block), block) if chunked else block)
-        if chunked:
-            sock.sendall(b"0\r\n\r\n")
-        elif sent < length:
-            raise ClientBodyError(f"client sent {sent} of {length} body bytes")
-
     def _respond(self, start_response: StartResponse, response: UpstreamResponse,
-                 sock: socket.socket, pool: UpstreamPool, client_sock: socket.socket | None,
-                 exchange: Exchange) -> Iterable[bytes]:
+                 sock: socket.socket, upstream: UpstreamPool, client_sock: socket.socket | None,
+                 exchange: Exchange, cookie: str | None) -> Iterable[bytes]:
         reason = response.reason if response.reason and response.reason.isprintable() else ""
         if not reason.isascii() or not reason:
             try:
@@ -423,29 +540,24 @@ class ProxyApp:
             headers = client_response_headers(response.headers, exchange.rid)
         except ValueError as e:
             sock.close()
-            self._attempt_failed(exchange)
             log.error("backend %s sent an invalid response header %s (request %s)",
-                      pool.backend.id, e, exchange.rid)
+                      upstream.backend.id, e, exchange.rid)
+            if exchange.slot is not None:
+                self.cells.end(exchange.slot, True)
+                exchange.slot = None
+            self._release_local(exchange)
             return self._error(start_response, exchange, 502, "bad gateway")
+        if cookie:
+            headers.append(("Set-Cookie", cookie))
         exchange.status = response.status
         exchange.answered = True
         start_response(f"{response.status} {reason}", headers)
-        return UpstreamBody(response, sock, pool, client_sock, exchange)
+        return UpstreamBody(response, sock, upstream, client_sock, exchange)
 
-    def _quarantine(self, backend: Backend, interval: float) -> None:
-        with self._quarantine_lock:
-            self._quarantined[backend.id] = time.monotonic() + min(interval, 10.0)
-
-    def _prefer_unquarantined(self, order: Sequence[Backend]) -> Sequence[Backend]:
-        now = time.monotonic()
-        with self._quarantine_lock:
-            for backend_id, until in list(self._quarantined.items()):
-                if until <= now:
-                    del self._quarantined[backend_id]
-            blocked = self._quarantined
-            if not blocked:
-                return order
-        return sorted(order, key=lambda b: b.id in blocked)  # stable: keeps rotation order
+    def _release_local(self, exchange: Exchange) -> None:
+        if exchange.local is not None:
+            self.release_share(exchange.local)
+            exchange.local = None
 
     def _error(self, start_response: StartResponse, exchange: Exchange, status: int,
                message: str, extra: list[tuple[str, str]] | None = None) -> list[bytes]:
@@ -460,6 +572,49 @@ class ProxyApp:
         start_response(f"{status} {phrase}", headers)
         exchange.finish(len(body))
         return [body]
+
+
+QUEUE_POLL_SECONDS = 0.005
+
+
+def _no_load(backend_id: str) -> int:
+    return 0
+
+
+_NO_LOAD = _no_load
+
+
+def request_key(hash_key: str, environ: dict[str, Any], path: str) -> bytes:
+    """What consistent_hash hashes: client_ip | path | header:NAME | cookie:NAME; a request
+    without that header or cookie hashes its client address."""
+    value: str | None = None
+    if hash_key == "path":
+        value = path
+    elif hash_key.startswith("header:"):
+        value = environ.get("HTTP_" + hash_key[7:].upper().replace("-", "_"))
+    elif hash_key.startswith("cookie:"):
+        value = _cookie(environ, hash_key[7:])
+    if value is None:
+        value = environ.get("REMOTE_ADDR") or ""
+    return value.encode("latin-1", "replace")
+
+
+def _cookie(environ: dict[str, Any], name: str) -> str | None:
+    """One cookie's value from the Cookie header (RFC 6265 pairs; the first one wins)."""
+    header = environ.get("HTTP_COOKIE")
+    if not header:
+        return None
+    for pair in header.split(";"):
+        key, sep, value = pair.strip().partition("=")
+        if sep and key == name:
+            return value.strip().strip('"')
+    return None
+
+
+def _reason(error: BaseException, read_timeout: float) -> str:
+    if isinstance(error, TimeoutError):
+        return f"timed out after {read_timeout:g}s"
+    return str(error) or type(error).__name__
 
 
 def _close(sock: socket.socket | None) -> None:

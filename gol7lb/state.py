@@ -27,6 +27,7 @@ from multiprocessing.managers import BaseManager
 from multiprocessing.sharedctypes import RawArray
 from typing import Any, Generic, TypeVar
 
+from gol7lb import metrics
 from gol7lb.backends import Backend
 from gol7lb.children import configure_child_logging, init_helper_process
 from gol7lb.config import Pool, Settings
@@ -108,6 +109,8 @@ class Snapshot:
     slots: dict[str, int]  # backend id -> host slot in the shared HostTable
     health: dict[str, dict[str, Any]]  # backend id -> the supervisor's record
     drained: frozenset[str] = field(default_factory=frozenset)
+    ejected: dict[str, float] = field(default_factory=dict)  # backend id -> until (Unix time)
+    ejection_ended: dict[str, float] = field(default_factory=dict)  # id -> when (slow start)
 
     def backends(self) -> dict[str, Backend]:
         """Every running backend by id (a backend in several pools once, as first listed)."""
@@ -136,7 +139,7 @@ class ControlState:
     """Lives in the Manager process; every method runs under one lock."""
 
     _PERSISTED = ("settings", "config_generation", "loaded_at", "last_error", "added", "removed",
-                  "slots", "alive", "drained")
+                  "slots", "alive", "drained", "ejected", "ejections", "ejection_ended")
 
     def __init__(self, counters: SharedCounters, hosts: HostTable, path: str) -> None:
         self._counters = counters
@@ -152,6 +155,9 @@ class ControlState:
         self.slots: dict[str, int] = {}
         self.alive: dict[str, bool] = {}
         self.drained: set[str] = set()
+        self.ejected: dict[str, float] = {}  # passive health: id -> ejected until (Unix time)
+        self.ejections: dict[str, tuple[int, float]] = {}  # id -> (times in a row, last end)
+        self.ejection_ended: dict[str, float] = {}
         self.records: dict[str, dict[str, Any]] = {}  # latest check per backend (not persisted)
         if self._load():
             self._counters.bump_generation()  # a restarted Manager: everybody re-reads
@@ -235,6 +241,7 @@ class ControlState:
             if backend_id not in running:
                 del self.records[backend_id]
                 self.alive.pop(backend_id, None)
+                self.ejected.pop(backend_id, None)
 
     # writers ---------------------------------------------------------------------------------
 
@@ -299,6 +306,53 @@ class ControlState:
             raise ControlError(404, f"no backend {backend_id!r} (ids are host:port, as in "
                                     "/status)")
 
+    def eject(self, backend_id: str) -> float | None:
+        """Passive health: a worker saw `passive_fails` consecutive failures. Ejects for the
+        cooldown (doubling on repeats, capped at 10x) unless that would take more than
+        `max_ejected_percent` of a pool holding it, or its last available backend. Returns
+        the end of the ejection, or None when refused or already ejected."""
+        with self._lock:
+            if self.settings is None or backend_id in self.ejected:
+                return None
+            health = self.settings.health
+            now = time.time()
+            for pool in self._pools().values():
+                ids = [b.id for b in pool.backends]
+                if backend_id not in ids:
+                    continue
+                ejected = sum(1 for i in ids if i in self.ejected)
+                available = [i for i in ids if self.alive.get(i, True)
+                             and i not in self.drained and i not in self.ejected]
+                if (ejected + 1) * 100 > health.max_ejected_percent * len(ids) or \
+                        available == [backend_id] or not available:
+                    log.warning("passive health: not ejecting %s: pool %s would keep too few "
+                                "backends (max_ejected_percent %d)", backend_id, pool.name,
+                                health.max_ejected_percent)
+                    return None
+            times, last_end = self.ejections.get(backend_id, (0, 0.0))
+            if now - last_end > 10 * health.passive_cooldown:
+                times = 0  # healthy for long enough: forget earlier ejections
+            until = now + health.passive_cooldown * min(10, 2 ** times)
+            self.ejected[backend_id] = until
+            self.ejections[backend_id] = (times + 1, until)
+            metrics.EJECTIONS.labels(backend_id).inc()
+            log.warning("passive health: ejected %s for %.1fs (%d consecutive failures)",
+                        backend_id, until - now, health.passive_fails)
+            self._changed()
+            return until
+
+    def expire_ejections(self) -> None:
+        """Ejections whose time is up end (the supervisor asks every quarter second)."""
+        with self._lock:
+            now = time.time()
+            ended = [i for i, until in self.ejected.items() if until <= now]
+            for backend_id in ended:
+                del self.ejected[backend_id]
+                self.ejection_ended[backend_id] = now
+                log.info("passive health: %s is back after its ejection", backend_id)
+            if ended:
+                self._changed()
+
     def publish_health(self, backend_id: str, record: dict[str, Any], changed: bool) -> None:
         """One check result from the supervisor; the generation moves only on a flip."""
         with self._lock:
@@ -326,6 +380,8 @@ class ControlState:
                 slots=dict(self.slots),
                 health={k: dict(v) for k, v in self.records.items()},
                 drained=frozenset(self.drained),
+                ejected=dict(self.ejected),
+                ejection_ended=dict(self.ejection_ended),
             )
 
 
@@ -346,7 +402,7 @@ class StateManager(BaseManager):
 
 StateManager.register("control", callable=_control, exposed=(
     "publish_config", "record_error", "add_backend", "remove_backend", "set_drained",
-    "publish_health", "snapshot"))
+    "publish_health", "eject", "expire_ejections", "snapshot"))
 
 
 def run_manager(address: str, authkey: bytes, counters: SharedCounters, hosts: HostTable,
@@ -414,6 +470,7 @@ class CachedView(Generic[T]):
         self.counters = counters
         self.client = client
         self._build = build
+        self._snapshot: Snapshot | None = None
         self._seen = -1
         self._refresh_lock = threading.Lock()
         self._next_retry = 0.0
@@ -430,6 +487,16 @@ class CachedView(Generic[T]):
     def current(self) -> T:
         if self.counters.array[GENERATION] != self._seen:
             self._refresh()
+        return self._current  # type: ignore[return-value]
+
+    def rebuild(self) -> T:
+        """Build again from the snapshot in hand (no IPC): for state that changes with time
+        alone, like a slow-start ramp."""
+        if self._snapshot is not None and self._refresh_lock.acquire(blocking=False):
+            try:
+                self._current = self._build(self._snapshot, self._current)
+            finally:
+                self._refresh_lock.release()
         return self._current  # type: ignore[return-value]
 
     def _refresh(self) -> None:
@@ -453,5 +520,6 @@ class CachedView(Generic[T]):
                           "last known state", e or type(e).__name__)
             return False
         self._current = self._build(snapshot, self._current)
+        self._snapshot = snapshot
         self._seen = generation
         return True

@@ -107,10 +107,12 @@ class Supervisor:
         self.checkers: dict[str, BackendChecker] = {}
         self._seen = -1
         self._reported = False
+        self._snapshot: Snapshot | None = None
 
     def reconcile(self) -> None:
         generation = self.counters.generation
         if generation == self._seen:
+            self._expire_ejections()
             return
         try:
             snapshot = self.client.snapshot()
@@ -121,7 +123,19 @@ class Supervisor:
             return
         self._reported = False
         self._seen = generation
+        self._snapshot = snapshot
         self.apply(snapshot)
+
+    def _expire_ejections(self) -> None:
+        """Passive-health ejections end on time: the supervisor is the clock that ends them."""
+        snapshot = self._snapshot
+        if snapshot is None or not snapshot.ejected:
+            return
+        if min(snapshot.ejected.values()) <= time.time():
+            try:
+                self.client.call("expire_ejections")
+            except Exception as e:
+                log.error("supervisor cannot end ejections: %s", e or type(e).__name__)
 
     def apply(self, snapshot: Snapshot) -> None:
         logfmt.set_format(snapshot.settings.log.format)

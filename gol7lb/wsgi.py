@@ -13,7 +13,8 @@ from collections.abc import Callable, Iterable
 from typing import Any
 
 from gol7lb import hooks
-from gol7lb.proxy import ProxyApp, Routing, build_routing
+from gol7lb.pooltable import PoolTable, build_table
+from gol7lb.proxy import ProxyApp
 from gol7lb.state import CachedView, ControlClient
 
 _app: ProxyApp | None = None
@@ -25,10 +26,11 @@ def build_app() -> ProxyApp:
     with _lock:
         if _app is None:
             rt = hooks.runtime()
-            view: CachedView[Routing] = CachedView(
-                rt.counters, ControlClient(rt.address, rt.authkey), build_routing,
-                lambda: build_routing(rt.startup_snapshot(), None))
-            _app = ProxyApp(view, rt.counters, rt.hosts.for_worker(rt.worker_slot))
+            client = ControlClient(rt.address, rt.authkey)
+            view: CachedView[PoolTable] = CachedView(
+                rt.counters, client, build_table, lambda: build_table(rt.startup_snapshot(), None))
+            _app = ProxyApp(view, rt.counters, rt.hosts.for_worker(rt.worker_slot), client,
+                            rt.threads)
         return _app
 
 

@@ -108,14 +108,6 @@ def test_make_policy_by_name():
         assert isinstance(make_policy(name, bs, ids(bs)), cls)
 
 
-def test_the_old_two_argument_call_still_takes_a_bare_ticket():
-    """proxy.py before the merge: make_policy(algorithm, healthy) and order(ticket)."""
-    bs = backends(1, 1, 1)
-    policy = make_policy("round_robin", bs)
-    assert [policy.order(t)[0] for t in range(4)] == [bs[0], bs[1], bs[2], bs[0]]
-    assert policy.uses_ticket and not policy.uses_in_flight
-
-
 def test_large_pools_rotate_by_slices():
     bs = [parse_backend_url(f"http://10.0.{i // 250}.{i % 250 + 1}:80") for i in range(300)]
     policy = make_policy("round_robin", bs, ids(bs))

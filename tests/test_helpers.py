@@ -103,7 +103,7 @@ def test_healthz_says_503_with_the_reason_while_a_helper_is_frozen(lb_with_confi
     supervisor = helper_pid(lb, "supervisor")
     os.kill(supervisor, signal.SIGSTOP)
     try:
-        answer = wait_until(lambda: (r := healthz(lb)).status_code == 503 and r, timeout=30)
+        answer = wait_until(lambda: (r := healthz(lb)).status_code == 503 and [r], timeout=30)[0]
         assert "supervisor not running" in answer.text
     finally:
         os.kill(supervisor, signal.SIGCONT)
@@ -111,7 +111,7 @@ def test_healthz_says_503_with_the_reason_while_a_helper_is_frozen(lb_with_confi
     manager = helper_pid(lb, "manager")
     os.kill(manager, signal.SIGSTOP)
     try:
-        answer = wait_until(lambda: (r := healthz(lb)).status_code == 503 and r, timeout=30)
+        answer = wait_until(lambda: (r := healthz(lb)).status_code == 503 and [r], timeout=30)[0]
         assert "shared state unreachable" in answer.text
         # The proxy keeps serving from the last known state meanwhile.
         assert requests.get(lb.url + "/", timeout=5).status_code == 200

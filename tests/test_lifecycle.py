@@ -196,6 +196,9 @@ def test_admin_can_be_turned_off(lb_factory, backend_factory):
 def test_web_concurrency_sets_the_number_of_workers(lb_factory, backend_factory):
     backend = backend_factory()
     lb = lb_factory({"GOL7LB_BACKENDS": backends_env([backend.port]), "WEB_CONCURRENCY": "3"})
+    deadline = time.monotonic() + 15  # the master forks them one by one
+    while len(workers_of(lb)) < 3 and time.monotonic() < deadline:
+        time.sleep(0.05)
     assert len(workers_of(lb)) == 3
     listeners = {c.laddr for p in workers_of(lb) for c in p.net_connections("tcp")
                  if c.status == psutil.CONN_LISTEN}

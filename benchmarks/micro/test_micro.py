@@ -9,9 +9,9 @@ from __future__ import annotations
 import pytest
 
 from gol7lb.backends import parse_backend_url
-from gol7lb.balancer import RandomPolicy, RoundRobinPolicy
+from gol7lb.balancer import ALGORITHMS, PickContext, make_policy
 from gol7lb.headers import client_response_headers, request_id, upstream_request_headers
-from gol7lb.state import LivenessView, SharedCounters
+from gol7lb.state import SharedCounters
 
 BACKENDS = [parse_backend_url(f"http://127.0.0.1:{9000 + i}", 1 + i % 3) for i in range(8)]
 ENVIRON = {
@@ -27,22 +27,18 @@ UPSTREAM = [("Content-Type", "text/html"), ("Content-Length", "1234"), ("Set-Coo
             ("Server", "nginx"), ("Connection", "keep-alive"), ("ETag", '"abc"')]
 
 
-@pytest.mark.parametrize("policy_class", [RoundRobinPolicy, RandomPolicy])
-def test_policy_order(benchmark, policy_class):
-    policy = policy_class(BACKENDS)
+IDS = {b.id for b in BACKENDS}
+
+
+@pytest.mark.parametrize("algorithm", ALGORITHMS)
+def test_policy_order(benchmark, algorithm):
+    policy = make_policy(algorithm, BACKENDS, IDS)
     counters = SharedCounters()
-    benchmark(lambda: policy.order(counters.take_ticket()))
+    benchmark(lambda: policy.order(PickContext(counters.take_ticket(), lambda _id: 0, b"k")))
 
 
 def test_build_round_robin_policy(benchmark):
-    benchmark(RoundRobinPolicy, BACKENDS)
-
-
-def test_liveness_view_unchanged_generation(benchmark):
-    counters = SharedCounters()
-    view = LivenessView(BACKENDS, "round_robin", counters, lambda: {})
-    view.policy()
-    benchmark(view.policy)
+    benchmark(make_policy, "round_robin", BACKENDS, IDS)
 
 
 def test_upstream_request_headers(benchmark):

@@ -13,6 +13,7 @@ import re
 import socket
 import sys
 import threading
+import time
 from dataclasses import dataclass
 from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 from pathlib import Path
@@ -32,6 +33,7 @@ MAX_BODY = 64 * 1024
 SUPERVISOR_STALE_SECONDS = 5.0  # no heartbeat for this long: the supervisor is not running
 STATE_CALL_SECONDS = 5.0  # a frozen Manager makes /healthz say so instead of hanging
 JSON_TYPE = "application/json"
+LATENCY_CACHE_SECONDS = 1.0
 
 
 class ApiError(Exception):
@@ -79,10 +81,23 @@ class AdminServer(ThreadingHTTPServer):
         self.hosts = hosts
         self.registry = metrics.scrape_registry(
             [metrics.BackendStateCollector(self.snapshot_or_none, hosts)])
+        self._latency: dict[str, list[float]] = {}
+        self._latency_at = -LATENCY_CACHE_SECONDS
+        self._latency_lock = threading.Lock()
         try:
             self.dashboard = DASHBOARD.read_bytes()
         except OSError:
             self.dashboard = None
+
+    def latencies(self) -> dict[str, list[float]]:
+        """p50/p99 per backend, merged from every process's histogram files at most once a
+        second (a dashboard polls every second; merging the files is the expensive part)."""
+        now = time.monotonic()
+        with self._latency_lock:
+            if now - self._latency_at >= LATENCY_CACHE_SECONDS:
+                self._latency = metrics.latency_percentiles(self.registry)
+                self._latency_at = now
+            return self._latency
 
     def handle_error(self, request: Any, client_address: Any) -> None:
         """One line, not socketserver's traceback on stderr (a client that hung up, mostly)."""
@@ -253,8 +268,7 @@ class AdminHandler(BaseHTTPRequestHandler):
 
     def get_status(self) -> None:
         snapshot = self.server.snapshot()
-        latencies = metrics.latency_percentiles(self.server.registry)
-        self._json(200, status_document(snapshot, self.server.hosts, latencies))
+        self._json(200, status_document(snapshot, self.server.hosts, self.server.latencies()))
 
     def get_metrics(self) -> None:
         body, content_type = metrics.exposition(self.server.registry)

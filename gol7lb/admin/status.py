@@ -27,22 +27,26 @@ def backend_entries(snapshot: Snapshot, hosts: HostTable,
         for backend in pool.backends:
             pools_of.setdefault(backend.id, []).append(pool.name)
     entries = []
+    settings = snapshot.settings
     for backend_id, backend in snapshot.backends().items():
         record = snapshot.health.get(backend_id) or {}
         slot = snapshot.slots.get(backend_id)
         totals = hosts.totals(slot) if slot is not None else _ZERO
         alive = snapshot.alive(backend_id)
         latency = (latencies or {}).get(backend_id)
+        ejected_until = snapshot.ejected.get(backend_id)
         entries.append({
             "id": backend_id,
             "url": backend.url,
             "alive": alive,
             "weight": backend.weight,
-            "state": backend_state(alive, backend_id in snapshot.drained, totals.in_flight),
+            "state": backend_state(alive, backend_id in snapshot.drained, totals.in_flight,
+                                   ejected_until is not None),
             "in_flight": totals.in_flight,
             "requests": totals.requests,
             "failures": totals.failures,
-            "ejected_until": None,
+            "ejected_until": ejected_until,
+            "max_connections": backend.max_connections or settings.proxy.max_connections,
             "last_check": record.get("last_check"),
             "source": snapshot.sources.get(backend_id, "config"),
             "pools": pools_of.get(backend_id, []),
@@ -61,10 +65,11 @@ def status_document(snapshot: Snapshot, hosts: HostTable,
         "algorithm": settings.algorithm,
         "config": {"generation": snapshot.config_generation, "loaded_at": snapshot.loaded_at,
                    "last_error": snapshot.last_error, "source": settings.source},
-        "pools": {name: {"algorithm": pool.algorithm,
+        "pools": {name: {"algorithm": pool.algorithm, "hash_key": pool.hash_key,
+                         "sticky_cookie": pool.sticky_cookie or None,
                          "backends": [b.id for b in pool.backends]}
                   for name, pool in snapshot.pools.items()},
-        "routes": [],
+        "routes": [route.describe() for route in settings.routes],
         "health": {"type": settings.health.type, "interval": settings.health.interval,
                    "timeout": settings.health.timeout, "rise": settings.health.rise,
                    "fall": settings.health.fall},

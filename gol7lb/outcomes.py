@@ -1,0 +1,61 @@
+"""What one attempt's failure means, decided in one place: the client's status, whether it may
+go to another backend (`proxy.retry_on`), and whether it counts against the backend for
+passive health (Envoy's outlier detection: connect failure, timeout, reset, 502/503/504).
+"""
+
+from __future__ import annotations
+
+from collections.abc import Collection
+from dataclasses import dataclass
+
+from gol7lb.upstream import ConnectFailed, UpstreamClosed, UpstreamProtocolError
+
+
+@dataclass(frozen=True, slots=True)
+class Outcome:
+    kind: str  # "connect-failure" | "timeout" | "reset" | "502" | "503" | "504" | "bad-response"
+    status: int  # what the client gets when no other backend takes the request
+    message: str  # the client's error body (and the log's reason)
+    backend_fault: bool = True  # counts towards passive-health ejection
+
+
+def classify_error(error: BaseException) -> Outcome:
+    """An exception from connecting, sending the request or reading the response head."""
+    if isinstance(error, ConnectFailed):
+        if error.timed_out:
+            return Outcome("connect-failure", 504, "backend connect timed out")
+        return Outcome("connect-failure", 502, "no backend accepted the connection")
+    if isinstance(error, TimeoutError):
+        return Outcome("timeout", 504, "backend timed out")
+    if isinstance(error, ConnectionError | UpstreamClosed):
+        return Outcome("reset", 502, "bad gateway")
+    if isinstance(error, UpstreamProtocolError | OSError):
+        return Outcome("bad-response", 502, "bad gateway")
+    raise error
+
+
+RETRY_STATUSES = frozenset({502, 503, 504})
+
+
+def classify_status(status: int) -> Outcome | None:
+    """A backend's own 502/503/504 is a failure for retry_on and passive health; the client
+    gets the backend's answer when no other backend takes the request."""
+    if status in RETRY_STATUSES:
+        return Outcome(str(status), status, f"backend answered {status}")
+    return None
+
+
+def may_retry(outcome: Outcome, retry_on: Collection[str], replayable: bool,
+              idempotent_without_body: bool) -> bool:
+    """Whether another backend may take the request after this outcome.
+
+    A connect failure reached no backend, so it is always safe; anything later needs the
+    request to be sent again whole (no body, or a body kept in `retry_buffer`). A reset of an
+    idempotent request without a body is retried even when `reset` is not listed, as nginx
+    does by default: the backend died under it and nothing else can have happened twice.
+    """
+    if outcome.kind == "connect-failure":
+        return outcome.kind in retry_on
+    if outcome.kind == "reset" and idempotent_without_body:
+        return True
+    return replayable and outcome.kind in retry_on

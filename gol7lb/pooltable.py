@@ -1,0 +1,125 @@
+"""What a worker serves from for one generation of the shared state: the compiled routes, each
+pool's policy over the backends that may take requests, sticky-cookie values, effective
+weights while a backend ramps up (slow start), and the worker's keep-alive sockets by address.
+
+Built once per generation (never per request); while a backend ramps, rebuilt from the same
+snapshot once a second without any IPC. Requests in flight keep the table they started with.
+"""
+
+from __future__ import annotations
+
+import math
+import time
+from collections.abc import Mapping
+from dataclasses import dataclass, field
+
+from gol7lb import logfmt
+from gol7lb.backends import Backend
+from gol7lb.balancer import Policy, make_policy, pool_sticky_secret, sticky_key
+from gol7lb.config import Settings
+from gol7lb.pools import Pool
+from gol7lb.routing import Router
+from gol7lb.state import Snapshot
+from gol7lb.upstream import UpstreamPool
+
+RAMP_SCALE = 10  # weights are multiplied by this while some backend of the pool ramps up
+RAMP_REBUILD_SECONDS = 1.0
+
+
+@dataclass
+class PoolRuntime:
+    """One pool as a worker serves it."""
+
+    pool: Pool
+    policy: Policy
+    available: frozenset[str]
+    limits: dict[str, int]  # backend id -> max_connections over all workers (0: none)
+    sticky_values: dict[str, str] = field(default_factory=dict)  # cookie value -> backend id
+    sticky_by_id: dict[str, str] = field(default_factory=dict)  # backend id -> cookie value
+    by_id: dict[str, Backend] = field(default_factory=dict)
+
+    @property
+    def name(self) -> str:
+        return self.pool.name
+
+
+@dataclass
+class PoolTable:
+    snapshot: Snapshot
+    settings: Settings
+    router: Router
+    pools: dict[str, PoolRuntime]
+    upstreams: dict[str, UpstreamPool]  # backend id -> this worker's keep-alive sockets
+    slots: dict[str, int]  # backend id -> host slot (in flight, requests, failures)
+    retry_after: str
+    rebuild_at: float = math.inf  # monotonic time of the next slow-start step
+
+
+def ramp_factor(snapshot: Snapshot, backend_id: str, slow_start: float, now: float) -> float:
+    """1.0, or the share of its weight a backend that came back recently gets (>= 0.1)."""
+    if slow_start <= 0:
+        return 1.0
+    since = snapshot.health.get(backend_id, {}).get("since")
+    came_back = max(since or 0.0, snapshot.ejection_ended.get(backend_id, 0.0))
+    elapsed = now - came_back
+    if not came_back or elapsed >= slow_start:
+        return 1.0
+    return max(0.1, elapsed / slow_start)
+
+
+def available_ids(snapshot: Snapshot, now: float) -> frozenset[str]:
+    """Up, not drained, not ejected."""
+    return frozenset(
+        backend_id for backend_id in snapshot.backends()
+        if snapshot.alive(backend_id) and backend_id not in snapshot.drained
+        and snapshot.ejected.get(backend_id, 0.0) <= now)
+
+
+def build_table(snapshot: Snapshot, previous: PoolTable | None) -> PoolTable:
+    settings = snapshot.settings
+    logfmt.set_format(settings.log.format)
+    now = time.time()
+    available = available_ids(snapshot, now)
+    old = previous.upstreams if previous else {}
+    upstreams: dict[str, UpstreamPool] = {}
+    pools = {}
+    ramping = False
+    for name, pool in snapshot.pools.items():
+        for backend in pool.backends:
+            if backend.id not in upstreams:
+                upstreams[backend.id] = _upstream_for(backend, settings, old.get(backend.id))
+        pool_available = frozenset(b.id for b in pool.backends if b.id in available)
+        factors = {b.id: ramp_factor(snapshot, b.id, settings.health.slow_start, now)
+                   for b in pool.backends}
+        weights: Mapping[str, int] | None = None
+        if any(f < 1.0 for f in factors.values()):
+            ramping = True
+            weights = {b.id: max(1, round(b.weight * RAMP_SCALE * factors[b.id]))
+                       for b in pool.backends}
+        runtime = PoolRuntime(
+            pool, make_policy(pool.algorithm, pool.backends, pool_available, weights),
+            pool_available,
+            {b.id: b.max_connections or settings.proxy.max_connections for b in pool.backends},
+            by_id={b.id: b for b in pool.backends})
+        if pool.sticky_cookie:
+            secret = pool_sticky_secret(settings.sticky_secret, pool)
+            runtime.sticky_by_id = {b.id: sticky_key(secret, pool.name, b.id)
+                                    for b in pool.backends}
+            runtime.sticky_values = {v: k for k, v in runtime.sticky_by_id.items()}
+        pools[name] = runtime
+    for backend_id, upstream in old.items():
+        if backend_id not in upstreams:
+            upstream.retire()  # idle sockets close now, busy ones when their request ends
+    return PoolTable(
+        snapshot, settings, Router(settings.routes, list(snapshot.pools)), pools, upstreams,
+        dict(snapshot.slots), str(max(1, math.ceil(settings.health.interval))),
+        rebuild_at=time.monotonic() + RAMP_REBUILD_SECONDS if ramping else math.inf)
+
+
+def _upstream_for(backend: Backend, settings: Settings,
+                  existing: UpstreamPool | None) -> UpstreamPool:
+    connect, read = settings.proxy.connect_timeout, settings.proxy.read_timeout
+    if existing is None:
+        return UpstreamPool(backend, connect, read)
+    existing.configure(backend, connect, read)
+    return existing

@@ -1,0 +1,102 @@
+"""Routes: (host, path, method, headers) -> pool, compiled once per configuration.
+
+First match in file order wins; a request no route matches goes to the default pool (or gets
+404 when there is none). Matching is pure and cheap per request: the routes that can match a
+given Host are worked out once per distinct host and cached (bounded), so a request only
+checks path, method and headers of those, in order.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Mapping, Sequence
+from dataclasses import dataclass
+from typing import Any
+
+from gol7lb.pools import DEFAULT_POOL, Route
+
+HOST_CACHE_SIZE = 4096  # distinct Host values remembered; clients choose them, so bounded
+
+
+@dataclass(frozen=True, slots=True)
+class CompiledRoute:
+    route: Route
+    prefix: str  # "" for any path
+    prefix_open: str  # the prefix with a trailing "/", for segment-aware matching
+    methods: frozenset[str]
+    headers: tuple[tuple[str, str], ...]  # (WSGI environ key, exact value)
+
+    def matches(self, environ: Mapping[str, Any], path: str, method: str) -> bool:
+        if self.prefix and not (path == self.prefix or path.startswith(self.prefix_open)):
+            return False
+        if self.methods and method not in self.methods:
+            return False
+        return all(environ.get(key) == value for key, value in self.headers)
+
+
+@dataclass(frozen=True, slots=True)
+class Match:
+    pool: str
+    strip: str  # the prefix to remove from the path ("" for none)
+
+
+def host_matches(pattern: str, host: str) -> bool:
+    """Exact, or "*.example.com": any subdomain at any depth, never the bare domain."""
+    if pattern.startswith("*."):
+        return host.endswith(pattern[1:]) and len(host) > len(pattern) - 1
+    return host == pattern
+
+
+def normalise_host(value: str | None) -> str:
+    """Host header -> lower-case name without port ("[::1]:80" -> "[::1]")."""
+    if not value:
+        return ""
+    host = value.strip().lower()
+    if host.startswith("["):
+        return host.split("]", 1)[0] + "]"
+    return host.rsplit(":", 1)[0] if host.count(":") == 1 else host
+
+
+def strip_prefix(target: str, prefix: str) -> str:
+    """"/api/x?q=1" less "/api/" -> "/x?q=1"; "/api" less "/api" -> "/"."""
+    rest = target[len(prefix.rstrip("/")):]
+    if not rest or rest.startswith("?"):
+        return "/" + rest
+    return rest
+
+
+class Router:
+    """Compiled routes of one configuration."""
+
+    def __init__(self, routes: Sequence[Route], pools: Sequence[str]) -> None:
+        self.routes = tuple(self._compile(r) for r in routes)
+        self.default = DEFAULT_POOL if DEFAULT_POOL in pools else None
+        self._hosted = any(r.route.host for r in self.routes)
+        self._by_host: dict[str, tuple[CompiledRoute, ...]] = {}
+
+    @staticmethod
+    def _compile(route: Route) -> CompiledRoute:
+        prefix = route.path_prefix
+        open_prefix = prefix if prefix.endswith("/") else prefix + "/"
+        headers = tuple(("HTTP_" + name.upper().replace("-", "_"), value)
+                        for name, value in route.headers)
+        return CompiledRoute(route, prefix, open_prefix, route.methods, headers)
+
+    def _for_host(self, host: str) -> tuple[CompiledRoute, ...]:
+        found = self._by_host.get(host)
+        if found is None:
+            found = tuple(r for r in self.routes
+                          if not r.route.host or host_matches(r.route.host, host))
+            if len(self._by_host) < HOST_CACHE_SIZE:
+                self._by_host[host] = found
+        return found
+
+    def match(self, environ: Mapping[str, Any], path: str, method: str,
+              host: str | None) -> Match | None:
+        """The pool for this request, or None (no route, no default pool: 404)."""
+        if self.routes:
+            candidates = self._for_host(normalise_host(host)) if self._hosted else self.routes
+            for compiled in candidates:
+                if compiled.matches(environ, path, method):
+                    route = compiled.route
+                    return Match(route.pool, route.path_prefix if route.strip_prefix else "")
+        return Match(self.default, "") if self.default else None
