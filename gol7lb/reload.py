@@ -21,7 +21,7 @@ import time
 from collections.abc import Mapping
 from pathlib import Path
 
-from gol7lb import metrics
+from gol7lb import logfmt, metrics
 from gol7lb.children import configure_child_logging, init_helper_process
 from gol7lb.config import ConfigError, Settings, load_settings
 from gol7lb.state import ControlClient
@@ -114,6 +114,7 @@ def check(path: str, client: ControlClient) -> None:
     except Exception as e:
         log.error("config watcher cannot read the running configuration: %s", e)
         return
+    logfmt.set_format(running.log.format)  # a reload may have switched text/json
     digest = file_digest(path)
     if digest == running.file_digest or digest == _last_refused.get("digest"):
         return
