@@ -56,7 +56,8 @@ class AccessLog:
 
 
 def _printable(path: str) -> str:
-    """Quotes and control characters escaped, so one request is always one parseable line."""
-    if path.isprintable() and '"' not in path:
+    """Quotes, backslashes and control characters escaped, so one request is always one
+    parseable line (an unescaped backslash would let `/a\\` end the quoted field as `\\"`)."""
+    if path.isprintable() and '"' not in path and "\\" not in path:
         return path
     return path.encode("unicode_escape").decode("ascii").replace('"', '\\"')
