@@ -8,17 +8,23 @@ cd "$(dirname "$0")/.."
 export PIP_DISABLE_PIP_VERSION_CHECK=1 PIP_ROOT_USER_ACTION=ignore
 python -m pip install -q -e '.[test]'
 
-# The compose validator for tests/test_packaging.py: Debian's docker-compose (1.x), whose
-# `config` command validates docker-compose.yml without a Docker engine.
-# --no-install-recommends keeps the Docker engine (docker.io, recommended) off the machine.
-if ! command -v docker-compose >/dev/null 2>&1; then
+# Debian packages the tests need, installed only when missing (one apt-get update for all):
+# * docker-compose (1.x) for tests/test_packaging.py: its `config` command validates
+#   docker-compose.yml without a Docker engine. --no-install-recommends keeps the Docker
+#   engine (docker.io, recommended) off the machine.
+# * prometheus, for its promtool: tests/test_metrics.py runs `promtool check metrics` on the
+#   admin listener's /metrics (only the checker is used; the tests never start the server).
+apt_packages=()
+command -v docker-compose >/dev/null 2>&1 || apt_packages+=(docker-compose)
+command -v promtool >/dev/null 2>&1 || apt_packages+=(prometheus)
+if [ "${#apt_packages[@]}" -gt 0 ]; then
     sudo=()
     if [ "$(id -u)" -ne 0 ]; then
         sudo=(sudo -n)
     fi
     export DEBIAN_FRONTEND=noninteractive
     "${sudo[@]}" apt-get update -q
-    "${sudo[@]}" apt-get install -y -q --no-install-recommends docker-compose
+    "${sudo[@]}" apt-get install -y -q --no-install-recommends "${apt_packages[@]}"
 fi
 
 exec python -m pytest "$@"
