@@ -66,6 +66,7 @@ def reload_config(client: ControlClient, trigger: str,
         metrics.CONFIG_RELOADS.labels("error").inc()
         return False
     metrics.CONFIG_RELOADS.labels("ok").inc()
+    logfmt.set_format(settings.log.format)  # this process's lines about it are in the new one
     for note in restart_notes(previous, settings):
         log.warning("reload (%s): %s", trigger, note)
     log.info("reload (%s): configuration generation %d from %s: %d backends in %d pools",

@@ -204,3 +204,40 @@ def test_odd_paths_give_one_parseable_line(lb_factory, three_backends, fmt):
     if fmt == "json":
         for line in lines(lb):
             json.loads(line)  # and nothing else broke a line
+
+
+
+def test_reload_switches_the_format_and_turns_the_access_log_off(lb_factory, three_backends,
+                                                                  tmp_path):
+    config = tmp_path / "gol7lb.toml"
+    staged = tmp_path / "gol7lb.toml.new"
+    config.write_text('[log]\nformat = "text"\n')
+    lb = lb_factory({"GOL7LB_BACKENDS": backends_env([b.port for b in three_backends]),
+                     "GOL7LB_CONFIG": str(config), **FAST_HEALTH})
+    wait_until(lambda: "config watcher on" in lb.output())
+    one_line(text_lines_for, lb, requests.get(lb.url + "/", timeout=10).headers["X-Request-ID"])
+    reloaded = '"message": "reload (gol7lb.toml changed)'
+
+    staged.write_text('[log]\nformat = "json"\n')
+    staged.replace(config)  # as editors save: write, then rename
+    wait_until(lambda: reloaded in lb.output())
+    after_switch = len(lb.output())
+    # fresh connections, so both workers serve some: each must log JSON now
+    rids = [requests.get(lb.url + "/", headers={"Connection": "close"}, timeout=10)
+            .headers["X-Request-ID"] for _ in range(20)]
+    wait_until(lambda: all(json_lines_for(lb, rid) for rid in rids))
+    time.sleep(0.2)  # a duplicate would be written right after the first
+    for rid in rids:
+        found = json_lines_for(lb, rid)
+        assert len(found) == 1 and set(found[0]) >= JSON_KEYS, found
+    for line in lb.output()[after_switch:].split("\n"):
+        if line.strip():
+            json.loads(line)  # nothing of any process is text any more
+
+    staged.write_text('[log]\nformat = "json"\naccess = false\n')
+    staged.replace(config)
+    wait_until(lambda: lb.output().count(reloaded) == 2)
+    quiet = [requests.get(lb.url + "/", headers={"Connection": "close"}, timeout=10)
+             .headers["X-Request-ID"] for _ in range(10)]
+    time.sleep(0.5)  # a line would be written as the response ends; give a late one a chance
+    assert not any(rid in lb.output() for rid in quiet)
