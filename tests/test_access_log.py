@@ -24,7 +24,12 @@ JSON_KEYS = {"time", "client", "method", "path", "status", "bytes", "pool", "bac
              "upstream_ms", "duration_ms", "request_id"}
 
 
-def wait_until(condition, timeout: float = 15.0, interval: float = 0.05):
+# Helper processes are spawned (a fresh interpreter each): on a busy machine they have been
+# seen to take 15 s to log their first line after the LB already serves.
+HELPERS_START = 60.0
+
+
+def wait_until(condition, timeout: float = HELPERS_START, interval: float = 0.05):
     deadline = time.monotonic() + timeout
     while True:
         value = condition()
@@ -57,7 +62,7 @@ def json_lines_for(lb, rid: str) -> list[dict]:
 
 def one_line(finder, lb, rid: str):
     """The single access line of a request (the write may land just after the response)."""
-    found = wait_until(lambda: finder(lb, rid), timeout=10)
+    found = wait_until(lambda: finder(lb, rid), timeout=30)
     time.sleep(0.2)  # a duplicate would be written right after the first
     found = finder(lb, rid)
     assert len(found) == 1, f"expected one access line for {rid}, got {found}"
@@ -156,7 +161,7 @@ def test_json_access_and_error_lines_are_all_json_objects(json_lb):
     assert json_lines_for(lb, big.headers["X-Request-ID"])[0]["bytes"] == 12345
     assert json_lines_for(lb, big.headers["X-Request-ID"])[0]["path"] == "/bytes/12345"
     # The error log too: gunicorn's own lines and every helper's, from the very first line.
-    wait_until(lambda: "supervisor started" in lb.output())
+    wait_until(lambda: "supervisor started" in lb.output(), timeout=HELPERS_START)
     entries = []
     for line in lines(lb):
         try:
@@ -214,7 +219,7 @@ def test_reload_switches_the_format_and_turns_the_access_log_off(lb_factory, thr
     config.write_text('[log]\nformat = "text"\n')
     lb = lb_factory({"GOL7LB_BACKENDS": backends_env([b.port for b in three_backends]),
                      "GOL7LB_CONFIG": str(config), **FAST_HEALTH})
-    wait_until(lambda: "config watcher on" in lb.output())
+    wait_until(lambda: "config watcher on" in lb.output(), timeout=HELPERS_START)
     one_line(text_lines_for, lb, requests.get(lb.url + "/", timeout=10).headers["X-Request-ID"])
     reloaded = '"message": "reload (gol7lb.toml changed)'
 

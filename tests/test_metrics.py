@@ -40,7 +40,12 @@ DOCUMENTED = {
 }
 
 
-def wait_until(condition, timeout: float = 20.0, interval: float = 0.05):
+# Helper processes are spawned (a fresh interpreter each): on a busy machine they have been
+# seen to take 15 s to log their first line after the LB already serves.
+HELPERS_START = 60.0
+
+
+def wait_until(condition, timeout: float = HELPERS_START, interval: float = 0.05):
     deadline = time.monotonic() + timeout
     while True:
         value = condition()
@@ -129,7 +134,8 @@ def lb3(lb_factory, three_backends):
                      **FAST_HEALTH})
     lb.backends = three_backends
     # every backend checked at least once, so every health series exists
-    wait_until(lambda: len(per_label(lb, "gol7lb_health_checks_total", "backend")) == 3)
+    wait_until(lambda: len(per_label(lb, "gol7lb_health_checks_total", "backend")) == 3,
+               timeout=HELPERS_START)
     return lb
 
 
@@ -247,7 +253,10 @@ def test_retry_after_connect_failure_is_counted_against_the_dead_backend(lb_fact
                                                                           three_backends):
     ports = [b.port for b in three_backends]
     lb = lb_factory({"GOL7LB_BACKENDS": backends_env(ports), **FAST_HEALTH,
-                     "GOL7LB_HEALTH_INTERVAL": "60"})  # the dead one stays "up"
+                     "GOL7LB_HEALTH_INTERVAL": "60"})  # the dead one stays "up"...
+    # ...once each backend had its first check (the next one is a minute away)
+    wait_until(lambda: len(per_label(lb, "gol7lb_health_checks_total", "backend",
+                                     result="ok")) == 3, timeout=HELPERS_START)
     dead = three_backends[0]
     dead.popen.kill()
     dead.popen.wait(5)
@@ -292,19 +301,19 @@ def test_config_reloads_are_counted_ok_and_error(lb_factory, three_backends, tmp
     write_config(config, "[proxy]\nretries = 2\n")
     lb = lb_factory({"GOL7LB_BACKENDS": backends_env([b.port for b in three_backends]),
                      "GOL7LB_CONFIG": str(config), **FAST_HEALTH})
-    wait_until(lambda: "config watcher on" in lb.output())
+    wait_until(lambda: "config watcher on" in lb.output(), timeout=HELPERS_START)
     assert value(lb, "gol7lb_config_reloads_total") == 0
     write_config(config, "[proxy]\nretries = 1\n")
-    wait_until(lambda: value(lb, "gol7lb_config_reloads_total", result="ok") == 1, timeout=10)
+    wait_until(lambda: value(lb, "gol7lb_config_reloads_total", result="ok") == 1, timeout=30)
     write_config(config, '[proxy]\nretries = "many"\n')
     wait_until(lambda: value(lb, "gol7lb_config_reloads_total", result="error") == 1,
-               timeout=10)
+               timeout=30)
     assert value(lb, "gol7lb_config_reloads_total", result="ok") == 1
     lb.signal(signal.SIGHUP)  # the master's own reload of the same bad file
     wait_until(lambda: value(lb, "gol7lb_config_reloads_total", result="error") == 2,
-               timeout=15)
+               timeout=30)
     write_config(config, "[proxy]\nretries = 0\n")
-    wait_until(lambda: value(lb, "gol7lb_config_reloads_total", result="ok") == 2, timeout=10)
+    wait_until(lambda: value(lb, "gol7lb_config_reloads_total", result="ok") == 2, timeout=30)
     found = families(lb)["gol7lb_config_reloads"]
     assert found.type == "counter" and found.documentation
     assert all(set(s.labels) == {"result"} for s in found.samples)
@@ -333,11 +342,11 @@ def test_promtool_accepts_the_exposition(lb_factory, three_backends, tmp_path):
     ports = [b.port for b in three_backends]
     lb = lb_factory({"GOL7LB_BACKENDS": backends_env(ports), "GOL7LB_CONFIG": str(config),
                      **FAST_HEALTH, "GOL7LB_HEALTH_INTERVAL": "60"})
-    wait_until(lambda: "config watcher on" in lb.output())
+    wait_until(lambda: "config watcher on" in lb.output(), timeout=HELPERS_START)
     three_backends[0].popen.kill()  # retries, and later failed checks
     send_concurrently(lb.url + "/", 6)
     requests.post(lb.url + "/", data=b"x", timeout=10)
-    requests.request("BREW", lb.url + "/", timeout=10)
+    requests.request("BREW", lb.url + "/", timeout=30)
     write_config(config, "[proxy]\nretries = oops\n")
     wait_until(lambda: value(lb, "gol7lb_config_reloads_total", result="error") == 1)
     text = scrape_text(lb)
