@@ -320,6 +320,17 @@ def test_config_reloads_are_counted_ok_and_error(lb_factory, three_backends, tmp
     assert get_fresh(lb.url + "/").status_code == 200
 
 
+def test_an_edit_while_the_watcher_starts_is_applied(lb_factory, three_backends, tmp_path):
+    config = tmp_path / "gol7lb.toml"
+    write_config(config, "[proxy]\nretries = 2\n")
+    lb = lb_factory({"GOL7LB_BACKENDS": backends_env([b.port for b in three_backends]),
+                     "GOL7LB_CONFIG": str(config), **FAST_HEALTH})
+    write_config(config, "[proxy]\nretries = 1\n")  # no wait for the watcher
+    wait_until(lambda: value(lb, "gol7lb_config_reloads_total", result="ok") >= 1)
+    wait_until(lambda: "config watcher on" in lb.output())
+    assert value(lb, "gol7lb_config_reloads_total", result="error") == 0
+
+
 def test_two_instances_count_independently(lb_factory, three_backends):
     env = {"GOL7LB_BACKENDS": backends_env([b.port for b in three_backends]), **FAST_HEALTH}
     first, second = lb_factory(dict(env)), lb_factory(dict(env))
