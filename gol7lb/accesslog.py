@@ -14,7 +14,10 @@ import time
 
 from gol7lb.logfmt import iso_time
 
-MAX_PATH = 2048  # longer paths are cut in the log line (never in the request)
+# Longer paths are cut in the log line (never in the request). Escaping can double a path
+# (quotes, backslashes), and a line must stay within PIPE_BUF (4096) for its one write to be
+# atomic when every worker writes to the same pipe: 2 x 1024 plus the other fields fits.
+MAX_PATH = 1024
 
 
 class AccessLog:

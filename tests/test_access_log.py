@@ -4,10 +4,14 @@ JSON, with client, method, path, status, bytes, pool, backend, times and request
 from __future__ import annotations
 
 import json
+import os
 import re
+import select
+import signal
 import socket
 import time
 
+import psutil
 import pytest
 import requests
 
@@ -81,6 +85,17 @@ def raw_get(lb, target: bytes) -> tuple[int, dict[str, str], bytes]:
     headers = {k.strip().lower(): v.strip()
                for k, _, v in (f.partition(":") for f in fields)}
     return int(status_line.split()[1]), headers, body
+
+
+def worker_pid(lb) -> int:
+    """One of the LB's gunicorn workers (its forked children; the helpers are spawned)."""
+    for proc in psutil.Process(lb.pid).children():
+        try:
+            if "gunicorn" in " ".join(proc.cmdline()):
+                return proc.pid
+        except psutil.Error:
+            continue
+    raise AssertionError("no worker found")
 
 
 def unescape(path: str) -> str:
@@ -209,6 +224,16 @@ def test_odd_paths_give_one_parseable_line(lb_factory, three_backends, fmt):
     if fmt == "json":
         for line in lines(lb):
             json.loads(line)  # and nothing else broke a line
+    # A long path of characters that escaping doubles: still one line, short enough for one
+    # atomic write to a pipe shared by every worker (PIPE_BUF), with the path cut.
+    status, headers, _ = raw_get(lb, b"/" + b'"\\' * 2000)
+    assert status == 404
+    rid = headers["x-request-id"]
+    finder = json_lines_for if fmt == "json" else text_lines_for
+    one_line(finder, lb, rid)
+    line = next(x for x in lines(lb) if rid in x)
+    assert len(line.encode()) + 1 <= select.PIPE_BUF
+    assert '..."' in line  # the cut path's mark, just before the closing quote
 
 
 
@@ -237,7 +262,20 @@ def test_reload_switches_the_format_and_turns_the_access_log_off(lb_factory, thr
         assert len(found) == 1 and set(found[0]) >= JSON_KEYS, found
     for line in lb.output()[after_switch:].split("\n"):
         if line.strip():
-            json.loads(line)  # nothing of any process is text any more
+            json.loads(line)  # nothing of the workers and helpers is text any more
+    # The master too, though only the config watcher saw the change (it follows the shared
+    # generation, so give it a moment): make it log by killing workers.
+    master_json = f'"pid": {lb.pid}, "logger": "gunicorn.error", "message": "Worker (pid:'
+    for _ in range(10):
+        booted = lb.output().count("Booting worker")
+        os.kill(worker_pid(lb), signal.SIGKILL)
+        wait_until(lambda b=booted: lb.output().count("Booting worker") > b)
+        if master_json in lb.output():
+            break
+    assert master_json in lb.output(), "the master still logs text after the switch"
+    for line in lb.output().split(master_json, 1)[1].split("\n")[1:]:
+        if line.strip():
+            json.loads(line)
 
     staged.write_text('[log]\nformat = "json"\naccess = false\n')
     staged.replace(config)
