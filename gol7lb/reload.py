@@ -11,6 +11,7 @@ line, kept as `config.last_error` in /status, and counted in
 
 from __future__ import annotations
 
+import contextlib
 import hashlib
 import logging
 import os
@@ -136,6 +137,9 @@ def run(address: str, authkey: bytes, path: str) -> None:
     configure_child_logging()
     stop = threading.Event()
     signal.signal(signal.SIGTERM, lambda *_: stop.set())
+    client = ControlClient(address, authkey)
+    with contextlib.suppress(Exception):  # log.format may have changed since the spawn
+        logfmt.set_format(client.snapshot().settings.log.format)
     log.info("config watcher on %s (pid %d)", path, os.getpid())
     parent = os.getppid()
 
@@ -145,5 +149,5 @@ def run(address: str, authkey: bytes, path: str) -> None:
         stop.set()
 
     threading.Thread(target=watch_parent, daemon=True).start()
-    watch(path, ControlClient(address, authkey), stop)
+    watch(path, client, stop)
     sys.exit(0)
