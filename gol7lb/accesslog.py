@@ -14,7 +14,10 @@ import time
 
 from gol7lb.logfmt import iso_time
 
-MAX_PATH = 2048  # longer paths are cut in the log line (never in the request)
+# Longer paths are cut in the log line (never in the request). Escaping can double a path
+# (quotes, backslashes), and a line must stay within PIPE_BUF (4096) for its one write to be
+# atomic when every worker writes to the same pipe: 2 x 1024 plus the other fields fits.
+MAX_PATH = 1024
 
 
 class AccessLog:
@@ -56,7 +59,8 @@ class AccessLog:
 
 
 def _printable(path: str) -> str:
-    """Quotes and control characters escaped, so one request is always one parseable line."""
-    if path.isprintable() and '"' not in path:
+    """Quotes, backslashes and control characters escaped, so one request is always one
+    parseable line (an unescaped backslash would let `/a\\` end the quoted field as `\\"`)."""
+    if path.isprintable() and '"' not in path and "\\" not in path:
         return path
     return path.encode("unicode_escape").decode("ascii").replace('"', '\\"')

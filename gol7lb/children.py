@@ -36,6 +36,7 @@ from collections.abc import Callable, Sequence
 from pathlib import Path
 from typing import Any
 
+from gol7lb import logfmt
 from gol7lb.logfmt import SwitchableFormatter
 
 log = logging.getLogger("gunicorn.error")
@@ -143,7 +144,10 @@ class ManagedChild:
         self.quick_deaths = 0
 
     def start(self) -> None:
-        self.process = SPAWN.Process(target=self.target, args=self.args,
+        # A spawned child starts with the module defaults: hand it the master's log format,
+        # or its first lines (before it reads the shared state) are text in a JSON log.
+        self.process = SPAWN.Process(target=_run_with_log_format,
+                                     args=(logfmt.current_format(), self.target, *self.args),
                                      name=f"gol7lb-{self.name}", daemon=True)
         self.process.start()
         self.started_at = time.monotonic()
@@ -192,6 +196,11 @@ class ManagedChild:
             multiprocessing.connection.wait([process.sentinel], 2.0)
         with contextlib.suppress(ChildProcessError, OSError):
             os.waitpid(process.pid, os.WNOHANG)  # reap it ourselves if gunicorn has not
+
+
+def _run_with_log_format(fmt: str, target: Callable[..., None], *args: Any) -> None:
+    logfmt.set_format(fmt)
+    target(*args)
 
 
 def signal_pid(pid: int, sig: int) -> None:

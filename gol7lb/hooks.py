@@ -120,6 +120,9 @@ def on_starting(server: Any) -> None:
         sys.stderr.write(f"gol7lb: cannot start: {e}\n")
         sys.exit(1)
     _runtime = rt
+    follower = ControlClient(rt.address, rt.authkey)  # its own connection, in its own thread
+    logfmt.follow(lambda: rt.counters.generation,
+                  lambda: follower.snapshot().settings.log.format)
 
 
 def _start(rt: Runtime, log: Any) -> None:

@@ -11,6 +11,7 @@ line, kept as `config.last_error` in /status, and counted in
 
 from __future__ import annotations
 
+import contextlib
 import hashlib
 import logging
 import os
@@ -21,7 +22,7 @@ import time
 from collections.abc import Mapping
 from pathlib import Path
 
-from gol7lb import metrics
+from gol7lb import logfmt, metrics
 from gol7lb.children import configure_child_logging, init_helper_process
 from gol7lb.config import ConfigError, Settings, load_settings
 from gol7lb.state import ControlClient
@@ -66,6 +67,7 @@ def reload_config(client: ControlClient, trigger: str,
         metrics.CONFIG_RELOADS.labels("error").inc()
         return False
     metrics.CONFIG_RELOADS.labels("ok").inc()
+    logfmt.set_format(settings.log.format)  # this process's lines about it are in the new one
     for note in restart_notes(previous, settings):
         log.warning("reload (%s): %s", trigger, note)
     log.info("reload (%s): configuration generation %d from %s: %d backends in %d pools",
@@ -114,6 +116,7 @@ def check(path: str, client: ControlClient) -> None:
     except Exception as e:
         log.error("config watcher cannot read the running configuration: %s", e)
         return
+    logfmt.set_format(running.log.format)  # a reload may have switched text/json
     digest = file_digest(path)
     if digest == running.file_digest or digest == _last_refused.get("digest"):
         return
@@ -134,6 +137,9 @@ def run(address: str, authkey: bytes, path: str) -> None:
     configure_child_logging()
     stop = threading.Event()
     signal.signal(signal.SIGTERM, lambda *_: stop.set())
+    client = ControlClient(address, authkey)
+    with contextlib.suppress(Exception):  # log.format may have changed since the spawn
+        logfmt.set_format(client.snapshot().settings.log.format)
     log.info("config watcher on %s (pid %d)", path, os.getpid())
     parent = os.getppid()
 
@@ -143,5 +149,5 @@ def run(address: str, authkey: bytes, path: str) -> None:
         stop.set()
 
     threading.Thread(target=watch_parent, daemon=True).start()
-    watch(path, ControlClient(address, authkey), stop)
+    watch(path, client, stop)
     sys.exit(0)

@@ -27,7 +27,7 @@ from multiprocessing.managers import BaseManager
 from multiprocessing.sharedctypes import RawArray
 from typing import Any, Generic, TypeVar
 
-from gol7lb import metrics
+from gol7lb import logfmt, metrics
 from gol7lb.backends import Backend
 from gol7lb.children import configure_child_logging, init_helper_process
 from gol7lb.config import Pool, Settings
@@ -249,6 +249,7 @@ class ControlState:
         """A validated configuration takes over; the API's runtime changes end (as HAProxy's
         do when it reloads its file). Returns the new configuration generation."""
         with self._lock:
+            logfmt.set_format(settings.log.format)  # this process's own log lines follow it
             first = self.settings is None
             self.settings = settings
             self.config_generation += 1

@@ -9,6 +9,7 @@ health checking never stops for good.
 
 from __future__ import annotations
 
+import contextlib
 import logging
 import os
 import signal
@@ -177,6 +178,8 @@ def run(address: str, authkey: bytes, counters: SharedCounters) -> None:
     configure_child_logging()
     supervisor = Supervisor(ControlClient(address, authkey), counters)
     signal.signal(signal.SIGTERM, lambda *_: supervisor.stop.set())
+    with contextlib.suppress(Exception):  # log.format may have changed since the spawn
+        logfmt.set_format(supervisor.client.snapshot().settings.log.format)
     log.info("supervisor started (pid %d)", os.getpid())
     supervisor.run()
     sys.exit(0)

@@ -12,16 +12,17 @@ python -m pip install -q -e '.[test]'
 # * docker-compose (1.x), the compose validator for tests/test_packaging.py: its `config`
 #   command validates docker-compose.yml without a Docker engine;
 # * chromium and chromium-driver (/usr/bin/chromium, /usr/bin/chromedriver), the headless
-#   browser tests/test_dashboard.py drives with Selenium; never a downloaded browser build.
+#   browser tests/test_dashboard.py drives with Selenium; never a downloaded browser build;
+# * prometheus, for its promtool: tests/test_metrics.py runs `promtool check metrics` on the
+#   admin listener's /metrics (only the checker is used; the tests never start the server).
 # --no-install-recommends keeps the Docker engine (docker.io, recommended) off the machine.
 apt_packages=()
-if ! command -v docker-compose >/dev/null 2>&1; then
-    apt_packages+=(docker-compose)
-fi
+command -v docker-compose >/dev/null 2>&1 || apt_packages+=(docker-compose)
 if [ ! -x /usr/bin/chromium ] || [ ! -x /usr/bin/chromedriver ]; then
     apt_packages+=(chromium chromium-driver)
 fi
-if [ ${#apt_packages[@]} -gt 0 ]; then
+command -v promtool >/dev/null 2>&1 || apt_packages+=(prometheus)
+if [ "${#apt_packages[@]}" -gt 0 ]; then
     sudo=()
     if [ "$(id -u)" -ne 0 ]; then
         sudo=(sudo -n)
