@@ -56,11 +56,12 @@ class PoolTable:
 
 
 def ramp_factor(snapshot: Snapshot, backend_id: str, slow_start: float, now: float) -> float:
-    """1.0, or the share of its weight a backend that came back recently gets (>= 0.1)."""
+    """1.0, or the share of its weight a backend that came back recently (up again, newly
+    added and checked, or ejection over) gets (>= 0.1); one up since the start gets it all."""
     if slow_start <= 0:
         return 1.0
-    since = snapshot.health.get(backend_id, {}).get("since")
-    came_back = max(since or 0.0, snapshot.ejection_ended.get(backend_id, 0.0))
+    up_since = snapshot.health.get(backend_id, {}).get("up_since") or 0.0
+    came_back = max(up_since, snapshot.ejection_ended.get(backend_id, 0.0))
     elapsed = now - came_back
     if not came_back or elapsed >= slow_start:
         return 1.0

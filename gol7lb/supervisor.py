@@ -30,12 +30,13 @@ RECONCILE_SECONDS = 0.25  # how often the generation counter is looked at (a sha
 
 
 def record_for(tracker: HealthTracker, result: CheckResult | None, since: float,
-               checks: int) -> dict[str, Any]:
+               checks: int, up_since: float = 0.0) -> dict[str, Any]:
     return {
         "alive": tracker.alive,
         "successes": tracker.successes,
         "failures": tracker.failures,
         "since": since,
+        "up_since": up_since,  # when it last came back up (0: up since the start): slow start
         "checks": checks,
         "last_check": result.as_dict() if result else None,
     }
@@ -55,6 +56,7 @@ class BackendChecker(threading.Thread):
         self.tracker = HealthTracker(health.rise, health.fall, record["alive"],
                                      record.get("successes", 0), record.get("failures"))
         self.since = record.get("since") or time.time()
+        self.up_since = record.get("up_since", 0.0)
         self.checks = record.get("checks", 0)
         self.unpublished = False
         self._checks_ok = metrics.HEALTH_CHECKS.labels(backend.id, "ok")
@@ -77,6 +79,8 @@ class BackendChecker(threading.Thread):
             changed = self.tracker.record(result.ok)
             if changed:
                 self.since = time.time()
+                if self.tracker.alive:
+                    self.up_since = self.since
                 state = "UP" if self.tracker.alive else "DOWN"
                 level = logging.INFO if self.tracker.alive else logging.WARNING
                 log.log(level, "backend %s is %s (%s)", self.backend.id, state, result.detail)
@@ -86,7 +90,7 @@ class BackendChecker(threading.Thread):
                 break
 
     def _publish(self, result: CheckResult | None, changed: bool) -> None:
-        record = record_for(self.tracker, result, self.since, self.checks)
+        record = record_for(self.tracker, result, self.since, self.checks, self.up_since)
         try:
             self.client.call("publish_health", self.backend.id, record,
                              changed or self.unpublished)
