@@ -112,9 +112,14 @@ class WorkerCells:
         self._row = table._row
         self._lock = threading.Lock()
         self._lock_fd: int | None = None
+        # This worker's own requests in flight per host slot (the per-worker share bound).
+        self.local = [0] * table.host_slots
 
-    def try_begin(self, host_slot: int, limit: int) -> bool:
-        """begin() unless the host already has `limit` requests in flight over all workers."""
+    def try_begin(self, host_slot: int, limit: int, share: int) -> bool:
+        """begin() unless this worker already has `share` requests in flight to the host, or
+        the host has `limit` (0: none) in flight over all workers."""
+        if self.local[host_slot] >= share:
+            return False
         if not limit or not self.enabled:
             self.begin(host_slot)
             return True
@@ -127,6 +132,7 @@ class WorkerCells:
                 cell = host_slot * self._row + self._offset
                 self.array[cell + IN_FLIGHT] += 1
                 self.array[cell + REQUESTS] += 1
+                self.local[host_slot] += 1
                 return True
             finally:
                 fcntl.lockf(fd, fcntl.LOCK_UN, 1, host_slot)
@@ -138,20 +144,20 @@ class WorkerCells:
 
     def begin(self, host_slot: int) -> None:
         """A request goes to this host: one more in flight, one more request."""
-        if not self.enabled:
-            return
         cell = host_slot * self._row + self._offset
         array = self.array
         with self._lock:
-            array[cell + IN_FLIGHT] += 1
-            array[cell + REQUESTS] += 1
+            self.local[host_slot] += 1
+            if self.enabled:
+                array[cell + IN_FLIGHT] += 1
+                array[cell + REQUESTS] += 1
 
     def end(self, host_slot: int, failed: bool) -> None:
-        if not self.enabled:
-            return
         cell = host_slot * self._row + self._offset
         array = self.array
         with self._lock:
-            array[cell + IN_FLIGHT] -= 1
-            if failed:
-                array[cell + FAILURES] += 1
+            self.local[host_slot] -= 1
+            if self.enabled:
+                array[cell + IN_FLIGHT] -= 1
+                if failed:
+                    array[cell + FAILURES] += 1

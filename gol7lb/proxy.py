@@ -77,7 +77,7 @@ class Exchange:
     per-host counters are told once it ends."""
 
     __slots__ = ("app", "started", "method", "path", "client", "rid", "pool", "backend_id",
-                 "slot", "local", "status", "upstream_s", "answered")
+                 "slot", "status", "upstream_s", "answered")
 
     def __init__(self, app: ProxyApp, method: str, path: str, client: str, rid: str) -> None:
         self.app = app
@@ -89,7 +89,6 @@ class Exchange:
         self.pool = "-"
         self.backend_id = "-"
         self.slot: int | None = None  # the host slot counted in flight until finish()
-        self.local: str | None = None  # the backend counted in this worker's share
         self.status = 0
         self.upstream_s: float | None = None
         self.answered = False  # the status came from a backend (metrics label it by address)
@@ -99,9 +98,6 @@ class Exchange:
         if self.slot is not None:
             app.cells.end(self.slot, failed)
             self.slot = None
-        if self.local is not None:
-            app.release_share(self.local)
-            self.local = None
         total = time.perf_counter() - self.started
         metric_backend = self.backend_id if self.answered else "none"
         app.recorder.record(self.pool, metric_backend, self.status, self.method, total)
@@ -261,10 +257,6 @@ class ProxyApp:
         self.threads = threads
         self.recorder = recorder or RequestRecorder()
         self.access_log = access_log or AccessLog()
-        # This worker's requests in flight per backend: the default bound keeps a frozen
-        # backend from holding more than its share of the worker's threads.
-        self._local: dict[str, int] = {}
-        self._local_lock = threading.Lock()
         self._ejecting: set[str] = set()
 
     def __call__(self, environ: dict[str, Any], start_response: StartResponse) -> Iterable[bytes]:
@@ -350,15 +342,11 @@ class ProxyApp:
         for backend in order:
             if backend.id in tried:
                 continue
-            if self._local.get(backend.id, 0) >= share:
-                full = True
-                continue
             slot = table.slots.get(backend.id)
-            if slot is not None and not self.cells.try_begin(slot, pool.limits[backend.id]):
+            if slot is not None and not self.cells.try_begin(slot, pool.limits[backend.id],
+                                                             share):
                 full = True
                 continue
-            with self._local_lock:
-                self._local[backend.id] = self._local.get(backend.id, 0) + 1
             return backend, False
         return None, full
 
@@ -370,14 +358,6 @@ class ProxyApp:
         if available == 1:
             return self.threads
         return max(2, math.ceil(2 * self.threads / available))
-
-    def release_share(self, backend_id: str) -> None:
-        with self._local_lock:
-            left = self._local.get(backend_id, 1) - 1
-            if left > 0:
-                self._local[backend_id] = left
-            else:
-                self._local.pop(backend_id, None)
 
     # forwarding -------------------------------------------------------------------------------
 
@@ -407,7 +387,6 @@ class ProxyApp:
                 self.recorder.retry(exchange.backend_id)
             exchange.backend_id = backend.id
             exchange.slot = table.slots.get(backend.id)
-            exchange.local = backend.id
             upstream = table.upstreams[backend.id]
             head = request_head(method, target, headers)
             started = time.perf_counter()
@@ -471,9 +450,6 @@ class ProxyApp:
         if exchange.slot is not None:
             self.cells.end(exchange.slot, failed)
             exchange.slot = None
-        if exchange.local is not None:
-            self.release_share(exchange.local)
-            exchange.local = None
 
     def _passive_failure(self, exchange: Exchange, table: PoolTable, settings: Any) -> None:
         health = settings.health
@@ -545,7 +521,6 @@ class ProxyApp:
             if exchange.slot is not None:
                 self.cells.end(exchange.slot, True)
                 exchange.slot = None
-            self._release_local(exchange)
             return self._error(start_response, exchange, 502, "bad gateway")
         if cookie:
             headers.append(("Set-Cookie", cookie))
@@ -553,11 +528,6 @@ class ProxyApp:
         exchange.answered = True
         start_response(f"{response.status} {reason}", headers)
         return UpstreamBody(response, sock, upstream, client_sock, exchange)
-
-    def _release_local(self, exchange: Exchange) -> None:
-        if exchange.local is not None:
-            self.release_share(exchange.local)
-            exchange.local = None
 
     def _error(self, start_response: StartResponse, exchange: Exchange, status: int,
                message: str, extra: list[tuple[str, str]] | None = None) -> list[bytes]:

@@ -70,6 +70,7 @@ class Router:
     def __init__(self, routes: Sequence[Route], pools: Sequence[str]) -> None:
         self.routes = tuple(self._compile(r) for r in routes)
         self.default = DEFAULT_POOL if DEFAULT_POOL in pools else None
+        self._default_match = Match(self.default, "") if self.default else None
         self._hosted = any(r.route.host for r in self.routes)
         self._by_host: dict[str, tuple[CompiledRoute, ...]] = {}
 
@@ -99,4 +100,4 @@ class Router:
                 if compiled.matches(environ, path, method):
                     route = compiled.route
                     return Match(route.pool, route.path_prefix if route.strip_prefix else "")
-        return Match(self.default, "") if self.default else None
+        return self._default_match
