@@ -6,6 +6,7 @@ validation messages and the README's settings table all come from that one list.
 
 from __future__ import annotations
 
+import ipaddress
 import os
 import tomllib
 from collections.abc import Callable, Mapping
@@ -25,6 +26,7 @@ CONFIG_ENV = "GOL7LB_CONFIG"
 ALGORITHMS = ("round_robin", "random")
 HEALTH_TYPES = ("tcp", "http")
 CPU_AFFINITY = ("auto", "off")
+FORWARDED_MODES = ("x-forwarded", "rfc7239", "both")
 DEMO_PORTS = (8081, 8082, 8083)
 
 
@@ -37,7 +39,7 @@ class Setting:
     section: str  # "" for top-level keys
     key: str
     default: Any
-    kind: str  # "str" | "float" | "int"
+    kind: str  # "str" | "float" | "int" | "list" (of strings; comma-separated in the environment)
     allowed: str  # what the error message says is allowed
     meaning: str
     check: Callable[[Any], bool] = lambda value: True
@@ -103,6 +105,25 @@ SETTINGS: tuple[Setting, ...] = (
     Setting("admin", "bind", "127.0.0.1:8404", "str", "host:port, or \"\" for off",
             "Admin listener (`/healthz`, `/status`); empty turns it off.",
             _parses(lambda v: parse_bind(v))),
+    # The worker that owns the client connection (issue 9).
+    Setting("proxy", "client_header_timeout", 10.0, "float", "a number of seconds > 0",
+            "Seconds a client has to send a whole request head (from the connection's start, "
+            "or from the end of the previous response); then 408 and close.", _positive),
+    Setting("proxy", "client_idle_timeout", 60.0, "float", "a number of seconds > 0",
+            "Seconds an idle keep-alive client connection (or a silent tunnel) is kept open.",
+            _positive),
+    Setting("proxy", "max_header_bytes", 16384, "int", "a whole number from 1024 to 1048576",
+            "Largest request head (request line and header lines) in bytes; larger: 431.",
+            lambda v: 1024 <= v <= 1048576),
+    Setting("proxy", "max_headers", 100, "int", "a whole number from 1 to 10000",
+            "Most header lines in a request; more: 431.", lambda v: 1 <= v <= 10000),
+    Setting("proxy", "forwarded", "x-forwarded", "str", "one of " + ", ".join(FORWARDED_MODES),
+            "x-forwarded: set X-Forwarded-For/Proto/Host/Port. rfc7239: append a Forwarded "
+            "element instead. both: both.", lambda v: v in FORWARDED_MODES),
+    Setting("proxy", "trusted_proxies", (), "list", "a list of CIDRs like 10.0.0.0/8",
+            "Addresses whose Forwarded, X-Real-IP and X-Forwarded-Proto/Host/Port are kept; "
+            "from anyone else they are removed (comma-separated in the environment).",
+            _parses(lambda v: parse_networks(v))),
 )
 SETTINGS_BY_NAME = {s.name: s for s in SETTINGS}
 BACKENDS_ENV = ENV_PREFIX + "BACKENDS"
@@ -128,6 +149,12 @@ class ProxySettings:
     connect_timeout: float = 3.0
     read_timeout: float = 60.0
     retries: int = 2
+    client_header_timeout: float = 10.0
+    client_idle_timeout: float = 60.0
+    max_header_bytes: int = 16384
+    max_headers: int = 100
+    forwarded: str = "x-forwarded"
+    trusted_proxies: tuple[str, ...] = ()
 
 
 @dataclass(frozen=True)
@@ -164,6 +191,18 @@ def parse_status_ranges(text: str) -> tuple[tuple[int, int], ...]:
     return tuple(ranges)
 
 
+def parse_networks(items: Any) -> tuple[ipaddress.IPv4Network | ipaddress.IPv6Network, ...]:
+    """('10.0.0.0/8', '::1') -> networks; ValueError for anything that is not an address/CIDR."""
+    if isinstance(items, str) or not isinstance(items, list | tuple):
+        raise ValueError(items)
+    networks = []
+    for item in items:
+        if not isinstance(item, str):
+            raise ValueError(item)
+        networks.append(ipaddress.ip_network(item.strip(), strict=False))
+    return tuple(networks)
+
+
 def parse_bind(text: str) -> tuple[str, int] | None:
     """'127.0.0.1:8404' -> ('127.0.0.1', 8404); '' -> None; ValueError otherwise."""
     if text == "":
@@ -185,7 +224,14 @@ def _bad(setting_name: str, value: Any, origin: str, allowed: str) -> ConfigErro
 def _coerce(setting: Setting, value: Any, origin: str, from_env: bool) -> Any:
     """Type-check a TOML value, or convert an environment string, then range-check it."""
     try:
-        if setting.kind == "str":
+        if setting.kind == "list":
+            if from_env:
+                result = tuple(p.strip() for p in value.split(",") if p.strip())
+            elif isinstance(value, list):
+                result = tuple(value)
+            else:
+                raise TypeError
+        elif setting.kind == "str":
             if not isinstance(value, str):
                 raise TypeError
             result: Any = value.strip() if from_env else value

@@ -17,9 +17,15 @@ from collections.abc import Callable, Iterable, Iterator, Sequence
 from http import HTTPStatus
 from typing import Any
 
+from gol7lb import tunnel
 from gol7lb.backends import Backend
 from gol7lb.config import Settings
-from gol7lb.headers import client_response_headers, request_id, upstream_request_headers
+from gol7lb.headers import (
+    ForwardedPolicy,
+    client_response_headers,
+    request_id,
+    upstream_request_headers,
+)
 from gol7lb.state import LivenessView, SharedCounters
 from gol7lb.upstream import (
     BLOCK,
@@ -128,6 +134,7 @@ class ProxyApp:
         self.retries = settings.proxy.retries
         self.uses_ticket = settings.algorithm == "round_robin"
         self.retry_after = str(max(1, math.ceil(settings.health.interval)))
+        self.forwarded = ForwardedPolicy(settings.proxy.forwarded, settings.proxy.trusted_proxies)
         self.pools = {b.url: UpstreamPool(b, settings.proxy.connect_timeout,
                                           settings.proxy.read_timeout)
                       for b in settings.backends}
@@ -167,7 +174,10 @@ class ProxyApp:
             port = environ.get("SERVER_PORT", "")
         first = order[0]
         host = authority or environ.get("HTTP_HOST") or first.netloc
-        headers = upstream_request_headers(environ, host, port, rid)
+        headers = upstream_request_headers(environ, host, port, rid, self.forwarded)
+        if "HTTP_UPGRADE" in environ and tunnel.is_upgrade(environ):
+            return tunnel.forward(self, environ, start_response, method, target, headers,
+                                  order[: 1 + self.retries], client_sock, rid)
         return self._forward(environ, start_response, method, target, headers,
                              order[: 1 + self.retries], client_sock, rid)
 

@@ -115,6 +115,8 @@ class UpstreamResponse:
         self._until_eof = False  # no Content-Length, not chunked: the body ends at EOF
         self._head_bytes = 0
         self._pending: deque[bytes] = deque()
+        self.upgraded = False  # a 101: what follows the head is the tunnel's, in `leftover`
+        self.leftover = b""
         self._parser = httptools.HttpResponseParser(self)
 
     # llhttp callbacks -----------------------------------------------------------------------
@@ -151,8 +153,16 @@ class UpstreamResponse:
     # reading --------------------------------------------------------------------------------
 
     def _feed(self, data: bytes) -> None:
+        if self.upgraded:
+            self.leftover += data
+            return
         try:
             self._parser.feed_data(data)
+        except httptools.HttpParserUpgrade as e:
+            offset = e.args[0] if e.args and isinstance(e.args[0], int) else len(data)
+            self.upgraded = True
+            self.leftover = data[offset:]
+            self.keep_alive = False
         except httptools.HttpParserError as e:
             self.keep_alive = False
             raise UpstreamProtocolError(f"invalid HTTP from backend: {e}") from None
@@ -167,7 +177,7 @@ class UpstreamResponse:
             if self._head_bytes > MAX_HEAD and not self._head_done:
                 raise UpstreamProtocolError(f"response head larger than {MAX_HEAD} bytes")
             self._feed(data)
-        if self.method == "HEAD" or self.status in (204, 304):
+        if self.method == "HEAD" or self.status in (101, 204, 304):
             self.complete = True  # no body follows, whatever Content-Length says
             self._pending.clear()
         elif not self.complete and not any(
