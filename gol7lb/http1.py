@@ -11,12 +11,15 @@ other than 1.x, and heads over the size limits.
 
 from __future__ import annotations
 
+import re
 from collections import deque
 
 import httptools
 
 MAX_REQUEST_LINE = 8192  # a request target longer than this: 414 (nginx's large buffer size)
 _BAD_VALUE = frozenset(range(0x20)) - {0x09} | {0x7F}
+# llhttp's request parser also speaks RTSP and ICE; a request line in those is not HTTP.
+_OTHER_PROTOCOL = re.compile(rb"(?m)^[!-~]+ [!-~]+ (?:RTSP|ICE)/")
 
 
 class RequestError(Exception):
@@ -75,6 +78,8 @@ class Http1Parser:
         self._headers_done = False
         self._te: list[str] = []
         self._cl_seen = False
+        self._head_buf = b""  # a head's raw bytes, while it comes in several pieces
+        self._data = b""
 
     # feeding ----------------------------------------------------------------------------------
 
@@ -84,6 +89,9 @@ class Http1Parser:
             self.leftover += data
             return
         self._begun_in_feed = False
+        if self.in_head:
+            self._head_buf += data
+        self._data = data
         try:
             self._parser.feed_data(data)
         except httptools.HttpParserUpgrade as e:
@@ -99,6 +107,8 @@ class Http1Parser:
         except httptools.HttpParserError as e:
             raise RequestError(400, _reason(e)) from None
         if self.in_head:
+            if self._begun_in_feed:
+                self._head_buf = data
             self._raw = self._counted if self._begun_in_feed else self._raw + len(data)
             if self._raw > self.max_header_bytes:
                 raise RequestError(431, "request header section too large")
@@ -156,6 +166,11 @@ class Http1Parser:
         self.in_head = False
         if self._counted > self.max_header_bytes:
             raise RequestError(431, "request header section too large")
+        raw = (self._head_buf + self._data) if self._head_buf else self._data
+        self._head_buf = b""
+        if (b"TSP/" in raw or b"ICE/" in raw) and _OTHER_PROTOCOL.search(
+                raw.partition(b"\r\n\r\n")[0]):
+            raise RequestError(400, "not an HTTP request")  # llhttp also speaks RTSP and ICE
         req.version = parser.get_http_version()
         if req.version not in ("1.1", "1.0"):
             raise RequestError(505 if req.version.startswith("2") else 400,
