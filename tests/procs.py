@@ -15,9 +15,12 @@ from pathlib import Path
 import psutil
 
 ROOT = Path(__file__).resolve().parent.parent
-# The worker class LBs run with: "lean" (ours, gunicorn.conf.py's default) or "gthread"
-# (gunicorn's stock one); conftest sets it from `pytest --lb-worker`.
+# The worker class LBs run with (conftest sets it from `pytest --lb-worker`): "lean" (ours,
+# gunicorn.conf.py's default), "gthread" (gunicorn's gthread with our stop behaviours) or
+# "stock" (gunicorn's gthread as it comes).
 WORKER_CLASS = "lean"
+WORKER_ARGS = {"lean": [], "gthread": ["--worker-class", "gol7lb.gthread.ThreadProxyWorker"],
+               "stock": ["--worker-class", "gthread"]}
 
 
 def free_port() -> int:
@@ -143,7 +146,7 @@ class LB(Proc):
         port = int(env.setdefault("PORT", str(free_port())))
         admin = env.setdefault("GOL7LB_ADMIN_BIND", f"127.0.0.1:{free_port()}")
         env.setdefault("WEB_CONCURRENCY", "2")
-        worker = ["--worker-class", "gthread"] if WORKER_CLASS == "gthread" else []
+        worker = WORKER_ARGS[WORKER_CLASS]
         super().__init__([sys.executable, "-m", "gunicorn", "-c", "gunicorn.conf.py",
                           "gol7lb.wsgi", "--no-control-socket", *worker, *extra_args],
                          env=env, log=log,
