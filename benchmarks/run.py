@@ -28,7 +28,8 @@ from bench_load import Measurement, measure  # noqa: E402
 from bench_procs import Proc, StartError  # noqa: E402
 
 HERE = Path(__file__).resolve().parent
-ORDER = ["direct", "gol7lb", "haproxy", "nginx", "wsgiproxy2", "proxypy"]
+ORDER = ["direct", "gol7lb", "noop8", "noop32", "haproxy", "nginx", "wsgiproxy2", "proxypy",
+         "pyhaproxy", "urllib3proxy"]
 
 
 def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
@@ -224,6 +225,11 @@ class Bench:
             "wsgiproxy2": lambda: targets.start_wsgiproxy2(self.tmp, self.backends,
                                                            args.workers, settings),
             "proxypy": lambda: targets.start_proxypy(self.tmp, self.backends, args.workers),
+            "noop8": lambda: targets.start_noop(self.tmp, args.workers, 8),
+            "noop32": lambda: targets.start_noop(self.tmp, args.workers, 32),
+            "pyhaproxy": lambda: targets.start_pyhaproxy(self.tmp, self.backends),
+            "urllib3proxy": lambda: targets.start_urllib3_proxy(self.tmp, self.backends,
+                                                                args.workers),
         }
         for key in ORDER:
             if key not in args.only:
