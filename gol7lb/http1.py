@@ -113,6 +113,10 @@ class Http1Parser:
             if self._raw > self.max_header_bytes:
                 raise RequestError(431, "request header section too large")
 
+    def release(self) -> None:
+        """Break the reference cycle with the httptools parser once the connection is done."""
+        self._parser = None  # type: ignore[assignment]
+
     @property
     def started(self) -> bool:
         """Some bytes of a request head are in (a slow client, not an idle one)."""

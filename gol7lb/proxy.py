@@ -119,6 +119,7 @@ class UpstreamBody:
         raise BrokenPipeError(errno.EPIPE, "backend failed mid-response")
 
     def close(self) -> None:
+        self.response.release()
         if not self.done:
             self.done = True
             self.sock.close()  # unread bytes would poison the next request on this connection

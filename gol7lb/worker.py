@@ -25,6 +25,7 @@ How it works (one process):
 from __future__ import annotations
 
 import contextlib
+import gc
 import os
 import select
 import socket
@@ -171,6 +172,7 @@ class ProxyWorker(Worker):
 
     def _close(self, conn: Conn) -> None:
         conn.waiting = False
+        conn.parser.release()  # it and its httptools parser refer to each other
         self.active.discard(conn)
         if self.conns.get(conn.fd) is conn:
             del self.conns[conn.fd]
@@ -185,6 +187,9 @@ class ProxyWorker(Worker):
     # the event loop ---------------------------------------------------------------------------
 
     def run(self) -> None:
+        # What the master built (settings, modules) lives as long as the worker: keep it out of
+        # the cyclic collector's scans (and copy-on-write pages shared with the master).
+        gc.freeze()
         self.epoll = epoll = select.epoll()
         listeners: dict[int, socket.socket] = {}
         for listener in self.sockets:
