@@ -40,14 +40,17 @@ from gunicorn.workers.base import Worker
 
 from gol7lb.http1 import Http1Parser, RequestError
 from gol7lb.serve import Conn, error_response, recv_some, serve_request, wait_readable
+from gol7lb.spread import DEFER, Spread
 
-LINGER = 0.002  # seconds a thread waits for the next request on its connection before handing
+LINGER = 0.0  # seconds a thread waits for the next request on its connection before handing
 #                 it back to the loop: keep-alive clients usually send it sooner than that
 SWEEP_EVERY = 0.25
-ACCEPT_BATCH = 8  # connections accepted per wake-up, so no worker grabs a whole burst
+ACCEPT_BATCH = 1  # connections accepted per wake-up, so no worker grabs a whole burst
 RECV_HEAD = 65536
 _ONESHOT = select.EPOLLIN | select.EPOLLONESHOT
-_LISTEN = select.EPOLLIN | getattr(select, "EPOLLEXCLUSIVE", 0)
+# Not EPOLLEXCLUSIVE: with it the kernel wakes one waiter per new connection, and a worker that
+# defers (spread.py) would leave the connection to a peer that is never woken for it.
+_LISTEN = select.EPOLLIN
 
 
 class Limits:
@@ -80,6 +83,7 @@ class ProxyWorker(Worker):
         self.epoll: Any = None
         self.limits = Limits()
         self.extra_threads = 0
+        self.spread: Spread | None = None
 
     @classmethod
     def check_config(cls, cfg: Any, log: Any) -> None:
@@ -203,26 +207,47 @@ class ProxyWorker(Worker):
             self._start_thread()
 
         conns = self.conns
+        spread = self.spread = Spread(getattr(self, "slot", self.age))
+        spread.publish(0)
+        # Only a listener shared with the other workers lets a peer take what this one defers;
+        # with reuse_port each worker has its own and the kernel already spreads connections.
+        balance = not self.cfg.reuse_port
+        paused_until = 0.0  # while this worker holds clearly more connections than a peer
         next_sweep = time.monotonic() + SWEEP_EVERY
         try:
             while self.alive:
-                for fd, _events in epoll.poll(SWEEP_EVERY):
+                for fd, _events in epoll.poll(DEFER if paused_until else SWEEP_EVERY):
                     conn = conns.get(fd)
                     if conn is not None:
                         self._readable(conn)
                     elif fd in listeners:
+                        if paused_until:
+                            continue  # never break: the batch's one-shot client events count
+                        now = time.monotonic()
+                        if balance and spread.should_defer(len(conns), now):
+                            paused_until = now + DEFER
+                            for listener_fd in listeners:
+                                epoll.modify(listener_fd, 0)  # a peer is woken too, and takes it
+                            continue
                         self._accept(listeners[fd])
+                        spread.publish(len(conns), now)
                     elif fd == wake:
                         self._drain_wake_pipe()
                 now = time.monotonic()
+                if paused_until and now >= paused_until:
+                    paused_until = 0.0
+                    for listener_fd in listeners:
+                        epoll.modify(listener_fd, _LISTEN)
                 if now >= next_sweep:
                     next_sweep = now + SWEEP_EVERY
                     self._sweep(now)
+                    spread.publish(len(conns), now)
                     self.notify()
                     if self.ppid != os.getppid():
                         self.log.info("Parent changed, shutting down: %s", self)
                         return
         finally:
+            spread.leave()
             for fd, sock in listeners.items():
                 with contextlib.suppress(OSError):
                     epoll.unregister(fd)
