@@ -7,15 +7,15 @@ request head in a pool thread once its first byte arrives, so slow clients hold 
 How it works (one process):
 
 * The main thread runs an epoll loop. It owns the listening sockets (shared with the other
-  workers; EPOLLEXCLUSIVE wakes one waiting worker per connection), every idle keep-alive
+  workers, or its own with reuse_port; spread.py keeps the load even), every idle keep-alive
   connection and every connection whose request head is still coming in. It reads what is
   there without blocking and feeds it to the httptools parser (http1.py), so a slow or idle
   client costs a few bytes of memory, never a thread.
 * Once a head is complete, the connection goes to a pool thread (`threads` of them), which
-  runs the WSGI app (serve.py) and stays with the connection while the client keeps sending
-  requests promptly (a short linger instead of a hand-off per request); then the connection
-  goes back to the loop (EPOLLONESHOT re-arm: the kernel hands it over, no wake-up pipe).
-* Timeouts are swept by the loop twice a second: a head not complete within
+  runs the WSGI app (serve.py) and serves the requests already read on the connection
+  (pipelining); then the connection goes back to the loop (EPOLLONESHOT re-arm: the kernel
+  hands it over, no wake-up pipe). Idle threads wait on a SimpleQueue, not an executor.
+* Timeouts are swept by the loop four times a second: a head not complete within
   `proxy.client_header_timeout` gets 408, an idle keep-alive connection is closed after
   `proxy.client_idle_timeout`; parse errors and limits answer 400/414/431/501/505 at once.
 * TERM: the listeners close at once (a client can retry elsewhere), idle connections close,
@@ -42,8 +42,8 @@ from gol7lb.http1 import Http1Parser, RequestError
 from gol7lb.serve import Conn, error_response, recv_some, serve_request, wait_readable
 from gol7lb.spread import DEFER, Spread
 
-LINGER = 0.0  # seconds a thread waits for the next request on its connection before handing
-#                 it back to the loop: keep-alive clients usually send it sooner than that
+LINGER = 0.0  # seconds a thread waits for the next request on its connection before handing it
+#               back to the loop; 2 ms measured no faster than 0, so only what is already there
 SWEEP_EVERY = 0.25
 ACCEPT_BATCH = 1  # connections accepted per wake-up, so no worker grabs a whole burst
 RECV_HEAD = 65536
