@@ -74,6 +74,21 @@ def test_smuggling_corpus_is_refused_and_reaches_no_backend(trap_lb, recorder, n
     assert recorder.data() == b""
 
 
+@pytest.mark.parametrize("space", [b"\t", b" ", b"\xa0", b"\xff"])
+def test_a_transfer_encoding_lookalike_inside_a_value_is_only_a_value(echo_lb, space):
+    """smuggler's xprespace mutations: llhttp (and RFC 9110) read `X: X<space>Transfer-Encoding:
+    chunked` as one header X; the request goes on framed by its Content-Length alone."""
+    answer, _ = exchange(echo_lb.port, b"POST /echo HTTP/1.1\r\nHost: x\r\nX: X" + space
+                         + b"Transfer-Encoding: chunked\r\nContent-Length: 6\r\n"
+                         b"Connection: close\r\n\r\n0\r\n\r\nX")
+    status, _, body = split_response(answer)
+    assert status == 200
+    doc = json.loads(body)
+    names = [name.lower() for name, _ in doc["headers"]]
+    assert doc["body_length"] == 6
+    assert names.count("content-length") == 1 and "transfer-encoding" not in names
+
+
 def test_a_valid_request_does_reach_the_trap(trap_lb, recorder):
     recorder.clear()
     answer, _ = exchange(trap_lb.port, b"GET /x HTTP/1.1\r\nHost: h\r\nConnection: close\r\n\r\n")
