@@ -47,6 +47,7 @@ LINGER = 0.0  # seconds a thread waits for the next request on its connection be
 SWEEP_EVERY = 0.25
 ACCEPT_BATCH = 1  # connections accepted per wake-up, so no worker grabs a whole burst
 RECV_HEAD = 65536
+RESOURCE_PAUSE = 0.5  # seconds without accepting after the process ran out of descriptors
 _ONESHOT = select.EPOLLIN | select.EPOLLONESHOT
 # Not EPOLLEXCLUSIVE: with it the kernel wakes one waiter per new connection, and a worker that
 # defers (spread.py) would leave the connection to a peer that is never woken for it.
@@ -216,7 +217,9 @@ class ProxyWorker(Worker):
         next_sweep = time.monotonic() + SWEEP_EVERY
         try:
             while self.alive:
-                for fd, _events in epoll.poll(DEFER if paused_until else SWEEP_EVERY):
+                wait = SWEEP_EVERY if not paused_until else max(
+                    0.0, min(SWEEP_EVERY, paused_until - time.monotonic()))
+                for fd, _events in epoll.poll(wait):
                     conn = conns.get(fd)
                     if conn is not None:
                         self._readable(conn)
@@ -224,12 +227,16 @@ class ProxyWorker(Worker):
                         if paused_until:
                             continue  # never break: the batch's one-shot client events count
                         now = time.monotonic()
+                        pause = 0.0
                         if balance and spread.should_defer(len(conns), now):
-                            paused_until = now + DEFER
+                            pause = DEFER  # a peer is woken too, and takes the connection
+                        elif not self._accept(listeners[fd]):
+                            pause = RESOURCE_PAUSE  # else level-triggered epoll would spin
+                        if pause:
+                            paused_until = now + pause
                             for listener_fd in listeners:
-                                epoll.modify(listener_fd, 0)  # a peer is woken too, and takes it
+                                epoll.modify(listener_fd, 0)
                             continue
-                        self._accept(listeners[fd])
                         spread.publish(len(conns), now)
                     elif fd == wake:
                         self._drain_wake_pipe()
@@ -261,17 +268,18 @@ class ProxyWorker(Worker):
         except OSError:
             pass
 
-    def _accept(self, listener: socket.socket) -> None:
+    def _accept(self, listener: socket.socket) -> bool:
+        """Accept what is waiting; False when accepting must pause (out of descriptors)."""
         now = time.monotonic()
         limits = self.limits
         for _ in range(ACCEPT_BATCH):
             try:
                 sock, addr = listener.accept()
-            except (BlockingIOError, InterruptedError):
-                return
-            except OSError as e:  # EMFILE and friends: log, keep serving who is there
-                self.log.error("accept failed: %s", e)
-                return
+            except (BlockingIOError, InterruptedError, ConnectionAbortedError):
+                return True
+            except OSError as e:  # EMFILE and friends: keep serving who is there, retry later
+                self.log.error("accept failed: %s; not accepting for %gs", e, RESOURCE_PAUSE)
+                return False
             sock.setblocking(False)
             try:
                 sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
@@ -287,6 +295,7 @@ class ProxyWorker(Worker):
             self.conns[conn.fd] = conn
             conn.waiting = True
             self.epoll.register(conn.fd, _ONESHOT)
+        return True
 
     def _readable(self, conn: Conn) -> None:
         """A waiting connection has bytes (or EOF): parse them; a complete head goes to a thread."""

@@ -154,3 +154,35 @@ def test_two_thousand_idle_keep_alive_connections_hold_no_threads(lb_factory, ba
     finally:
         for s in socks:
             s.close()
+
+
+def test_running_out_of_descriptors_pauses_accepting_instead_of_spinning(lb_factory,
+                                                                         backend_factory):
+    backend = backend_factory()
+    lb = lb_factory({"GOL7LB_BACKENDS": backends_env([backend.port]), "WEB_CONCURRENCY": "1"},
+                    extra_args=("--threads", "2"))
+    assert requests.get(lb.url + "/", timeout=5).status_code == 200
+    (worker,) = workers_of(lb)
+    worker.rlimit(psutil.RLIMIT_NOFILE, (worker.num_fds() + 10, worker.num_fds() + 10))
+    socks = open_many(lb.port, 40)  # the kernel completes them all; the worker cannot take them
+    try:
+        deadline = time.monotonic() + 10
+        while "accept failed" not in lb.output():
+            assert time.monotonic() < deadline, "the worker never ran out of descriptors"
+            time.sleep(0.05)
+        cpu = worker.cpu_times()
+        time.sleep(1.0)  # measuring a spin needs a duration
+        after = worker.cpu_times()
+        assert (after.user + after.system) - (cpu.user + cpu.system) < 0.3  # no busy loop
+    finally:
+        for s in socks:
+            s.close()
+    deadline = time.monotonic() + 15
+    while True:  # once the descriptors are back, it serves again
+        try:
+            if requests.get(lb.url + "/", timeout=2).status_code == 200:
+                break
+        except requests.RequestException:
+            pass
+        assert time.monotonic() < deadline, "the worker did not recover"
+        time.sleep(0.1)
