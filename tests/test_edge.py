@@ -127,6 +127,13 @@ def test_http10_gets_an_answer_and_a_close(echo_lb):
     assert headers["connection"] == ["close"]
 
 
+def test_http10_gets_a_chunked_answer_unchunked_until_the_close(echo_lb):
+    answer, _ = exchange(echo_lb.port, b"GET /bytes/70000?chunked=1 HTTP/1.0\r\n\r\n")
+    status, headers, body = split_response(answer)
+    assert status == 200 and len(body) == 70000 and body[:256] == bytes(range(256))
+    assert "transfer-encoding" not in headers and headers["connection"] == ["close"]
+
+
 def test_http10_keep_alive_is_honoured(echo_lb):
     with socket.create_connection(("127.0.0.1", echo_lb.port), timeout=10) as s:
         for _ in range(2):
