@@ -1,7 +1,7 @@
 """Upgrade tunnelling through a real LB with a real WebSocket client and server (websockets).
 
-Under every worker class; the 50-tunnel and TERM tests need ours (there a tunnel does not keep
-a pool thread, and the graceful stop waits for tunnels)."""
+Under every worker class; the 50-tunnel test needs ours (there a tunnel does not keep a pool
+thread), the TERM test one of ours (stock gthread was seen to cut open tunnels on TERM)."""
 
 from __future__ import annotations
 
@@ -136,7 +136,7 @@ def test_a_refused_upgrade_is_relayed_and_the_connection_closed(ws_lb):
     assert 400 <= status < 500
 
 
-@pytest.mark.lean_worker  # gthread's drain was seen to cut open tunnels (README, Known limits)
+@pytest.mark.stop_behaviour  # stock gthread was seen to cut open tunnels on TERM
 def test_term_gives_open_tunnels_the_graceful_timeout(ws_server, lb_factory):
     lb = lb_factory(lb_env(ws_server))
     with client(lb) as ws:
