@@ -28,7 +28,8 @@ from bench_load import Measurement, measure  # noqa: E402
 from bench_procs import Proc, StartError  # noqa: E402
 
 HERE = Path(__file__).resolve().parent
-ORDER = ["direct", "gol7lb", "haproxy", "nginx", "wsgiproxy2", "proxypy"]
+ORDER = ["direct", "gol7lb", "noop8", "noop32", "haproxy", "nginx", "wsgiproxy2", "proxypy",
+         "pyhaproxy", "urllib3proxy"]
 
 
 def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
@@ -224,6 +225,11 @@ class Bench:
             "wsgiproxy2": lambda: targets.start_wsgiproxy2(self.tmp, self.backends,
                                                            args.workers, settings),
             "proxypy": lambda: targets.start_proxypy(self.tmp, self.backends, args.workers),
+            "noop8": lambda: targets.start_noop(self.tmp, args.workers, 8),
+            "noop32": lambda: targets.start_noop(self.tmp, args.workers, 32),
+            "pyhaproxy": lambda: targets.start_pyhaproxy(self.tmp, self.backends),
+            "urllib3proxy": lambda: targets.start_urllib3_proxy(self.tmp, self.backends,
+                                                                args.workers),
         }
         for key in ORDER:
             if key not in args.only:
@@ -247,8 +253,9 @@ class Bench:
                 print(f"[repetition {rep}/{args.repetitions}] {conns} connections", flush=True)
                 for key in keys:
                     target = self.active.get(key)
-                    if target is None:
-                        continue
+                    if target is None or (key in bench_report.NOOPS
+                                          and conns != bench_report.GOAL_CONNS):
+                        continue  # the do-nothing app is a bar at the goal's 32 connections
                     m = self.one(key, target, conns, rep)
                     if m is not None:
                         self.run.main.append(m)
@@ -315,7 +322,9 @@ def gol7lb_log_summary(proc: Proc) -> str:
 def estimate_seconds(args: argparse.Namespace) -> float:
     per_run = args.duration + 0.8
     n = len(args.only)
-    total = 25 + n * 2.5 + args.repetitions * len(args.connections) * n * per_run
+    noops = len([k for k in bench_report.NOOPS if k in args.only])
+    total = 25 + n * 2.5 + args.repetitions * len(args.connections) * (n - noops) * per_run
+    total += args.repetitions * noops * per_run
     if not args.no_scaling and "gol7lb" in args.only:
         total += len(args.scaling_connections) * 2 * per_run
         total += len(args.scaling_workers) * (per_run + 8)

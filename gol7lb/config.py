@@ -37,6 +37,7 @@ RETRY_CONDITIONS = ("connect-failure", "timeout", "reset", "502", "503", "504")
 _TRUE = frozenset({"true", "1", "yes", "on"})
 _FALSE = frozenset({"false", "0", "no", "off"})
 CPU_AFFINITY = ("auto", "off")
+FORWARDED_MODES = ("x-forwarded", "rfc7239", "both")
 DEMO_PORTS = (8081, 8082, 8083)
 
 
@@ -167,6 +168,25 @@ SETTINGS: tuple[Setting, ...] = (
     Setting("reload", "watch", True, "bool", "true or false",
             "Re-read `GOL7LB_CONFIG` within 2 s of a change (SIGHUP to the master always "
             "does)."),
+    # The worker that owns the client connection (issue 9).
+    Setting("proxy", "client_header_timeout", 10.0, "float", "a number of seconds > 0",
+            "Seconds a client has to send a whole request head (from the connection's start, "
+            "or from the end of the previous response); then 408 and close.", _positive),
+    Setting("proxy", "client_idle_timeout", 60.0, "float", "a number of seconds > 0",
+            "Seconds an idle keep-alive client connection (or a silent tunnel) is kept open.",
+            _positive),
+    Setting("proxy", "max_header_bytes", 16384, "int", "a whole number from 1024 to 1048576",
+            "Largest request head (request line and header lines) in bytes; larger: 431.",
+            lambda v: 1024 <= v <= 1048576),
+    Setting("proxy", "max_headers", 100, "int", "a whole number from 1 to 10000",
+            "Most header lines in a request; more: 431.", lambda v: 1 <= v <= 10000),
+    Setting("proxy", "forwarded", "x-forwarded", "str", "one of " + ", ".join(FORWARDED_MODES),
+            "x-forwarded: set X-Forwarded-For/Proto/Host/Port. rfc7239: append a Forwarded "
+            "element instead. both: both.", lambda v: v in FORWARDED_MODES),
+    Setting("proxy", "trusted_proxies", (), "list", "a list of CIDRs like 10.0.0.0/8",
+            "Addresses whose Forwarded, X-Real-IP and X-Forwarded-Proto/Host/Port are kept; "
+            "from anyone else they are removed (comma-separated in the environment).",
+            _parses(lambda v: parse_networks(v))),
 )
 SETTINGS_BY_NAME = {s.name: s for s in SETTINGS}
 # A named pool without its own policy settings gets the built-in defaults (the top-level
@@ -206,6 +226,12 @@ class ProxySettings:
     retry_buffer: int = 65536
     queue_timeout: float = 0.0
     max_connections: int = 0
+    client_header_timeout: float = 10.0
+    client_idle_timeout: float = 60.0
+    max_header_bytes: int = 16384
+    max_headers: int = 100
+    forwarded: str = "x-forwarded"
+    trusted_proxies: tuple[str, ...] = ()
 
 
 @dataclass(frozen=True)
@@ -271,6 +297,18 @@ def parse_status_ranges(text: str) -> tuple[tuple[int, int], ...]:
             raise ValueError(text)
         ranges.append((lo, hi))
     return tuple(ranges)
+
+
+def parse_networks(items: Any) -> tuple[ipaddress.IPv4Network | ipaddress.IPv6Network, ...]:
+    """('10.0.0.0/8', '::1') -> networks; ValueError for anything that is not an address/CIDR."""
+    if isinstance(items, str) or not isinstance(items, list | tuple):
+        raise ValueError(items)
+    networks = []
+    for item in items:
+        if not isinstance(item, str):
+            raise ValueError(item)
+        networks.append(ipaddress.ip_network(item.strip(), strict=False))
+    return tuple(networks)
 
 
 def parse_bind(text: str) -> tuple[str, int] | None:

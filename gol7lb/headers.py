@@ -1,10 +1,13 @@
-"""Header rewriting at the proxy boundary: hop-by-hop removal, X-Forwarded-*, request id."""
+"""Header rewriting at the proxy boundary: hop-by-hop removal, X-Forwarded-*, RFC 7239
+Forwarded (what a client outside `proxy.trusted_proxies` sent under those names is removed,
+so it cannot spoof them), request id."""
 
 from __future__ import annotations
 
+import ipaddress
 import random
 import re
-from collections.abc import Iterable, Mapping
+from collections.abc import Iterable, Mapping, Sequence
 
 # RFC 9110 section 7.6.1, plus the non-standard ones that are hop-by-hop in practice.
 HOP_BY_HOP = frozenset({
@@ -13,6 +16,8 @@ HOP_BY_HOP = frozenset({
 })
 # Set by this proxy; what the client sent under these names is replaced, not trusted.
 FORWARDED_SET = frozenset({"x-forwarded-proto", "x-forwarded-host", "x-forwarded-port"})
+# Kept only from trusted proxies (proxy.trusted_proxies); removed from anyone else.
+SPOOFABLE = FORWARDED_SET | {"forwarded", "x-real-ip"}
 # gunicorn writes its own Date and Server; passing the backend's too would repeat them.
 RESPONSE_DROPPED = HOP_BY_HOP | {"date", "server", "x-request-id"}
 REQUEST_ID = "X-Request-ID"
@@ -49,39 +54,97 @@ def request_id(environ: Mapping[str, object]) -> str:
     return f"{random.getrandbits(128):032x}"  # random reseeds itself in every forked worker
 
 
+class ForwardedPolicy:
+    """Which forwarding headers go upstream (`proxy.forwarded`) and whom to believe
+    (`proxy.trusted_proxies`)."""
+
+    def __init__(self, mode: str = "x-forwarded", trusted: Sequence[str] = ()) -> None:
+        self.x_forwarded = mode in ("x-forwarded", "both")
+        self.rfc7239 = mode in ("rfc7239", "both")
+        self.networks = tuple(ipaddress.ip_network(n, strict=False) for n in trusted)
+        self._verdicts: dict[str, bool] = {}
+
+    def trusts(self, address: str | None) -> bool:
+        if not self.networks or not address:
+            return False
+        verdict = self._verdicts.get(address)
+        if verdict is None:
+            try:
+                ip = ipaddress.ip_address(address)
+            except ValueError:
+                verdict = False
+            else:
+                verdict = any(ip in net for net in self.networks)
+            if len(self._verdicts) < 65536:
+                self._verdicts[address] = verdict
+        return verdict
+
+
+DEFAULT_POLICY = ForwardedPolicy()
+_TOKEN_VALUE = re.compile(r"[!#$%&'*+\-.^_`|~0-9A-Za-z]+")
+
+
+def forwarded_element(client: str, proto: str, host: str | None) -> str:
+    """One RFC 7239 element: for=...;proto=...;host=... (IPv6 bracketed and quoted)."""
+    node = f'"[{client}]"' if ":" in client else client
+    parts = [f"for={node}", f"proto={proto}"]
+    if host:
+        quoted = host if _TOKEN_VALUE.fullmatch(host) else '"' + host.replace(
+            "\\", "\\\\").replace('"', '\\"') + '"'
+        parts.append(f"host={quoted}")
+    return ";".join(parts)
+
+
 def upstream_request_headers(
     environ: Mapping[str, object], host: str, forwarded_port: str, rid: str,
+    policy: ForwardedPolicy = DEFAULT_POLICY,
 ) -> dict[str, str]:
-    """The header section to send upstream (gunicorn has already joined repeated fields)."""
+    """The header section to send upstream (the worker has already joined repeated fields)."""
     drop = HOP_BY_HOP | connection_tokens(environ.get("HTTP_CONNECTION"))  # type: ignore[arg-type]
+    client = environ.get("REMOTE_ADDR")
+    trusted = policy.trusts(client)  # type: ignore[arg-type]
     headers: dict[str, str] = {"Host": host}
     forwarded_for = ""
+    kept: dict[str, str] = {}  # forwarding headers a trusted proxy sent
     for key, value in environ.items():
         if not key.startswith("HTTP_"):
             continue
         name = _field_name(key)
         lower = name.lower()
-        if lower in drop or lower in FORWARDED_SET or lower == "host":
+        if lower in drop or lower == "host" or lower == "x-request-id":
             continue
         if lower == "x-forwarded-for":
             forwarded_for = value  # type: ignore[assignment]
             continue
-        if lower == "x-request-id":
+        if lower in SPOOFABLE:
+            if trusted:
+                kept[lower] = value  # type: ignore[assignment]
+                headers[name] = value  # type: ignore[assignment]
             continue
         headers[name] = value  # type: ignore[assignment]
     content_type = environ.get("CONTENT_TYPE")
     if content_type:
         headers["Content-Type"] = content_type  # type: ignore[assignment]
-    client = environ.get("REMOTE_ADDR")
-    if client:
-        forwarded_for = f"{forwarded_for}, {client}" if forwarded_for else client  # type: ignore[assignment]
-    if forwarded_for:
-        headers["X-Forwarded-For"] = forwarded_for
-    headers["X-Forwarded-Proto"] = environ.get("wsgi.url_scheme", "http")  # type: ignore[assignment]
-    original_host = environ.get("HTTP_HOST")
-    if original_host:
-        headers["X-Forwarded-Host"] = original_host  # type: ignore[assignment]
-    headers["X-Forwarded-Port"] = forwarded_port
+    proto: str = environ.get("wsgi.url_scheme", "http")  # type: ignore[assignment]
+    original_host: str | None = environ.get("HTTP_HOST")  # type: ignore[assignment]
+    if policy.x_forwarded or (trusted and forwarded_for):
+        if policy.x_forwarded and client:
+            forwarded_for = f"{forwarded_for}, {client}" if forwarded_for else client  # type: ignore[assignment]
+        if forwarded_for:
+            headers["X-Forwarded-For"] = forwarded_for
+    if policy.x_forwarded:
+        if "x-forwarded-proto" not in kept:
+            headers["X-Forwarded-Proto"] = proto
+        if original_host and "x-forwarded-host" not in kept:
+            headers["X-Forwarded-Host"] = original_host
+        if "x-forwarded-port" not in kept:
+            headers["X-Forwarded-Port"] = forwarded_port
+    if policy.rfc7239 and client:
+        ours = forwarded_element(client, proto, original_host)  # type: ignore[arg-type]
+        earlier = kept.get("forwarded")
+        for name in [n for n in headers if n.lower() == "forwarded"]:
+            del headers[name]
+        headers["Forwarded"] = f"{earlier}, {ours}" if earlier else ours
     headers[REQUEST_ID] = rid
     return headers
 

@@ -17,6 +17,7 @@ from gol7lb import logfmt
 from gol7lb.backends import Backend
 from gol7lb.balancer import Policy, make_policy, pool_sticky_secret, sticky_key
 from gol7lb.config import Settings
+from gol7lb.headers import ForwardedPolicy
 from gol7lb.pools import Pool
 from gol7lb.routing import Router
 from gol7lb.state import Snapshot
@@ -52,6 +53,7 @@ class PoolTable:
     upstreams: dict[str, UpstreamPool]  # backend id -> this worker's keep-alive sockets
     slots: dict[str, int]  # backend id -> host slot (in flight, requests, failures)
     retry_after: str
+    forwarded: ForwardedPolicy  # proxy.forwarded and proxy.trusted_proxies
     rebuild_at: float = math.inf  # monotonic time of the next slow-start step
 
 
@@ -114,7 +116,18 @@ def build_table(snapshot: Snapshot, previous: PoolTable | None) -> PoolTable:
     return PoolTable(
         snapshot, settings, Router(settings.routes, list(snapshot.pools)), pools, upstreams,
         dict(snapshot.slots), str(max(1, math.ceil(settings.health.interval))),
+        _forwarded_policy(settings, previous),
         rebuild_at=time.monotonic() + RAMP_REBUILD_SECONDS if ramping else math.inf)
+
+
+def _forwarded_policy(settings: Settings, previous: PoolTable | None) -> ForwardedPolicy:
+    """Kept across generations while unchanged: it caches its verdict per client address."""
+    proxy = settings.proxy
+    if previous is not None and (previous.settings.proxy.forwarded,
+                                 previous.settings.proxy.trusted_proxies) == (
+            proxy.forwarded, proxy.trusted_proxies):
+        return previous.forwarded
+    return ForwardedPolicy(proxy.forwarded, proxy.trusted_proxies)
 
 
 def _upstream_for(backend: Backend, settings: Settings,

@@ -17,6 +17,7 @@ from collections.abc import Callable, Iterable, Iterator, Sequence
 from http import HTTPStatus
 from typing import Any
 
+from gol7lb import tunnel
 from gol7lb.accesslog import AccessLog
 from gol7lb.backends import Backend
 from gol7lb.balancer import PickContext
@@ -157,6 +158,7 @@ class UpstreamBody:
         raise BrokenPipeError(errno.EPIPE, "backend failed mid-response")
 
     def _close(self, failed: bool) -> None:
+        self.response.release()
         if not self.done:
             self.done = True
             self.sock.close()  # unread bytes would poison the next request on this connection
@@ -288,6 +290,9 @@ class ProxyApp:
         if match.strip:
             target = strip_prefix(target, match.strip)
 
+        if "HTTP_UPGRADE" in environ and tunnel.is_upgrade(environ):
+            return tunnel.forward(self, environ, start_response, table, pool, exchange, target,
+                                  authority)
         try:
             body = self._request_body(environ, table)
         except ClientBodyError as e:
@@ -295,15 +300,20 @@ class ProxyApp:
             return self._error(start_response, exchange, 400, "incomplete request body",
                                [("Connection", "close")])
         client_sock = environ.get("gunicorn.socket")
+        headers = self.request_headers(environ, table, authority, client_sock, rid)
+        body.framing(headers)
+        return self._forward(environ, start_response, table, pool, exchange, target, headers,
+                             body, client_sock)
+
+    @staticmethod
+    def request_headers(environ: dict[str, Any], table: PoolTable, authority: str | None,
+                        client_sock: socket.socket | None, rid: str) -> dict[str, str]:
         try:
             port = str(client_sock.getsockname()[1]) if client_sock else environ["SERVER_PORT"]
         except OSError:
             port = environ.get("SERVER_PORT", "")
         host = authority or environ.get("HTTP_HOST") or ""
-        headers = upstream_request_headers(environ, host, port, rid)
-        body.framing(headers)
-        return self._forward(environ, start_response, table, pool, exchange, target, headers,
-                             body, client_sock)
+        return upstream_request_headers(environ, host, port, rid, table.forwarded)
 
     @staticmethod
     def _request_body(environ: dict[str, Any], table: PoolTable) -> RequestBody:

@@ -7,11 +7,35 @@ from pathlib import Path
 
 import pytest
 
+from tests import procs
 from tests.procs import LB, Proc, free_port, start_backend
 
 # Fast health checks so tests see liveness changes in about a second.
 FAST_HEALTH = {"GOL7LB_HEALTH_INTERVAL": "0.2", "GOL7LB_HEALTH_TIMEOUT": "0.5",
                "GOL7LB_HEALTH_RISE": "2", "GOL7LB_HEALTH_FALL": "2"}
+
+
+def pytest_addoption(parser: pytest.Parser) -> None:
+    parser.addoption("--lb-worker", choices=("lean", "gthread", "stock"), default="lean",
+                     help="worker class of every LB the tests start: lean (gol7lb's "
+                     "ProxyWorker, the default), gthread (gol7lb.gthread.ThreadProxyWorker) "
+                     "or stock (gunicorn's gthread as it comes)")
+
+
+def pytest_configure(config: pytest.Config) -> None:
+    procs.WORKER_CLASS = config.getoption("--lb-worker")
+
+
+def pytest_collection_modifyitems(config: pytest.Config, items: list[pytest.Item]) -> None:
+    if procs.WORKER_CLASS == "lean":
+        return
+    skip = pytest.mark.skip(reason="behaviour of gol7lb's own worker (--lb-worker lean)")
+    skip_stop = pytest.mark.skip(reason="stop behaviour of gol7lb's worker classes, not stock")
+    for item in items:
+        if "lean_worker" in item.keywords:
+            item.add_marker(skip)
+        elif "stop_behaviour" in item.keywords and procs.WORKER_CLASS == "stock":
+            item.add_marker(skip_stop)
 
 
 def backends_env(ports: list[int]) -> str:

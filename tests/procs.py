@@ -15,6 +15,12 @@ from pathlib import Path
 import psutil
 
 ROOT = Path(__file__).resolve().parent.parent
+# The worker class LBs run with (conftest sets it from `pytest --lb-worker`): "lean" (ours,
+# gunicorn.conf.py's default), "gthread" (gunicorn's gthread with our stop behaviours) or
+# "stock" (gunicorn's gthread as it comes).
+WORKER_CLASS = "lean"
+WORKER_ARGS = {"lean": [], "gthread": ["--worker-class", "gol7lb.gthread.ThreadProxyWorker"],
+               "stock": ["--worker-class", "gthread"]}
 
 
 def free_port() -> int:
@@ -140,8 +146,10 @@ class LB(Proc):
         port = int(env.setdefault("PORT", str(free_port())))
         admin = env.setdefault("GOL7LB_ADMIN_BIND", f"127.0.0.1:{free_port()}")
         env.setdefault("WEB_CONCURRENCY", "2")
+        worker = WORKER_ARGS[WORKER_CLASS]
         super().__init__([sys.executable, "-m", "gunicorn", "-c", "gunicorn.conf.py",
-                          "gol7lb.wsgi", "--no-control-socket", *extra_args], env=env, log=log,
+                          "gol7lb.wsgi", "--no-control-socket", *worker, *extra_args],
+                         env=env, log=log,
                          new_session=new_session)
         self.port = port
         self.admin_port = int(admin.rpartition(":")[2]) if admin else None

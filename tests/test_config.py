@@ -57,18 +57,29 @@ def test_backends_env_with_weights_replaces_the_file_list(tmp_path):
                                                                ("::1", 8082, 1)]
 
 
+def test_trusted_proxies_from_the_file_are_a_list(tmp_path):
+    path = write(tmp_path, '[proxy]\ntrusted_proxies = ["10.0.0.0/8", "::1"]\n'
+                           'forwarded = "both"\n')
+    proxy = load_settings({"GOL7LB_CONFIG": path}).proxy
+    assert proxy.trusted_proxies == ("10.0.0.0/8", "::1") and proxy.forwarded == "both"
+
+
 def test_every_setting_has_its_environment_variable():
+    lists = {"proxy.retry_on": ("502, 504", ("502", "504")),
+             "proxy.trusted_proxies": ("10.0.0.0/8, ::1", ("10.0.0.0/8", "::1"))}
     for setting in SETTINGS:
-        value = {"str": None, "int": "7", "float": "7.5", "bool": "off", "list": "502, 504"}[
-            setting.kind]
-        if value is None:
+        if setting.kind == "str":
             continue
+        if setting.kind == "list":
+            value, expected = lists[setting.name]
+        elif setting.kind == "bool":
+            value, expected = "off", False
+        else:
+            value = str(setting.default + (1 if setting.kind == "int" else 0.5))
+            expected = type(setting.default)(value)
         s = load_settings({setting.env: value})
         section = getattr(s, setting.section) if setting.section else s
-        expected = {"bool": False, "list": ("502", "504")}.get(setting.kind)
-        if expected is None:
-            expected = type(setting.default)(value)
-        assert getattr(section, setting.key) == expected
+        assert getattr(section, setting.key) == expected, setting.name
 
 
 @pytest.mark.parametrize("text, expected", [
@@ -102,6 +113,13 @@ def test_booleans_from_the_environment(text, expected):
     ({"GOL7LB_BACKENDS": "http://127.0.0.1:81, http://127.0.0.1:81/"}, ["duplicate backend"]),
     ({"GOL7LB_HELTH_INTERVAL": "1"}, ["unknown environment variable GOL7LB_HELTH_INTERVAL"]),
     ({"GOL7LB_CONFIG": "/nonexistent/gol7lb.toml"}, ["cannot read", "/nonexistent/gol7lb.toml"]),
+    ({"GOL7LB_PROXY_CLIENT_HEADER_TIMEOUT": "0"}, ["proxy.client_header_timeout", "> 0"]),
+    ({"GOL7LB_PROXY_CLIENT_IDLE_TIMEOUT": "x"}, ["proxy.client_idle_timeout", "'x'"]),
+    ({"GOL7LB_PROXY_MAX_HEADER_BYTES": "100"}, ["proxy.max_header_bytes", "1024"]),
+    ({"GOL7LB_PROXY_MAX_HEADERS": "0"}, ["proxy.max_headers", "1 to 10000"]),
+    ({"GOL7LB_PROXY_FORWARDED": "x-forwarded-for"}, ["proxy.forwarded", "rfc7239"]),
+    ({"GOL7LB_PROXY_TRUSTED_PROXIES": "10.0.0.0/8, 10.0.0.0/33"},
+     ["proxy.trusted_proxies", "CIDRs"]),
 ])
 def test_bad_environment_values_are_refused_with_one_line(env, words):
     with pytest.raises(ConfigError) as info:
@@ -122,6 +140,9 @@ def test_bad_environment_values_are_refused_with_one_line(env, words):
     ("[[backends]]\nurl = \"http://a:1\"\n[[backends]]\nurl = \"http://a:1\"\n",
      ["duplicate backend http://a:1"]),
     ("this is not toml", ["cannot parse"]),
+    ("[proxy]\ntrusted_proxies = \"10.0.0.0/8\"\n", ["proxy.trusted_proxies", "list"]),
+    ("[proxy]\ntrusted_proxies = [\"nope\"]\n", ["proxy.trusted_proxies"]),
+    ("[proxy]\nmax_headers = 1.5\n", ["proxy.max_headers"]),
 ])
 def test_bad_file_values_are_refused_with_one_line(tmp_path, text, words):
     path = write(tmp_path, text)

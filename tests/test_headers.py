@@ -3,8 +3,10 @@
 import pytest
 
 from gol7lb.headers import (
+    ForwardedPolicy,
     client_response_headers,
     connection_tokens,
+    forwarded_element,
     request_id,
     upstream_request_headers,
 )
@@ -65,3 +67,51 @@ def test_invalid_response_headers_are_refused(bad):
 def test_connection_tokens():
     assert connection_tokens("Keep-Alive, X-A ,, x-b") == {"keep-alive", "x-a", "x-b"}
     assert connection_tokens(None) == frozenset()
+
+
+def test_untrusted_clients_cannot_spoof_forwarding_headers():
+    env = environ(HTTP_FORWARDED="for=6.6.6.6;proto=https", HTTP_X_REAL_IP="6.6.6.6",
+                  HTTP_X_FORWARDED_PROTO="https", HTTP_X_FORWARDED_HOST="evil",
+                  HTTP_X_FORWARDED_PORT="1")
+    for mode in ("x-forwarded", "rfc7239", "both"):
+        headers = upstream_request_headers(env, "h", "8080", "rid", ForwardedPolicy(mode))
+        lower = {k.lower(): v for k, v in headers.items()}
+        assert "x-real-ip" not in lower
+        assert "6.6.6.6" not in lower.get("forwarded", "")
+        assert lower.get("x-forwarded-proto", "http") == "http"
+        assert lower.get("x-forwarded-host", "shop.example:8080") == "shop.example:8080"
+
+
+def test_rfc7239_mode_sends_forwarded_only():
+    env = environ(HTTP_X_FORWARDED_FOR="10.1.1.1")
+    headers = upstream_request_headers(env, "h", "8080", "rid", ForwardedPolicy("rfc7239"))
+    assert headers["Forwarded"] == 'for=127.0.0.9;proto=http;host="shop.example:8080"'
+    assert not [k for k in headers if k.lower().startswith("x-forwarded")]
+
+
+def test_both_mode_and_a_trusted_proxy_keeps_and_appends():
+    env = environ(REMOTE_ADDR="10.0.0.5", HTTP_FORWARDED="for=203.0.113.9;proto=https",
+                  HTTP_X_FORWARDED_FOR="203.0.113.9", HTTP_X_FORWARDED_PROTO="https",
+                  HTTP_X_REAL_IP="203.0.113.9")
+    policy = ForwardedPolicy("both", ["10.0.0.0/8"])
+    headers = upstream_request_headers(env, "h", "8080", "rid", policy)
+    assert headers["Forwarded"] == ('for=203.0.113.9;proto=https, '
+                                    'for=10.0.0.5;proto=http;host="shop.example:8080"')
+    assert headers["X-Forwarded-For"] == "203.0.113.9, 10.0.0.5"
+    assert headers["X-Forwarded-Proto"] == "https"
+    assert headers["X-Real-Ip"] == "203.0.113.9"
+
+
+@pytest.mark.parametrize("client, node", [("2001:db8::1", '"[2001:db8::1]"'),
+                                          ("192.0.2.1", "192.0.2.1")])
+def test_forwarded_element_quotes_ipv6_and_hosts_with_ports(client, node):
+    assert forwarded_element(client, "http", "a.example:80") == \
+        f'for={node};proto=http;host="a.example:80"'
+    assert forwarded_element(client, "https", "a.example") == \
+        f"for={node};proto=https;host=a.example"
+
+
+def test_trusted_proxies_accept_cidrs_and_single_addresses():
+    policy = ForwardedPolicy("x-forwarded", ["10.0.0.0/8", "::1", "192.0.2.7"])
+    assert policy.trusts("10.200.0.1") and policy.trusts("::1") and policy.trusts("192.0.2.7")
+    assert not policy.trusts("192.0.2.8") and not policy.trusts("") and not policy.trusts("x")

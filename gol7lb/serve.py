@@ -1,0 +1,398 @@
+"""One client connection on a worker thread: the WSGI environ, the request body, the response.
+
+The worker's event loop (worker.py) reads request heads without a thread; once a head is
+complete, a pool thread takes the connection and calls `serve_request` for it. Client sockets
+stay non-blocking all their life (the loop needs that), so every wait here is an explicit
+poll() with a deadline: a client that stops reading or sending cannot hold a thread forever.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import email.utils
+import errno
+import logging
+import select
+import socket
+import sys
+import time
+from collections.abc import Callable, Iterable
+from http import HTTPStatus
+from typing import Any
+from urllib.parse import unquote_to_bytes
+
+from gol7lb.http1 import Http1Parser, Request, RequestError
+
+log = logging.getLogger("gunicorn.error")
+
+BLOCK = 64 * 1024
+# A failure to write to or read from the client: nothing to answer, just close.
+CLIENT_GONE = (errno.EPIPE, errno.ECONNRESET, errno.ENOTCONN, errno.EBADF, errno.ESHUTDOWN)
+
+
+class ClientGone(ConnectionError):
+    """The client closed or reset the connection, or stayed silent past its deadline."""
+
+
+class TunnelClosed(BrokenPipeError):
+    """Raised by the app after it tunnelled the connection (Upgrade): nothing more to write.
+
+    A BrokenPipeError (EPIPE) so that gunicorn's gthread worker, too, closes quietly.
+    """
+
+    def __init__(self) -> None:
+        super().__init__(errno.EPIPE, "connection was tunnelled")
+
+
+# Date ----------------------------------------------------------------------------------------
+
+_date_second = 0
+_date_header = b""
+
+
+def date_header() -> bytes:
+    """`Date: ...\\r\\n`, formatted once a second (email.utils is slow on every request)."""
+    global _date_second, _date_header
+    now = int(time.time())
+    if now != _date_second:
+        _date_header = b"Date: " + email.utils.formatdate(now, usegmt=True).encode() + b"\r\n"
+        _date_second = now
+    return _date_header
+
+
+# socket I/O with deadlines ------------------------------------------------------------------
+
+def send_all(sock: socket.socket, data: bytes | memoryview, timeout: float) -> None:
+    """Write everything on a non-blocking socket; TimeoutError if the client stops reading."""
+    try:
+        sent = sock.send(data)
+    except BlockingIOError:
+        sent = 0
+    if sent == len(data):
+        return
+    view = memoryview(data)[sent:]
+    poller = select.poll()
+    poller.register(sock, select.POLLOUT)
+    deadline = time.monotonic() + timeout
+    while view:
+        left = deadline - time.monotonic()
+        if left <= 0:
+            raise TimeoutError("client stopped reading")
+        if not poller.poll(left * 1000):
+            continue
+        try:
+            sent = sock.send(view)
+        except BlockingIOError:
+            continue
+        view = view[sent:]
+        deadline = time.monotonic() + timeout  # progress: the client is reading
+
+
+def recv_some(sock: socket.socket, timeout: float) -> bytes:
+    """Some bytes (b"" at EOF) from a non-blocking socket; TimeoutError after `timeout` silent."""
+    try:
+        return sock.recv(BLOCK)
+    except BlockingIOError:
+        pass
+    if not wait_readable(sock, timeout):
+        raise TimeoutError("client sent nothing")
+    try:
+        return sock.recv(BLOCK)
+    except BlockingIOError:
+        return recv_some(sock, timeout)
+
+
+def wait_readable(sock: socket.socket, timeout: float) -> bool:
+    poller = select.poll()
+    poller.register(sock, select.POLLIN)
+    return bool(poller.poll(timeout * 1000))
+
+
+# the connection -----------------------------------------------------------------------------
+
+class Conn:
+    """A client connection; owned either by the event loop (`waiting`) or by one thread."""
+
+    __slots__ = ("sock", "fd", "peer", "server", "parser", "deadline", "waiting", "fresh",
+                 "busy_since")
+
+    def __init__(self, sock: socket.socket, peer: tuple[str, str], server: tuple[str, str],
+                 parser: Http1Parser, deadline: float) -> None:
+        self.sock = sock
+        self.fd = sock.fileno()
+        self.peer = peer
+        self.server = server
+        self.parser = parser
+        self.deadline = deadline
+        self.waiting = False
+        self.fresh = True  # no request served yet: a timeout answers 408 even if nothing came
+
+    def fill(self, timeout: float) -> None:
+        """Read more of the request (a body, on a thread) and parse it."""
+        try:
+            data = recv_some(self.sock, timeout)
+        except OSError as e:
+            raise ClientGone(str(e) or type(e).__name__) from None
+        if not data:
+            raise ClientGone("client closed the connection")
+        self.parser.feed(data)
+
+
+def error_response(status: int, reason: str) -> bytes:
+    """A complete plain-text error answer that closes the connection."""
+    phrase = HTTPStatus(status).phrase
+    body = f"{status} {phrase}: {reason}\n".encode("latin-1", "replace")
+    return (f"HTTP/1.1 {status} {phrase}\r\nContent-Type: text/plain; charset=utf-8\r\n"
+            f"Content-Length: {len(body)}\r\nConnection: close\r\n").encode() + date_header() \
+        + b"\r\n" + body
+
+
+# wsgi.input -----------------------------------------------------------------------------------
+
+class RequestBody:
+    """The request body as a WSGI input stream, read from the socket as the app asks for it.
+
+    The first read sends `100 Continue` to a client that asked for it: the LB is starting to
+    send its body on.
+    """
+
+    def __init__(self, conn: Conn, req: Request, timeout: float) -> None:
+        self.conn = conn
+        self.req = req
+        self.timeout = timeout
+        self.buffer = b""
+
+    def _more(self) -> bool:
+        """Move the next body piece into the buffer; False at the end of the body."""
+        req = self.req
+        while not req.body:
+            if req.complete:
+                return False
+            if req.expect_continue:
+                req.expect_continue = False
+                send_all(self.conn.sock, b"HTTP/1.1 100 Continue\r\n\r\n", self.timeout)
+            self.conn.fill(self.timeout)
+        piece = req.body.popleft()
+        self.buffer = self.buffer + piece if self.buffer else piece
+        return True
+
+    def read(self, size: int | None = -1) -> bytes:
+        if size is None or size < 0:
+            while self._more():
+                pass
+            data, self.buffer = self.buffer, b""
+            return data
+        while len(self.buffer) < size and self._more():
+            pass
+        data, self.buffer = self.buffer[:size], self.buffer[size:]
+        return data
+
+    def readline(self, size: int | None = -1) -> bytes:
+        while b"\n" not in self.buffer and (size is None or size < 0 or len(self.buffer) < size):
+            if not self._more():
+                break
+        end = self.buffer.find(b"\n") + 1 or len(self.buffer)
+        if size is not None and size >= 0:
+            end = min(end, size)
+        data, self.buffer = self.buffer[:end], self.buffer[end:]
+        return data
+
+    def readlines(self, hint: int | None = None) -> list[bytes]:
+        return list(iter(self.readline, b""))
+
+    def __iter__(self) -> Any:
+        return iter(self.readline, b"")
+
+
+# environ ------------------------------------------------------------------------------------
+
+_ENV_KEYS: dict[str, str | None] = {"Content-Type": "CONTENT_TYPE",
+                                    "Content-Length": "CONTENT_LENGTH"}
+_BASE_ENVIRON = {
+    "wsgi.version": (1, 0), "wsgi.url_scheme": "http", "wsgi.errors": sys.stderr,
+    "wsgi.multithread": True, "wsgi.multiprocess": True, "wsgi.run_once": False,
+    "wsgi.input_terminated": True, "SCRIPT_NAME": "", "SERVER_SOFTWARE": "gol7lb",
+}
+
+
+def _env_key(name: str) -> str | None:
+    """HTTP_X_FOO for X-Foo; None for names with `_` (they could pose as X-Foo), like gunicorn."""
+    key = _ENV_KEYS.get(name, "")
+    if key != "":
+        return key
+    lower = name.lower()
+    if lower in ("content-type", "content-length"):
+        key = lower.replace("-", "_").upper()
+    elif "_" in name:
+        key = None
+    else:
+        key = "HTTP_" + name.upper().replace("-", "_")
+    if len(_ENV_KEYS) < 4096:
+        _ENV_KEYS[name] = key
+    return key
+
+
+def build_environ(conn: Conn, req: Request, body: RequestBody) -> dict[str, Any]:
+    env = _BASE_ENVIRON.copy()
+    target = req.target
+    path, _, query = target.partition("?")
+    env["REQUEST_METHOD"] = req.method
+    env["RAW_URI"] = target
+    env["PATH_INFO"] = unquote_to_bytes(path).decode("latin-1") if "%" in path else path
+    env["QUERY_STRING"] = query
+    env["SERVER_PROTOCOL"] = "HTTP/" + req.version
+    env["REMOTE_ADDR"], env["REMOTE_PORT"] = conn.peer
+    env["SERVER_NAME"], env["SERVER_PORT"] = conn.server
+    env["wsgi.input"] = body
+    env["gunicorn.socket"] = conn.sock
+    for name, value in req.headers:
+        key = _env_key(name)
+        if key is None:
+            continue
+        if key in env:
+            env[key] = env[key] + ("; " if key == "HTTP_COOKIE" else ", ") + value
+        else:
+            env[key] = value
+    if req.upgrade:
+        env["gol7lb.early_data"] = conn.parser.leftover
+    return env
+
+
+# the response -------------------------------------------------------------------------------
+
+class Response:
+    """start_response and the body writer: head and first body block go out in one send."""
+
+    __slots__ = ("conn", "req", "timeout", "status", "headers", "head_sent", "keep_alive",
+                 "chunked", "no_body", "remaining", "code")
+
+    def __init__(self, conn: Conn, req: Request, timeout: float, keep_alive: bool) -> None:
+        self.conn = conn
+        self.req = req
+        self.timeout = timeout
+        self.status = ""
+        self.headers: list[tuple[str, str]] = []
+        self.head_sent = False
+        self.keep_alive = keep_alive
+        self.chunked = False
+        self.no_body = False
+        self.remaining: int | None = None
+        self.code = 0
+
+    def start_response(self, status: str, headers: list[tuple[str, str]],
+                       exc_info: Any = None) -> Callable[[bytes], None]:
+        if exc_info is not None and self.head_sent:
+            raise exc_info[1].with_traceback(exc_info[2])
+        self.status = status
+        self.headers = headers
+        return self.write
+
+    def _head(self) -> bytes:
+        code = self.code = int(self.status[:3])
+        lines = ["HTTP/1.1 ", self.status, "\r\n"]
+        length = None
+        for name, value in self.headers:
+            lower = name.lower()
+            if lower == "content-length":
+                length = int(value)
+                continue
+            if lower == "connection":
+                if "close" in value.lower():
+                    self.keep_alive = False
+                continue
+            elif lower == "transfer-encoding":
+                continue  # framing to the client is this writer's choice
+            lines += (name, ": ", value, "\r\n")
+        if self.req.method == "HEAD" or code in (204, 304) or code < 200:
+            self.no_body = True
+            if length is not None:
+                lines += ("Content-Length: ", str(length), "\r\n")
+        elif length is not None:
+            self.remaining = length
+            lines += ("Content-Length: ", str(length), "\r\n")
+        elif self.req.version == "1.1":
+            self.chunked = True
+            lines.append("Transfer-Encoding: chunked\r\n")
+        else:
+            self.keep_alive = False  # HTTP/1.0 without a length: the body ends at close
+        lines.append("Connection: keep-alive\r\n" if self.keep_alive else "Connection: close\r\n")
+        return "".join(lines).encode("latin-1") + date_header() + b"\r\n"
+
+    def _frame(self, data: bytes) -> bytes:
+        if self.no_body or not data:
+            return b""
+        if self.chunked:
+            return b"%x\r\n%b\r\n" % (len(data), data)
+        if self.remaining is not None:
+            if len(data) > self.remaining:
+                data = data[:self.remaining]
+                self.keep_alive = False
+            self.remaining -= len(data)
+        return data
+
+    def write(self, data: bytes) -> None:
+        if not self.head_sent:
+            head = self._head()
+            self.head_sent = True
+            send_all(self.conn.sock, head + self._frame(data), self.timeout)
+            return
+        framed = self._frame(data)
+        if framed:
+            send_all(self.conn.sock, framed, self.timeout)
+
+    def finish(self) -> None:
+        """After the last body block: the terminating chunk, or the head of an empty body."""
+        if not self.head_sent:
+            self.write(b"")
+        if self.chunked and not self.no_body:
+            send_all(self.conn.sock, b"0\r\n\r\n", self.timeout)
+        elif self.remaining:
+            self.keep_alive = False  # the app sent less than it announced: never reuse
+
+
+def serve_request(app: Callable[..., Iterable[bytes]], conn: Conn, req: Request,
+                  timeout: float, keep_alive: bool,
+                  extra: dict[str, Any] | None = None) -> bool:
+    """Run the WSGI app for one request and write its answer; True to keep the connection."""
+    body = RequestBody(conn, req, timeout)
+    environ = build_environ(conn, req, body)
+    if extra:
+        environ.update(extra)
+    response = Response(conn, req, timeout, keep_alive and req.keep_alive and not req.upgrade)
+    result: Iterable[bytes] | None = None
+    try:
+        result = app(environ, response.start_response)
+        for block in result:
+            if block:
+                response.write(block)
+        response.finish()
+    except RequestError as e:
+        if not response.head_sent:
+            _send_quietly(conn.sock, error_response(e.status, e.reason))
+        return False
+    except TunnelClosed:
+        return False
+    except (ClientGone, TimeoutError):
+        return False
+    except OSError as e:
+        if e.errno not in CLIENT_GONE:
+            log.exception("error writing to client %s", conn.peer[0])
+        return False
+    except Exception:
+        log.exception("error handling %s %s", req.method, req.target)
+        if not response.head_sent:
+            _send_quietly(conn.sock, error_response(500, "internal error"))
+        return False
+    finally:
+        close = getattr(result, "close", None)
+        if close is not None:
+            try:
+                close()
+            except Exception:
+                log.exception("error closing the response of %s %s", req.method, req.target)
+    return response.keep_alive and req.complete and not body.buffer
+
+
+def _send_quietly(sock: socket.socket, data: bytes) -> None:
+    with contextlib.suppress(OSError):
+        sock.send(data)

@@ -1,0 +1,153 @@
+"""Upgrade tunnelling through a real LB with a real WebSocket client and server (websockets).
+
+Under every worker class; the 50-tunnel test needs ours (there a tunnel does not keep a pool
+thread), the TERM test one of ours (stock gthread was seen to cut open tunnels on TERM)."""
+
+from __future__ import annotations
+
+import contextlib
+import logging
+import signal
+import threading
+import time
+from collections.abc import Iterator
+
+import pytest
+from websockets.exceptions import ConnectionClosed, ConnectionClosedOK
+from websockets.sync.client import connect
+from websockets.sync.server import Server, ServerConnection, serve
+
+from tests.conftest import FAST_HEALTH, _stop_and_check
+from tests.procs import LB, port_closed
+from tests.test_proxy import raw_request, split_response
+
+READ_TIMEOUT = 1.0
+IDLE_TIMEOUT = 3.0
+MIB = 1024 * 1024
+
+
+def echo(ws: ServerConnection) -> None:
+    for message in ws:
+        if message == "close-me":
+            ws.close(1000, "server closes")
+            return
+        ws.send(message)
+
+
+@pytest.fixture(scope="module")
+def ws_server() -> Iterator[Server]:
+    logging.getLogger("websockets").setLevel(logging.CRITICAL)  # health checks' bare connects
+    server = serve(echo, "127.0.0.1", 0, max_size=4 * MIB, ping_interval=None)
+    thread = threading.Thread(target=server.serve_forever, daemon=True)
+    thread.start()
+    yield server
+    server.shutdown()
+    thread.join(timeout=10)
+
+
+def lb_env(server: Server) -> dict[str, str]:
+    port = server.socket.getsockname()[1]
+    return {"GOL7LB_BACKENDS": f"http://127.0.0.1:{port}", **FAST_HEALTH,
+            "GOL7LB_PROXY_READ_TIMEOUT": str(READ_TIMEOUT),
+            "GOL7LB_PROXY_CLIENT_IDLE_TIMEOUT": str(IDLE_TIMEOUT)}
+
+
+@pytest.fixture(scope="module")
+def ws_lb(ws_server: Server, tmp_path_factory: pytest.TempPathFactory) -> Iterator[LB]:
+    # 4 threads per worker: 50 tunnels only fit if a tunnel does not keep a pool thread
+    lb = LB(lb_env(ws_server), log=tmp_path_factory.mktemp("ws") / "lb.log",
+            extra_args=("--threads", "4"))
+    try:
+        yield lb.wait_ready()
+    finally:
+        _stop_and_check([lb])
+
+
+def client(lb: LB, path: str = "/ws"):  # noqa: ANN201 - websockets' ClientConnection
+    return connect(f"ws://127.0.0.1:{lb.port}{path}", max_size=4 * MIB, ping_interval=None,
+                   open_timeout=10, close_timeout=5)
+
+
+def test_text_and_binary_messages_both_ways(ws_lb):
+    with client(ws_lb) as ws:
+        ws.send("hello")
+        assert ws.recv(timeout=10) == "hello"
+        ws.send(b"\x00\x01\xff")
+        assert ws.recv(timeout=10) == b"\x00\x01\xff"
+        assert ws.response.status_code == 101
+        assert ws.response.headers["X-Request-ID"]
+
+
+def test_one_mib_messages(ws_lb):
+    payload = bytes(range(256)) * (4 * 1024)
+    text = "é" * (MIB // 2)
+    with client(ws_lb) as ws:
+        for _ in range(3):
+            ws.send(payload)
+            assert ws.recv(timeout=20) == payload
+        ws.send(text)
+        assert ws.recv(timeout=20) == text
+
+
+@pytest.mark.lean_worker  # under gthread a tunnel holds one of its `threads` for good
+def test_fifty_concurrent_tunnels(ws_lb):
+    with contextlib.ExitStack() as stack:
+        sockets = [stack.enter_context(client(ws_lb)) for _ in range(50)]
+        for i, ws in enumerate(sockets):
+            ws.send(f"tunnel {i}")
+        assert [ws.recv(timeout=20) for ws in sockets] == [f"tunnel {i}" for i in range(50)]
+        # and plain requests are still served meanwhile
+        assert split_response(raw_request(ws_lb.port, b"GET / HTTP/1.1\r\nHost: x\r\n"
+                                          b"Connection: close\r\n\r\n"))[0] in (400, 426)
+
+
+def test_close_from_the_client(ws_lb):
+    with client(ws_lb) as ws:
+        ws.send("x")
+        assert ws.recv(timeout=10) == "x"
+        ws.close(1000, "client done")
+        assert ws.protocol.close_rcvd.code == 1000  # the server's answer came back through
+
+
+def test_close_from_the_server(ws_lb):
+    with client(ws_lb) as ws:
+        ws.send("close-me")
+        with pytest.raises(ConnectionClosedOK):
+            ws.recv(timeout=10)
+        assert ws.protocol.close_rcvd.code == 1000
+        assert ws.protocol.close_rcvd.reason == "server closes"
+
+
+def test_read_timeout_does_not_cut_an_open_tunnel_but_idle_timeout_does(ws_lb):
+    with client(ws_lb) as ws:
+        time.sleep(READ_TIMEOUT * 2)  # silent longer than read_timeout
+        ws.send("still here")
+        assert ws.recv(timeout=10) == "still here"
+        started = time.monotonic()
+        with pytest.raises(ConnectionClosed):
+            ws.recv(timeout=IDLE_TIMEOUT + 5)
+        assert IDLE_TIMEOUT - 0.5 < time.monotonic() - started < IDLE_TIMEOUT + 3
+
+
+def test_a_refused_upgrade_is_relayed_and_the_connection_closed(ws_lb):
+    answer = raw_request(ws_lb.port, b"GET /ws HTTP/1.1\r\nHost: x\r\nUpgrade: websocket\r\n"
+                         b"Connection: Upgrade\r\n\r\n")  # no Sec-WebSocket-Key: refused
+    status, _, _ = split_response(answer)
+    assert 400 <= status < 500
+
+
+@pytest.mark.stop_behaviour  # stock gthread was seen to cut open tunnels on TERM
+def test_term_gives_open_tunnels_the_graceful_timeout(ws_server, lb_factory):
+    lb = lb_factory(lb_env(ws_server))
+    with client(lb) as ws:
+        ws.send("before")
+        assert ws.recv(timeout=10) == "before"
+        lb.signal(signal.SIGTERM)
+        deadline = time.monotonic() + 5
+        while not port_closed(lb.port):
+            assert time.monotonic() < deadline, "new connections still accepted after TERM"
+            time.sleep(0.05)
+        ws.send("during drain")
+        assert ws.recv(timeout=10) == "during drain"
+    assert lb.wait(timeout=20) == 0
+    assert lb.leftovers() == []
