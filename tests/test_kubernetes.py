@@ -18,6 +18,7 @@ from pathlib import Path
 from typing import Any
 
 import kubernetes_validate
+import psutil
 import pytest
 import requests
 import yaml
@@ -310,6 +311,90 @@ def test_the_pod_starts_probes_answer_and_mutations_need_the_token(tmp_path: Pat
     assert not lb.leftovers()
     assert not [p for p in emptydir.iterdir() if p.name.startswith("gol7lb-")], \
         "the run directory is removed at exit"
+
+
+READ_ONLY_POD = r"""
+set -e
+mount --bind -o ro "$CONFIG_DIR" "$CONFIG_MOUNT"    # the ConfigMap's volume
+mount -o remount,bind,ro /                         # readOnlyRootFilesystem
+mount -t tmpfs -o size=64m,mode=1777 tmpfs /tmp    # the emptyDir on /tmp
+if touch /.gol7lb-write-probe 2>/dev/null; then echo "root still writable" >&2; exit 97; fi
+cd "$APP_DIR"
+exec "$PYTHON" -m gunicorn -c gunicorn.conf.py gol7lb.wsgi --no-control-socket
+"""
+
+
+def test_the_pod_runs_with_a_read_only_root_filesystem(tmp_path: Path) -> None:
+    """readOnlyRootFilesystem for real: in a mount namespace of its own the whole root is
+    remounted read-only, /tmp is an empty tmpfs and the ConfigMap's file a read-only bind,
+    as the kubelet lays them out. The LB starts, answers the probes' /healthz, and stops on
+    TERM with status 0, without one write refused."""
+    import os
+    import shutil
+    import subprocess
+    import sys
+    import time
+
+    unshare = shutil.which("unshare")
+    if os.geteuid() != 0 or unshare is None:
+        pytest.skip("needs root and unshare(1) for a private mount namespace")
+    mount_point = next((d for d in ("/srv", "/media") if os.path.isdir(d)
+                        and not os.listdir(d) and not os.path.ismount(d)), None)
+    if mount_point is None:
+        pytest.skip("no empty /srv or /media to mount the ConfigMap's file on")
+    probe = subprocess.run([unshare, "-m", "--propagation", "private", "true"],
+                           capture_output=True, timeout=30)
+    if probe.returncode != 0:
+        pytest.skip(f"unshare -m is not allowed here: {probe.stderr.decode().strip()}")
+
+    config_dir = tmp_path / "config"
+    config_dir.mkdir()
+    (config_dir / "lb.toml").write_text(config_toml())
+    token = secrets.token_hex(16)
+    port, admin_port = free_port(), free_port()
+    env = {k: v for k, v in os.environ.items()
+           if not k.startswith("GOL7LB_") and k not in ("TMPDIR", "XDG_RUNTIME_DIR")}
+    env.update(pod_env(Path(mount_point) / "lb.toml", token))
+    env.update(PORT=str(port), GOL7LB_ADMIN_BIND=f"0.0.0.0:{admin_port}",
+               WEB_CONCURRENCY="2", PYTHONDONTWRITEBYTECODE="1", CONFIG_DIR=str(config_dir),
+               CONFIG_MOUNT=mount_point, APP_DIR=str(ROOT), PYTHON=sys.executable)
+    log = tmp_path / "pod.log"
+    with open(log, "wb") as out:
+        proc = subprocess.Popen([unshare, "-m", "--propagation", "private", "bash", "-c",
+                                 READ_ONLY_POD], env=env, stdout=out,
+                                stderr=subprocess.STDOUT, stdin=subprocess.DEVNULL)
+    try:
+        # As the startup probe does: ask until 200 (503 while the helpers come up).
+        deadline = time.monotonic() + 60
+        answer = None
+        while time.monotonic() < deadline and proc.poll() is None:
+            try:
+                answer = requests.get(f"http://127.0.0.1:{admin_port}/healthz", timeout=2)
+                if answer.status_code == 200:
+                    break
+            except requests.ConnectionError:
+                pass
+            time.sleep(0.1)
+        assert answer is not None, log.read_text()
+        assert (answer.status_code, answer.text.strip()) == (200, "ok"), log.read_text()
+        status = requests.get(f"http://127.0.0.1:{admin_port}/status", timeout=5).json()
+        assert status["config"]["last_error"] is None
+        assert len(status["backends"]) == 3
+        # The proxy port answers too (503: the example backends do not resolve here).
+        assert requests.get(f"http://127.0.0.1:{port}/", timeout=10).status_code == 503
+        tree = psutil.Process(proc.pid).children(recursive=True)
+        assert len(tree) >= 4, "manager, supervisor, admin listener, workers"
+        proc.terminate()
+        assert proc.wait(timeout=60) == 0, log.read_text()
+        _, alive = psutil.wait_procs(tree, timeout=10)
+        assert not alive, f"left running: {alive}"
+    finally:
+        if proc.poll() is None:
+            proc.kill()
+            proc.wait(timeout=10)
+    text = log.read_text()
+    assert "Read-only file system" not in text and "Traceback" not in text, text
+    assert "helpers stopped" in text, text
 
 
 # -- Service, PodDisruptionBudget, HorizontalPodAutoscaler -----------------------------------
