@@ -14,14 +14,14 @@ from gol7lb import rundir
 
 rundir.prepare()  # before anything imports prometheus_client: it reads its directory at import
 
-from gol7lb import hooks, logfmt  # noqa: E402
+from gol7lb import cpus, hooks, logfmt  # noqa: E402
 from gol7lb.config import ConfigError, env_int, load_settings  # noqa: E402
 
 if hooks.boot() is None:  # the first read, at start: a bad setting stops the start here
     try:
         _settings = load_settings()
         _port = env_int(os.environ, "PORT", 8080, 1, 65535)
-        _workers = env_int(os.environ, "WEB_CONCURRENCY", max(2, os.cpu_count() or 1), 1, 512)
+        _workers = env_int(os.environ, "WEB_CONCURRENCY", cpus.default_workers(), 1, 512)
         hooks.check_listen_port(_port)
     except ConfigError as _error:
         sys.stderr.write(f"gol7lb: {_error}\n")
