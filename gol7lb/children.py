@@ -89,6 +89,7 @@ def init_helper_process(role: str) -> None:
     with contextlib.suppress(OSError):
         os.setpgid(0, 0)
     signal.signal(signal.SIGINT, signal.SIG_IGN)
+    signal.pthread_sigmask(signal.SIG_UNBLOCK, {signal.SIGINT})  # blocked by the spawner
     die_with_parent()
 
 
@@ -149,7 +150,14 @@ class ManagedChild:
         self.process = SPAWN.Process(target=_run_with_log_format,
                                      args=(logfmt.current_format(), self.target, *self.args),
                                      name=f"gol7lb-{self.name}", daemon=True)
-        self.process.start()
+        # SIGINT blocked in this thread while it spawns: the child inherits the mask, so a
+        # Ctrl-C to the group while it is still importing waits until init_helper_process()
+        # ignores it (the master's other threads still take the signal).
+        blocked = signal.pthread_sigmask(signal.SIG_BLOCK, {signal.SIGINT})
+        try:
+            self.process.start()
+        finally:
+            signal.pthread_sigmask(signal.SIG_SETMASK, blocked)
         self.started_at = time.monotonic()
         try:
             self.pidfd = os.pidfd_open(self.process.pid)

@@ -152,11 +152,18 @@ class WorkerCells:
                 array[cell + IN_FLIGHT] += 1
                 array[cell + REQUESTS] += 1
 
-    def end(self, host_slot: int, failed: bool) -> None:
+    def detach(self, host_slot: int) -> None:
+        """The request became a tunnel that holds no serving thread: it stays in flight but
+        leaves this worker's share (end() then gets local=False)."""
+        with self._lock:
+            self.local[host_slot] -= 1
+
+    def end(self, host_slot: int, failed: bool, local: bool = True) -> None:
         cell = host_slot * self._row + self._offset
         array = self.array
         with self._lock:
-            self.local[host_slot] -= 1
+            if local:
+                self.local[host_slot] -= 1
             if self.enabled:
                 array[cell + IN_FLIGHT] -= 1
                 if failed:

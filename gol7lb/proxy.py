@@ -78,7 +78,7 @@ class Exchange:
     per-host counters are told once it ends."""
 
     __slots__ = ("app", "started", "method", "path", "client", "rid", "pool", "backend_id",
-                 "slot", "status", "upstream_s", "answered")
+                 "slot", "detached", "status", "upstream_s", "answered")
 
     def __init__(self, app: ProxyApp, method: str, path: str, client: str, rid: str) -> None:
         self.app = app
@@ -90,6 +90,7 @@ class Exchange:
         self.pool = "-"
         self.backend_id = "-"
         self.slot: int | None = None  # the host slot counted in flight until finish()
+        self.detached = False  # a tunnel: in flight, but holding no serving thread
         self.status = 0
         self.upstream_s: float | None = None
         self.answered = False  # the status came from a backend (metrics label it by address)
@@ -97,7 +98,7 @@ class Exchange:
     def finish(self, sent: int, failed: bool = False) -> None:
         app = self.app
         if self.slot is not None:
-            app.cells.end(self.slot, failed)
+            app.cells.end(self.slot, failed, local=not self.detached)
             self.slot = None
         total = time.perf_counter() - self.started
         metric_backend = self.backend_id if self.answered else "none"
@@ -341,14 +342,15 @@ class ProxyApp:
                            key)
 
     def _pick(self, table: PoolTable, pool: PoolRuntime, environ: dict[str, Any], path: str,
-              tried: set[str], sticky: str | None) -> tuple[Backend | None, bool]:
+              tried: set[str], sticky: str | None,
+              bounded: bool = True) -> tuple[Backend | None, bool]:
         """The next backend to try, with its in-flight slot taken; (None, full) when there is
         none: full is True when every candidate was at its limit (worth queueing for)."""
         order: Sequence[Backend] = pool.policy.order(self._context(table, pool, environ, path))
         if sticky is not None and sticky in pool.available:
             order = [pool.by_id[sticky], *(b for b in order if b.id != sticky)]
         full = False
-        share = self._local_share(pool)
+        share = self._local_share(pool) if bounded else _UNBOUNDED
         for backend in order:
             if backend.id in tried:
                 continue
@@ -555,6 +557,7 @@ class ProxyApp:
 
 
 QUEUE_POLL_SECONDS = 0.005
+_UNBOUNDED = 1 << 62
 
 
 def _no_load(backend_id: str) -> int:

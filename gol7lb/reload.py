@@ -34,12 +34,25 @@ RESTART_ONLY = {"admin.bind": lambda s: s.admin.bind, "cpu_affinity": lambda s: 
 WATCH_DEBOUNCE_MS = 200  # an editor's write-rename lands as one change, well within 2 s
 
 
+# Client-edge limits each worker reads when it starts: new workers (SIGHUP) take them.
+WORKER_START = {
+    "proxy.client_header_timeout": lambda s: s.proxy.client_header_timeout,
+    "proxy.client_idle_timeout": lambda s: s.proxy.client_idle_timeout,
+    "proxy.max_header_bytes": lambda s: s.proxy.max_header_bytes,
+    "proxy.max_headers": lambda s: s.proxy.max_headers,
+}
+
+
 def restart_notes(old: Settings | None, new: Settings) -> list[str]:
-    """What changed but takes effect only after a restart, in words for the log."""
+    """What changed but takes effect only after a restart (or new workers), for the log."""
     if old is None:
         return []
-    return [f"{name} changed from {get(old)!r} to {get(new)!r}: it takes effect after a restart"
-            for name, get in RESTART_ONLY.items() if get(old) != get(new)]
+    notes = [f"{name} changed from {get(old)!r} to {get(new)!r}: it takes effect after a "
+             "restart" for name, get in RESTART_ONLY.items() if get(old) != get(new)]
+    notes += [f"{name} changed from {get(old)!r} to {get(new)!r}: workers started from now "
+              "on use it (SIGHUP replaces them all)"
+              for name, get in WORKER_START.items() if get(old) != get(new)]
+    return notes
 
 
 def reload_config(client: ControlClient, trigger: str,

@@ -40,7 +40,7 @@ GENERATION = 0  # written by the Manager process only; bumped after every change
 ROTATION = 8  # round-robin tickets, drawn by every worker
 HEARTBEAT = 16  # the supervisor's last sign of life, CLOCK_MONOTONIC milliseconds
 _SLOTS = 24
-MANAGER_RETRY_SECONDS = 1.0  # after a failed Manager read, serve the last snapshot this long
+MANAGER_RETRY_SECONDS = 0.1  # after a failed Manager read, serve the last snapshot this long
 FIRST_READ_SECONDS = 5.0  # how long a new worker waits for its first state read
 
 
@@ -475,6 +475,7 @@ class CachedView(Generic[T]):
         self._seen = -1
         self._refresh_lock = threading.Lock()
         self._next_retry = 0.0
+        self._failing = False
         self._current: T | None = None
         deadline = time.monotonic() + FIRST_READ_SECONDS
         while self._current is None and time.monotonic() < deadline:
@@ -516,10 +517,14 @@ class CachedView(Generic[T]):
             snapshot = self.client.snapshot()
         except Exception as e:  # the Manager is gone or restarting: keep the last snapshot
             self._next_retry = time.monotonic() + MANAGER_RETRY_SECONDS
-            if self._current is not None:
+            if self._current is not None and not self._failing:
                 log.error("cannot read shared state from the manager (%s); serving from the "
-                          "last known state", e or type(e).__name__)
+                          "last known state until it is back", e or type(e).__name__)
+            self._failing = True
             return False
+        if self._failing:
+            log.info("shared state readable again")
+            self._failing = False
         self._current = self._build(snapshot, self._current)
         self._snapshot = snapshot
         self._seen = generation

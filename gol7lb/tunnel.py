@@ -58,7 +58,9 @@ def forward(app: ProxyApp, environ: dict[str, Any], start_response: Callable[...
     path = target.split("?", 1)[0]
     tried: set[str] = set()
     for _attempt in range(1 + table.settings.proxy.retries):
-        backend, _full = app._pick(table, pool, environ, path, tried, None)
+        # Not bounded by the per-worker thread share: a tunnel gives its thread back to the
+        # pool (a new one is started), so it holds no serving thread.
+        backend, _full = app._pick(table, pool, environ, path, tried, None, bounded=False)
         if backend is None:
             break
         tried.add(backend.id)
@@ -123,6 +125,9 @@ def _switch(environ: dict[str, Any], response: Any, sock: socket.socket,
     detach = environ.get("gol7lb.detach")
     if detach is not None:
         detach()
+        if exchange.slot is not None:
+            exchange.app.cells.detach(exchange.slot)
+            exchange.detached = True
     gauge = metrics.WEBSOCKET_CONNECTIONS.labels(backend.id)
     gauge.inc()
     sent = 0

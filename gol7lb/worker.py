@@ -339,18 +339,24 @@ class ProxyWorker(Worker):
                 self._close(conn)
 
     def _drain(self, epoll: Any) -> None:
-        """Graceful stop: close waiting connections; let threads finish within the timeout."""
+        """Graceful stop: idle keep-alive connections close now; a connection accepted before
+        the stop that has not sent its (whole) first head yet is still served once it does
+        (within its head deadline), so nothing the listener handed us is reset; requests and
+        tunnels in flight finish; all within `graceful_timeout`."""
         deadline = time.monotonic() + self.cfg.graceful_timeout
         while True:
             for conn in list(self.conns.values()):
-                if conn.waiting:
-                    self._close(conn)
-            if not self.active or time.monotonic() >= deadline:
+                if conn.waiting and not conn.fresh and not conn.parser.in_head:
+                    self._close(conn)  # idle between requests: nothing was promised
+            pending = any(conn.waiting for conn in self.conns.values())
+            now = time.monotonic()
+            if (not self.active and not pending) or now >= deadline:
                 break
             for fd, _events in epoll.poll(0.05):
                 conn = self.conns.get(fd)
                 if conn is not None:
-                    self._close(conn)
+                    self._readable(conn)  # a head that completes goes to a thread
+            self._sweep(time.monotonic())  # a head that never comes gets its 408
             self.notify()
         if self.active:
             self.log.warning("graceful timeout: cutting %d connections", len(self.active))
