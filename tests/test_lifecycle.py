@@ -234,6 +234,30 @@ def test_cpu_affinity_pins_each_worker_to_its_own_cpu_or_not(lb_factory, backend
     assert requests.get(lb.url + "/", timeout=5).status_code == 200
 
 
+@pytest.mark.skipif(len(os.sched_getaffinity(0)) < 2, reason="needs two CPUs to tell apart")
+def test_a_replacement_worker_takes_the_cpu_of_the_one_it_replaces(lb_factory,
+                                                                   backend_factory):
+    """Pinning follows the worker's slot, not its age: killing the worker on the first CPU
+    must not put its replacement beside the survivor."""
+    backend = backend_factory()
+    lb = lb_factory({"GOL7LB_BACKENDS": backends_env([backend.port])})
+    deadline = time.monotonic() + 15
+    while len(workers_of(lb)) < 2 and time.monotonic() < deadline:
+        time.sleep(0.05)
+    before = {w.pid: w.cpu_affinity() for w in workers_of(lb)}
+    victim = min(before, key=lambda pid: before[pid])
+    os.kill(victim, signal.SIGKILL)
+    deadline = time.monotonic() + 15
+    while True:
+        now = {w.pid: w.cpu_affinity() for w in workers_of(lb) if w.pid != victim}
+        if len(now) == 2:
+            break
+        assert time.monotonic() < deadline, "the killed worker was not replaced"
+        time.sleep(0.05)
+    assert sorted(map(tuple, now.values())) == sorted(map(tuple, before.values()))
+    assert requests.get(lb.url + "/", timeout=5).status_code == 200
+
+
 def test_toml_config_file_is_used(lb_factory, backend_factory, tmp_path):
     backend = backend_factory()
     config = tmp_path / "lb.toml"
