@@ -3,7 +3,7 @@
 from __future__ import annotations
 
 import ipaddress
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from urllib.parse import urlsplit
 
 
@@ -16,13 +16,20 @@ MAX_WEIGHT = 256
 
 @dataclass(frozen=True, slots=True)
 class Backend:
-    """One configured upstream. Identity is its URL, so state keyed by it survives reloads."""
+    """One configured upstream. Identity is its address, so state keyed by it survives
+    reloads. `id` (`host:port`, IPv6 bracketed) is computed once: the hot path reads it
+    several times per request."""
 
     url: str
     host: str
     port: int
     weight: int = 1
     max_connections: int = 0  # in-flight cap over all workers; 0: proxy.max_connections
+    id: str = field(init=False, repr=False, compare=False)
+
+    def __post_init__(self) -> None:
+        host = f"[{self.host}]" if ":" in self.host else self.host
+        object.__setattr__(self, "id", f"{host}:{self.port}")
 
     @property
     def address(self) -> tuple[str, int]:
@@ -30,14 +37,8 @@ class Backend:
 
     @property
     def netloc(self) -> str:
-        """host:port as it goes into a Host header (IPv6 bracketed)."""
-        host = f"[{self.host}]" if ":" in self.host else self.host
-        return f"{host}:{self.port}"
-
-    @property
-    def id(self) -> str:
-        """The address, `host:port`: what runtime state, the admin API and metrics key on."""
-        return self.netloc
+        """host:port as it goes into a Host header (IPv6 bracketed): the same as `id`."""
+        return self.id
 
 
 def parse_backend_url(url: str, weight: int = 1, max_connections: int = 0) -> Backend:
