@@ -192,3 +192,39 @@ class LB(Proc):
                 return answer.startswith(b"HTTP/1.1 200")
         except OSError:
             return False
+
+
+def wait_until(condition, timeout: float = 10.0, interval: float = 0.05):  # noqa: ANN001, ANN201
+    """Poll `condition()` until it returns something truthy, and return that; fail the test
+    after `timeout` seconds."""
+    deadline = time.monotonic() + timeout
+    while True:
+        value = condition()
+        if value:
+            return value
+        assert time.monotonic() < deadline, "condition not met in time"
+        time.sleep(interval)
+
+
+def lb_status(lb: LB) -> dict:
+    """The admin listener's /status document."""
+    import requests
+
+    return requests.get(lb.admin_url + "/status", timeout=10).json()
+
+
+def backend_entry(lb: LB, port: int) -> dict:
+    """The /status entry of the backend on 127.0.0.1:port."""
+    return next(b for b in lb_status(lb)["backends"] if b["id"] == f"127.0.0.1:{port}")
+
+
+def workers_of(lb: LB) -> list[psutil.Process]:
+    """The LB master's gunicorn worker processes (not its helpers)."""
+    workers = []
+    for proc in psutil.Process(lb.pid).children():
+        try:
+            if "gunicorn" in " ".join(proc.cmdline()):
+                workers.append(proc)
+        except psutil.Error:  # a worker that just exited
+            continue
+    return workers

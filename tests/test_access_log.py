@@ -15,6 +15,7 @@ import psutil
 import pytest
 import requests
 
+from tests import procs
 from tests.conftest import FAST_HEALTH, backends_env
 
 # 2026-11-30T15:19:54+00:00 127.0.0.1 "GET /" 200 14 pool=default backend=127.0.0.1:4607
@@ -34,13 +35,7 @@ HELPERS_START = 60.0
 
 
 def wait_until(condition, timeout: float = HELPERS_START, interval: float = 0.05):
-    deadline = time.monotonic() + timeout
-    while True:
-        value = condition()
-        if value:
-            return value
-        assert time.monotonic() < deadline, "condition not met in time"
-        time.sleep(interval)
+    return procs.wait_until(condition, timeout, interval)
 
 
 def lines(lb) -> list[str]:

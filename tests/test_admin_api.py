@@ -3,31 +3,14 @@
 from __future__ import annotations
 
 import threading
-import time
 
 import pytest
 import requests
 
 from tests.conftest import FAST_HEALTH, backends_env
-from tests.procs import free_port
-
-
-def status(lb) -> dict:
-    return requests.get(lb.admin_url + "/status", timeout=5).json()
-
-
-def entry(lb, port: int) -> dict:
-    return next(b for b in status(lb)["backends"] if b["id"] == f"127.0.0.1:{port}")
-
-
-def wait_until(condition, timeout: float = 10.0, interval: float = 0.05):
-    deadline = time.monotonic() + timeout
-    while True:
-        value = condition()
-        if value:
-            return value
-        assert time.monotonic() < deadline, "condition not met in time"
-        time.sleep(interval)
+from tests.procs import backend_entry as entry
+from tests.procs import free_port, wait_until
+from tests.procs import lb_status as status
 
 
 def served_ports(lb, n: int) -> list[int]:

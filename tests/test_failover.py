@@ -14,6 +14,7 @@ import pytest
 import requests
 
 from tests.conftest import FAST_HEALTH, backends_env
+from tests.load import Load
 from tests.procs import free_port, start_backend
 
 
@@ -33,45 +34,6 @@ def wait_until(predicate, timeout: float, step: float = 0.05) -> float:
 
 def alive_map(lb) -> dict[int, bool]:
     return {int(b["url"].rsplit(":", 1)[1]): b["alive"] for b in status(lb)["backends"]}
-
-
-class Load:
-    """Sequential requests from a few threads for a bounded time, counting every outcome."""
-
-    def __init__(self, url: str, threads: int = 4, seconds: float = 20.0) -> None:
-        self.url = url
-        self.stop = threading.Event()
-        self.ok = 0
-        self.failures: list[str] = []
-        self.ports: set[int] = set()
-        self.deadline = time.monotonic() + seconds
-        self.threads = [threading.Thread(target=self._run) for _ in range(threads)]
-        self.lock = threading.Lock()
-
-    def _run(self) -> None:
-        with requests.Session() as session:
-            while not self.stop.is_set() and time.monotonic() < self.deadline:
-                try:
-                    response = session.get(self.url, timeout=10)
-                    outcome = None if response.status_code == 200 else str(response.status_code)
-                except requests.RequestException as e:
-                    outcome = type(e).__name__
-                with self.lock:
-                    if outcome is None:
-                        self.ok += 1
-                        self.ports.add(int(response.headers["X-Backend-Port"]))
-                    else:
-                        self.failures.append(outcome)
-
-    def __enter__(self) -> Load:
-        for t in self.threads:
-            t.start()
-        return self
-
-    def __exit__(self, *exc) -> None:
-        self.stop.set()
-        for t in self.threads:
-            t.join()
 
 
 @pytest.mark.slow

@@ -5,7 +5,6 @@ from __future__ import annotations
 
 import os
 import signal
-import time
 
 import psutil
 import pytest
@@ -13,6 +12,8 @@ import requests
 
 from tests.conftest import FAST_HEALTH
 from tests.load import Load
+from tests.procs import lb_status as status
+from tests.procs import wait_until
 
 ROLES = ("manager", "supervisor", "admin listener", "config watcher")
 
@@ -25,20 +26,6 @@ def helper_pid(lb, role: str) -> int | None:
         except psutil.NoSuchProcess:
             continue
     return None
-
-
-def wait_until(condition, timeout: float = 10.0, interval: float = 0.05):
-    deadline = time.monotonic() + timeout
-    while True:
-        value = condition()
-        if value:
-            return value
-        assert time.monotonic() < deadline, "condition not met in time"
-        time.sleep(interval)
-
-
-def status(lb) -> dict:
-    return requests.get(lb.admin_url + "/status", timeout=5).json()
 
 
 def healthz(lb) -> requests.Response:

@@ -315,11 +315,11 @@ def test_the_pod_starts_probes_answer_and_mutations_need_the_token(tmp_path: Pat
 
 READ_ONLY_POD = r"""
 set -e
+cd "$APP_DIR"  # first: the checkout may live under /tmp, which the tmpfs below hides
 mount --bind -o ro "$CONFIG_DIR" "$CONFIG_MOUNT"    # the ConfigMap's volume
 mount -o remount,bind,ro /                         # readOnlyRootFilesystem
 mount -t tmpfs -o size=64m,mode=1777 tmpfs /tmp    # the emptyDir on /tmp
 if touch /.gol7lb-write-probe 2>/dev/null; then echo "root still writable" >&2; exit 97; fi
-cd "$APP_DIR"
 exec "$PYTHON" -m gunicorn -c gunicorn.conf.py gol7lb.wsgi --no-control-socket
 """
 

@@ -12,6 +12,7 @@ import psutil
 import pytest
 import requests
 
+from tests import procs
 from tests.conftest import FAST_HEALTH, backends_env
 from tests.procs import ROOT, Proc, free_port, port_closed, wait_for_port
 
@@ -19,14 +20,7 @@ DEMO_PORTS = (8081, 8082, 8083)
 
 
 def workers_of(lb) -> list[psutil.Process]:
-    workers = []
-    for proc in psutil.Process(lb.pid).children():
-        try:
-            if "gunicorn" in " ".join(proc.cmdline()):
-                workers.append(proc)
-        except psutil.Error:  # a worker that just exited
-            continue
-    return workers
+    return procs.workers_of(lb)
 
 
 @pytest.mark.slow

@@ -13,7 +13,6 @@ import signal
 import subprocess
 import tempfile
 import threading
-import time
 from collections import Counter
 from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
@@ -24,6 +23,7 @@ import requests
 from prometheus_client.multiprocess import MultiProcessCollector
 from prometheus_client.parser import text_string_to_metric_families
 
+from tests import procs
 from tests.conftest import FAST_HEALTH, backends_env
 
 # DESIGN.md's table: family name (as the parser names it) -> type and label names.
@@ -46,13 +46,7 @@ HELPERS_START = 60.0
 
 
 def wait_until(condition, timeout: float = HELPERS_START, interval: float = 0.05):
-    deadline = time.monotonic() + timeout
-    while True:
-        value = condition()
-        if value:
-            return value
-        assert time.monotonic() < deadline, "condition not met in time"
-        time.sleep(interval)
+    return procs.wait_until(condition, timeout, interval)
 
 
 def scrape_text(lb) -> str:
@@ -94,14 +88,7 @@ def send_concurrently(url: str, n: int) -> list[requests.Response]:
 
 
 def workers_of(lb) -> list[psutil.Process]:
-    workers = []
-    for proc in psutil.Process(lb.pid).children():
-        try:
-            if "gunicorn" in " ".join(proc.cmdline()):
-                workers.append(proc)
-        except psutil.Error:  # a worker that just exited
-            continue
-    return workers
+    return procs.workers_of(lb)
 
 
 def metrics_dir(lb) -> str:

@@ -12,22 +12,10 @@ import pytest
 import requests
 
 from tests.load import Load
+from tests.procs import lb_status as status
+from tests.procs import wait_until
 
 FAST = {"GOL7LB_HEALTH_INTERVAL": "0.2", "GOL7LB_HEALTH_TIMEOUT": "0.5"}
-
-
-def status(lb) -> dict:
-    return requests.get(lb.admin_url + "/status", timeout=5).json()
-
-
-def wait_until(condition, timeout: float = 10.0, interval: float = 0.05):
-    deadline = time.monotonic() + timeout
-    while True:
-        value = condition()
-        if value:
-            return value
-        assert time.monotonic() < deadline, "condition not met in time"
-        time.sleep(interval)
 
 
 def toml(ports: list[int], weights: list[int] | None = None, extra: str = "") -> str:

@@ -15,24 +15,9 @@ import requests
 
 from tests.conftest import FAST_HEALTH
 from tests.load import Load
-
-
-def status(lb) -> dict:
-    return requests.get(lb.admin_url + "/status", timeout=10).json()
-
-
-def entry(lb, port: int) -> dict:
-    return next(b for b in status(lb)["backends"] if b["id"] == f"127.0.0.1:{port}")
-
-
-def wait_until(condition, timeout: float = 10.0, interval: float = 0.05):
-    deadline = time.monotonic() + timeout
-    while True:
-        value = condition()
-        if value:
-            return value
-        assert time.monotonic() < deadline, "condition not met in time"
-        time.sleep(interval)
+from tests.procs import backend_entry as entry
+from tests.procs import lb_status as status
+from tests.procs import wait_until
 
 
 def config(tmp_path: Path, text: str) -> dict[str, str]:
@@ -204,6 +189,9 @@ def test_passive_health_ejects_from_every_worker_then_lets_it_back(lb_factory,
             "[health]\ninterval = 60.0\npassive_fails = 3\npassive_window = 10.0\n"
             "passive_cooldown = 2.0\nmax_ejected_percent = 50\n")
     lb = lb_factory(config(tmp_path, text))
+    # The one active check each backend gets at start has run (it passed): from now on only
+    # passive health can take the flaky one out.
+    wait_until(lambda: all(e["last_check"] for e in status(lb)["backends"]), timeout=30)
     flaky.popen.kill()
     flaky.popen.wait()
     for _ in range(8):  # connect failures: retried on the good one, counted against flaky
