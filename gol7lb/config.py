@@ -19,6 +19,7 @@ from gol7lb.pools import (
     ALGORITHMS,
     DEFAULT_POOL,
     ConfigError,
+    DiscoverySpec,
     Pool,
     Route,
     backends_from_toml,
@@ -67,6 +68,13 @@ def _positive(value: float) -> bool:
 
 def _seconds_or_zero(value: float) -> bool:
     return 0 <= value <= 86400
+
+
+def _is_host_port(text: str) -> bool:
+    try:
+        return parse_bind(text) is not None
+    except ValueError:
+        return False
 
 
 def _parses(parser: Callable[[str], Any]) -> Callable[[str], bool]:
@@ -160,6 +168,12 @@ SETTINGS: tuple[Setting, ...] = (
     Setting("admin", "token", "", "str", "a string without spaces or control characters",
             "When set, every mutating admin call needs `Authorization: Bearer <token>`; "
             "reads stay open.", lambda v: v == "" or (v.isprintable() and " " not in v)),
+    Setting("discovery", "resolvers", (), "list", "a list of DNS servers as host:port",
+            "DNS servers for `discover` backends (none: the system's).",
+            lambda v: all(_is_host_port(x) for x in v)),
+    Setting("discovery", "interval", 0.0, "float", "a number of seconds >= 0",
+            "Seconds between two resolutions of a name; 0: the record's TTL, clamped to "
+            "1-300 s.", _seconds_or_zero),
     Setting("log", "access", True, "bool", "true or false",
             "One access-log line per proxied request on standard output."),
     Setting("log", "format", "text", "str", "one of " + ", ".join(LOG_FORMATS),
@@ -245,6 +259,12 @@ class AdminSettings:
 
 
 @dataclass(frozen=True)
+class DiscoverySettings:
+    resolvers: tuple[str, ...] = ()
+    interval: float = 0.0
+
+
+@dataclass(frozen=True)
 class LogSettings:
     access: bool = True
     format: str = "text"
@@ -263,11 +283,13 @@ class Settings:
     sticky_secret: str = ""
     cpu_affinity: str = "auto"
     backends: tuple[Backend, ...] = ()  # the default pool; empty: there is none
+    discover: tuple[DiscoverySpec, ...] = ()  # the default pool's DNS-discovered entries
     named_pools: tuple[Pool, ...] = ()
     routes: tuple[Route, ...] = ()
     health: HealthSettings = field(default_factory=HealthSettings)
     proxy: ProxySettings = field(default_factory=ProxySettings)
     admin: AdminSettings = field(default_factory=AdminSettings)
+    discovery: DiscoverySettings = field(default_factory=DiscoverySettings)
     log: LogSettings = field(default_factory=LogSettings)
     reload: ReloadSettings = field(default_factory=ReloadSettings)
     demo_backends: bool = False  # True when no backend was configured and the demo ones stand in
@@ -279,9 +301,9 @@ class Settings:
     def pools(self) -> dict[str, Pool]:
         """Pools by name; the `[[backends]]` list is the pool named `default`."""
         pools = {}
-        if self.backends:
+        if self.backends or self.discover:
             pools[DEFAULT_POOL] = Pool(DEFAULT_POOL, self.algorithm, self.backends,
-                                       self.hash_key, self.sticky_cookie)
+                                       self.hash_key, self.sticky_cookie, self.discover)
         pools.update((pool.name, pool) for pool in self.named_pools)
         return pools
 
@@ -397,6 +419,7 @@ class FileValues:
 
     values: dict[str, Any]
     backends: list[Backend] | None = None
+    discover: list[DiscoverySpec] = field(default_factory=list)
     pools: list[Pool] = field(default_factory=list)
     routes: list[Route] = field(default_factory=list)
 
@@ -406,7 +429,7 @@ def _values_from_toml(data: Mapping[str, Any], origin: str) -> FileValues:
     sections = {s.section for s in SETTINGS if s.section}
     for key, value in data.items():
         if key == "backends":
-            found.backends = backends_from_toml(value, "backends", origin)
+            found.backends, found.discover = backends_from_toml(value, "backends", origin)
         elif key == "pools":
             def check(name: str, raw: Any) -> Any:
                 return _coerce(SETTINGS_BY_NAME[name], raw, origin, from_env=False)
@@ -508,11 +531,13 @@ def load_settings(env: Mapping[str, str] | None = None) -> Settings:
         sticky_secret=values["sticky_secret"],
         cpu_affinity=values["cpu_affinity"],
         backends=tuple(backends or ()),
+        discover=tuple(found.discover) if env_backends is None else (),
         named_pools=tuple(found.pools),
         routes=tuple(found.routes),
         health=HealthSettings(**section("health")),
         proxy=ProxySettings(**section("proxy")),
         admin=AdminSettings(**section("admin")),
+        discovery=DiscoverySettings(**section("discovery")),
         log=LogSettings(**section("log")),
         reload=ReloadSettings(**section("reload")),
         demo_backends=demo,

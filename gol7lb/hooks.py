@@ -17,7 +17,7 @@ import time
 from dataclasses import dataclass, field
 from typing import Any
 
-from gol7lb import admin, logfmt, metrics, reload, rundir, supervisor
+from gol7lb import admin, discovery, logfmt, metrics, reload, rundir, supervisor
 from gol7lb.children import ChildWatcher, DemoBackends, ManagedChild, StartupError
 from gol7lb.config import DEMO_PORTS, ConfigError, Settings
 from gol7lb.hosts import HostTable
@@ -156,6 +156,9 @@ def _start(rt: Runtime, log: Any) -> None:
     if settings.path:
         helpers.append(ManagedChild("config watcher", reload.run,
                                     (rt.address, rt.authkey, settings.path)))
+    if any(pool.discover for pool in settings.pools.values()):
+        helpers.append(ManagedChild("discovery", discovery.run,
+                                    (rt.address, rt.authkey, rt.counters)))
     for child in helpers:
         rt.watcher.children.append(child)
         rt.watcher.start_child(child)

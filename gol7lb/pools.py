@@ -20,13 +20,31 @@ MAX_CONNECTIONS = 1_000_000
 _POOL_NAME = re.compile(r"[A-Za-z0-9][A-Za-z0-9_.-]{0,63}")
 _TOKEN = re.compile(r"[!#$%&'*+\-.^_`|~0-9A-Za-z]+")
 _HOST_LABEL = re.compile(r"[a-z0-9]([a-z0-9-]{0,61}[a-z0-9])?")
-BACKEND_KEYS = ("url", "weight", "max_connections")
+_SRV_NAME = re.compile(r"_[a-z0-9-]+\._(tcp|udp)(\.[a-z0-9]([a-z0-9-]{0,61}[a-z0-9])?)+\.?")
+BACKEND_KEYS = ("url", "weight", "max_connections", "discover", "name")
+DISCOVERY_KINDS = ("dns", "srv")
 POOL_KEYS = ("algorithm", "hash_key", "sticky_cookie", "backends")
 ROUTE_KEYS = ("host", "path_prefix", "methods", "headers", "pool", "strip_prefix")
 
 
 class ConfigError(Exception):
     """A setting that stops the start; str() is the one line shown to the operator."""
+
+
+@dataclass(frozen=True)
+class DiscoverySpec:
+    """A backend entry whose addresses come from DNS: every A/AAAA address of `name` on
+    `port` (kind "dns"), or the targets, ports and weights of an SRV name (kind "srv")."""
+
+    kind: str
+    name: str
+    port: int = 0  # dns only
+    weight: int = 1  # dns only (srv records carry their own)
+    max_connections: int = 0
+
+    @property
+    def key(self) -> str:
+        return f"{self.kind}:{self.name}:{self.port}"
 
 
 @dataclass(frozen=True)
@@ -38,6 +56,7 @@ class Pool:
     backends: tuple[Backend, ...]
     hash_key: str = "client_ip"
     sticky_cookie: str = ""
+    discover: tuple[DiscoverySpec, ...] = ()  # backends found in DNS, added when resolved
 
 
 @dataclass(frozen=True)
@@ -83,23 +102,31 @@ def check_cookie_name(value: str) -> bool:
     return value == "" or bool(_TOKEN.fullmatch(value))
 
 
-def backends_from_toml(items: Any, where: str, origin: str) -> list[Backend]:
+def backends_from_toml(items: Any, where: str,
+                       origin: str) -> tuple[list[Backend], list[DiscoverySpec]]:
+    """`[[backends]]` tables: fixed addresses, and entries discovered through DNS."""
     if not isinstance(items, list):
         raise bad(where, items, origin, f"an array of tables [[{where}]] with url and weight")
     backends = []
+    specs: list[DiscoverySpec] = []
     seen: set[str] = set()
     for i, item in enumerate(items):
         at = f"{where}[{i}]"
         if not isinstance(item, dict):
             raise bad(at, item, origin, "a table with url and optional weight, max_connections")
         unknown_keys(item, BACKEND_KEYS, at, origin)
-        if "url" not in item:
-            raise ConfigError(f"missing setting {at}.url ({origin}): every backend needs a url")
         limit = item.get("max_connections", 0)
         if isinstance(limit, bool) or not isinstance(limit, int) or \
                 not 0 <= limit <= MAX_CONNECTIONS:
             raise bad(f"{at}.max_connections", limit, origin,
                       f"a whole number from 0 (no limit) to {MAX_CONNECTIONS}")
+        if "discover" in item:
+            specs.append(_discovery_spec(item, at, origin, limit))
+            continue
+        if "name" in item:
+            raise bad(f"{at}.name", item["name"], origin, 'used with discover = "srv" only')
+        if "url" not in item:
+            raise ConfigError(f"missing setting {at}.url ({origin}): every backend needs a url")
         try:
             weight = check_weight(item.get("weight", 1), str(item["url"]))
             backend = parse_backend_url(item["url"], weight, limit)
@@ -110,7 +137,31 @@ def backends_from_toml(items: Any, where: str, origin: str) -> list[Backend]:
                               f"{backend.url}")
         seen.add(backend.id)
         backends.append(backend)
-    return backends
+    return backends, specs
+
+
+def _discovery_spec(item: Mapping[str, Any], at: str, origin: str,
+                    limit: int) -> DiscoverySpec:
+    kind = item["discover"]
+    if kind not in DISCOVERY_KINDS:
+        raise bad(f"{at}.discover", kind, origin, 'one of "dns", "srv"')
+    if kind == "srv":
+        name = item.get("name")
+        if not isinstance(name, str) or not _SRV_NAME.fullmatch(name.lower()):
+            raise bad(f"{at}.name", name, origin,
+                      'an SRV name like "_http._tcp.api.internal" (discover = "srv")')
+        if "url" in item or "weight" in item:
+            raise bad(at, item, origin, "for srv, name only: targets, ports and weights come "
+                      "from the records")
+        return DiscoverySpec("srv", name.lower().rstrip("."), 0, 1, limit)
+    if "name" in item:
+        raise bad(f"{at}.name", item["name"], origin, 'used with discover = "srv" only')
+    try:
+        weight = check_weight(item.get("weight", 1), str(item.get("url")))
+        parsed = parse_backend_url(item.get("url"), weight, limit)  # type: ignore[arg-type]
+    except BackendError as e:
+        raise ConfigError(f"invalid setting {at} ({origin}): {e}") from None
+    return DiscoverySpec("dns", parsed.host.lower().rstrip("."), parsed.port, weight, limit)
 
 
 def pools_from_toml(data: Any, origin: str, defaults: Mapping[str, str],
@@ -129,8 +180,9 @@ def pools_from_toml(data: Any, origin: str, defaults: Mapping[str, str],
         if not isinstance(table, dict):
             raise bad(where, table, origin, f"a table [{where}]")
         unknown_keys(table, POOL_KEYS, where, origin)
-        backends = backends_from_toml(table.get("backends", []), f"{where}.backends", origin)
-        if not backends:
+        backends, specs = backends_from_toml(table.get("backends", []), f"{where}.backends",
+                                             origin)
+        if not backends and not specs:
             raise ConfigError(f"invalid setting {where} ({origin}): a pool needs at least one "
                               f"backend ([[{where}.backends]] with a url)")
         values = {}
@@ -138,7 +190,7 @@ def pools_from_toml(data: Any, origin: str, defaults: Mapping[str, str],
             value = table.get(key, defaults[key])
             values[key] = check(key, value) if key in table else value
         pools.append(Pool(name, values["algorithm"], tuple(backends), values["hash_key"],
-                          values["sticky_cookie"]))
+                          values["sticky_cookie"], tuple(specs)))
     return pools
 
 

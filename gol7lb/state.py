@@ -42,6 +42,7 @@ HEARTBEAT = 16  # the supervisor's last sign of life, CLOCK_MONOTONIC millisecon
 _SLOTS = 24
 MANAGER_RETRY_SECONDS = 0.1  # after a failed Manager read, serve the last snapshot this long
 FIRST_READ_SECONDS = 5.0  # how long a new worker waits for its first state read
+REFRESH_WAIT_SECONDS = 0.1  # a request waits this long at most for a refresh under way
 
 
 class SharedCounters:
@@ -111,6 +112,8 @@ class Snapshot:
     drained: frozenset[str] = field(default_factory=frozenset)
     ejected: dict[str, float] = field(default_factory=dict)  # backend id -> until (Unix time)
     ejection_ended: dict[str, float] = field(default_factory=dict)  # id -> when (slow start)
+    discovered_from: dict[str, str] = field(default_factory=dict)  # backend id -> DNS name
+    discovery: dict[str, dict[str, Any]] = field(default_factory=dict)  # spec key -> state
 
     def backends(self) -> dict[str, Backend]:
         """Every running backend by id (a backend in several pools once, as first listed)."""
@@ -139,7 +142,8 @@ class ControlState:
     """Lives in the Manager process; every method runs under one lock."""
 
     _PERSISTED = ("settings", "config_generation", "loaded_at", "last_error", "added", "removed",
-                  "slots", "alive", "drained", "ejected", "ejections", "ejection_ended")
+                  "slots", "alive", "drained", "ejected", "ejections", "ejection_ended",
+                  "discovered", "discovery")
 
     def __init__(self, counters: SharedCounters, hosts: HostTable, path: str) -> None:
         self._counters = counters
@@ -158,6 +162,8 @@ class ControlState:
         self.ejected: dict[str, float] = {}  # passive health: id -> ejected until (Unix time)
         self.ejections: dict[str, tuple[int, float]] = {}  # id -> (times in a row, last end)
         self.ejection_ended: dict[str, float] = {}
+        self.discovered: dict[str, list[Backend]] = {}  # spec key -> its last good answer
+        self.discovery: dict[str, dict[str, Any]] = {}  # spec key -> name, error, when
         self.records: dict[str, dict[str, Any]] = {}  # latest check per backend (not persisted)
         if self._load():
             self._counters.bump_generation()  # a restarted Manager: everybody re-reads
@@ -197,16 +203,35 @@ class ControlState:
             return {}
         pools = {}
         for name, pool in self.settings.pools.items():
-            kept = [b for b in pool.backends if b.id not in self.removed]
-            pools[name] = replace(pool, backends=(*kept, *self.added.get(name, ())))
+            backends = [b for b in pool.backends if b.id not in self.removed]
+            ids = {b.id for b in backends}
+            for spec in pool.discover:
+                for backend in self.discovered.get(spec.key, ()):
+                    if backend.id not in ids and backend.id not in self.removed:
+                        backends.append(backend)
+                        ids.add(backend.id)
+            backends += [b for b in self.added.get(name, ()) if b.id not in ids]
+            pools[name] = replace(pool, backends=tuple(backends))
         return pools
+
+    def _discovered_from(self) -> dict[str, str]:
+        found: dict[str, str] = {}
+        for key, backends in self.discovered.items():
+            name = self.discovery.get(key, {}).get("name", key)
+            for backend in backends:
+                found.setdefault(backend.id, name)
+        return found
 
     def _running_ids(self) -> set[str]:
         return {b.id for pool in self._pools().values() for b in pool.backends}
 
     def _sources(self) -> dict[str, str]:
         api = {b.id for backends in self.added.values() for b in backends}
-        return {i: ("api" if i in api else "config") for i in self._running_ids()}
+        fixed = {b.id for pool in (self.settings.pools.values() if self.settings else ())
+                 for b in pool.backends}
+        dns = set(self._discovered_from()) - fixed
+        return {i: ("api" if i in api else "dns" if i in dns else "config")
+                for i in self._running_ids()}
 
     def _assign_slot(self, backend_id: str) -> None:
         if backend_id in self.slots:
@@ -257,6 +282,9 @@ class ControlState:
             self.last_error = None
             self.added = {}
             self.removed = set()
+            keys = {spec.key for pool in settings.pools.values() for spec in pool.discover}
+            self.discovered = {k: v for k, v in self.discovered.items() if k in keys}
+            self.discovery = {k: v for k, v in self.discovery.items() if k in keys}
             for backend_id in self._running_ids():
                 self._adopt(backend_id, alive=first)
             self._forget_gone()
@@ -342,6 +370,34 @@ class ControlState:
             self._changed()
             return until
 
+    def set_discovered(self, key: str, name: str, backends: list[Backend] | None,
+                       error: str | None) -> None:
+        """A DNS answer for one discovery entry. `backends` None (the name did not resolve):
+        the last known addresses stay, and the error is shown; new addresses are checked
+        before they take traffic, vanished ones leave (their requests in flight finish)."""
+        with self._lock:
+            if self.settings is None:
+                return
+            now = time.time()
+            status = self.discovery.setdefault(key, {"name": name})
+            status.update(name=name, checked_at=now, error=error)
+            if backends is None:
+                self._save()
+                return
+            status["resolved_at"] = now
+            status["addresses"] = sorted(b.id for b in backends)
+            previous = {b.id: b for b in self.discovered.get(key, [])}
+            current = {b.id: b for b in backends}
+            self.discovered[key] = backends
+            if previous == current:
+                self._save()
+                return
+            for backend_id in current:
+                if backend_id not in previous:
+                    self._adopt(backend_id, alive=False)
+            self._forget_gone()
+            self._changed()
+
     def expire_ejections(self) -> None:
         """Ejections whose time is up end (the supervisor asks every quarter second)."""
         with self._lock:
@@ -383,6 +439,8 @@ class ControlState:
                 drained=frozenset(self.drained),
                 ejected=dict(self.ejected),
                 ejection_ended=dict(self.ejection_ended),
+                discovered_from=self._discovered_from(),
+                discovery={k: dict(v) for k, v in self.discovery.items()},
             )
 
 
@@ -403,7 +461,7 @@ class StateManager(BaseManager):
 
 StateManager.register("control", callable=_control, exposed=(
     "publish_config", "record_error", "add_backend", "remove_backend", "set_drained",
-    "publish_health", "eject", "expire_ejections", "snapshot"))
+    "publish_health", "eject", "expire_ejections", "set_discovered", "snapshot"))
 
 
 def run_manager(address: str, authkey: bytes, counters: SharedCounters, hosts: HostTable,
@@ -502,11 +560,14 @@ class CachedView(Generic[T]):
         return self._current  # type: ignore[return-value]
 
     def _refresh(self) -> None:
-        # One thread refreshes; the others keep serving from the previous snapshot meanwhile.
-        if not self._refresh_lock.acquire(blocking=False):
+        """One thread reads; the others wait for it briefly (a read takes well under a
+        millisecond), so a request that comes after a change is served by the new state;
+        only when the Manager is slow do they go on with the previous snapshot."""
+        if not self._refresh_lock.acquire(timeout=REFRESH_WAIT_SECONDS):
             return
         try:
-            if time.monotonic() >= self._next_retry:
+            if self.counters.array[GENERATION] != self._seen and \
+                    time.monotonic() >= self._next_retry:
                 self._read()
         finally:
             self._refresh_lock.release()

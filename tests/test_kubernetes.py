@@ -315,7 +315,8 @@ def test_the_pod_starts_probes_answer_and_mutations_need_the_token(tmp_path: Pat
 
 READ_ONLY_POD = r"""
 set -e
-cd "$APP_DIR"  # first: the checkout may live under /tmp, which the tmpfs below hides
+mount --bind -o ro "$APP_DIR" "$APP_MOUNT"         # the image's /app (the checkout may
+cd "$APP_MOUNT"                                    # live under /tmp, hidden below)
 mount --bind -o ro "$CONFIG_DIR" "$CONFIG_MOUNT"    # the ConfigMap's volume
 mount -o remount,bind,ro /                         # readOnlyRootFilesystem
 mount -t tmpfs -o size=64m,mode=1777 tmpfs /tmp    # the emptyDir on /tmp
@@ -338,10 +339,12 @@ def test_the_pod_runs_with_a_read_only_root_filesystem(tmp_path: Path) -> None:
     unshare = shutil.which("unshare")
     if os.geteuid() != 0 or unshare is None:
         pytest.skip("needs root and unshare(1) for a private mount namespace")
-    mount_point = next((d for d in ("/srv", "/media") if os.path.isdir(d)
-                        and not os.listdir(d) and not os.path.ismount(d)), None)
-    if mount_point is None:
-        pytest.skip("no empty /srv or /media to mount the ConfigMap's file on")
+    empty = [d for d in ("/srv", "/media", "/mnt") if os.path.isdir(d)
+             and not os.listdir(d) and not os.path.ismount(d)]
+    if len(empty) < 2:
+        pytest.skip("needs two empty directories of /srv, /media, /mnt: one for the "
+                    "ConfigMap's file, one for the checkout (which may live under /tmp)")
+    mount_point, app_mount = empty[:2]
     probe = subprocess.run([unshare, "-m", "--propagation", "private", "true"],
                            capture_output=True, timeout=30)
     if probe.returncode != 0:
@@ -357,7 +360,8 @@ def test_the_pod_runs_with_a_read_only_root_filesystem(tmp_path: Path) -> None:
     env.update(pod_env(Path(mount_point) / "lb.toml", token))
     env.update(PORT=str(port), GOL7LB_ADMIN_BIND=f"0.0.0.0:{admin_port}",
                WEB_CONCURRENCY="2", PYTHONDONTWRITEBYTECODE="1", CONFIG_DIR=str(config_dir),
-               CONFIG_MOUNT=mount_point, APP_DIR=str(ROOT), PYTHON=sys.executable)
+               CONFIG_MOUNT=mount_point, APP_DIR=str(ROOT), APP_MOUNT=app_mount,
+               PYTHON=sys.executable)
     log = tmp_path / "pod.log"
     with open(log, "wb") as out:
         proc = subprocess.Popen([unshare, "-m", "--propagation", "private", "bash", "-c",
@@ -457,7 +461,14 @@ def test_example_headless_service_matches_its_statefulset_and_the_configmap(
     assert command[:3] == ["python", "-m", "backend"] and command[3] == str(port)
 
 
-def test_example_shows_the_dns_discovery_settings() -> None:
-    """The discovery sketch stays in the example's comments: configmap.yaml must load with
-    today's parser (tested above), which refuses unknown keys such as `discover`."""
-    assert 'discover = "dns"' in EXAMPLE.read_text()
+def test_example_shows_dns_discovery_settings_that_load(tmp_path: Path) -> None:
+    """The example's commented discovery settings are valid for the parser as it is."""
+    text = EXAMPLE.read_text()
+    assert 'discover = "dns"' in text
+    snippet = "\n".join(line.removeprefix("#   ") for line in text.splitlines()
+                        if line.startswith("#   ") and ("=" in line or "[[" in line))
+    path = tmp_path / "lb.toml"
+    path.write_text(snippet + "\n")
+    settings = load_settings({"GOL7LB_CONFIG": str(path)})
+    spec = settings.pools["default"].discover[0]
+    assert (spec.kind, spec.name, spec.port) == ("dns", "web.default.svc.cluster.local", 8080)
