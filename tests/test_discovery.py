@@ -1,6 +1,6 @@
-"""Backends from DNS through real gunicorn workers, against a real DNS server on 127.0.0.1
-whose records the tests change: A records, SRV weights, a server that stops answering, a
-name that does not exist."""
+"""Backends from DNS through real gunicorn workers, against a real DNS server process on
+127.0.0.1 whose records the tests change: A records, SRV weights, a server that stops
+answering, a name that does not exist."""
 
 from __future__ import annotations
 
@@ -20,8 +20,8 @@ FAST = {"GOL7LB_HEALTH_INTERVAL": "0.2", "GOL7LB_HEALTH_TIMEOUT": "0.5",
 
 
 @pytest.fixture
-def dns() -> Iterator[TestDNS]:
-    server = TestDNS()
+def dns(tmp_path: Path) -> Iterator[TestDNS]:
+    server = TestDNS(tmp_path)
     yield server
     server.stop()
 
@@ -56,7 +56,7 @@ def test_a_records_follow_changes_and_a_removed_address_costs_no_request(
     port = free_port()
     for host in ("127.0.0.1", "127.0.0.2", "127.0.0.3"):
         started.append(start_backend(port, tmp_path, host=host))
-    dns.zone.set_a("api.test", ["127.0.0.1", "127.0.0.2"])
+    dns.set_a("api.test", ["127.0.0.1", "127.0.0.2"])
     lb = lb_factory(config(tmp_path, f'''
 [[backends]]
 url = "http://api.test:{port}"
@@ -71,13 +71,13 @@ interval = 0.3
     entry = backends_by_id(lb)[first]
     assert entry["source"] == "dns" and entry["discovered_from"] == "api.test"
     # An address appears: it is checked, then takes traffic.
-    dns.zone.set_a("api.test", ["127.0.0.1", "127.0.0.2", "127.0.0.3"])
+    dns.set_a("api.test", ["127.0.0.1", "127.0.0.2", "127.0.0.3"])
     wait_until(lambda: backends_by_id(lb).get(third, {}).get("state") == "up", timeout=15)
     assert set(lb_status(lb)["pools"]["default"]["backends"]) == {first, second, third}
     # An address disappears under continuous load: no request fails.
     with Load(lb.url + "/", threads=4, fresh=True) as load:
         load.wait_for(30)
-        dns.zone.set_a("api.test", ["127.0.0.2", "127.0.0.3"])
+        dns.set_a("api.test", ["127.0.0.2", "127.0.0.3"])
         wait_until(lambda: first not in backends_by_id(lb), timeout=15)
         load.wait_for(30)
     assert load.failures == [], load.failures[:5]
@@ -87,8 +87,8 @@ interval = 0.3
 def test_srv_targets_ports_and_weights_shape_the_traffic(lb_factory, dns, started, tmp_path):
     heavy, light = free_port(), free_port()
     started += [start_backend(heavy, tmp_path), start_backend(light, tmp_path)]
-    dns.zone.set_a("node1.test", ["127.0.0.1"])
-    dns.zone.set_srv("_http._tcp.api.test", [(10, 3, heavy, "node1.test"),
+    dns.set_a("node1.test", ["127.0.0.1"])
+    dns.set_srv("_http._tcp.api.test", [(10, 3, heavy, "node1.test"),
                                              (10, 1, light, "node1.test"),
                                              (20, 5, free_port(), "node1.test")])  # backup tier
     lb = lb_factory(config(tmp_path, f'''
@@ -113,7 +113,7 @@ def test_a_name_that_stops_resolving_keeps_its_last_addresses(lb_factory, dns, s
                                                               tmp_path):
     port = free_port()
     started.append(start_backend(port, tmp_path))
-    dns.zone.set_a("api.test", ["127.0.0.1"])
+    dns.set_a("api.test", ["127.0.0.1"])
     lb = lb_factory(config(tmp_path, f'''
 [[backends]]
 url = "http://api.test:{port}"
