@@ -35,9 +35,11 @@ def started(tmp_path: Path) -> Iterator[list]:
     assert not [pid for proc in procs for pid in proc.leftovers()]
 
 
-def config(tmp_path: Path, text: str) -> dict[str, str]:
+def config(tmp_path: Path, dns: TestDNS, entry: str, interval: float = 0.0) -> dict[str, str]:
+    """A file with one [[backends]] entry (its key lines) resolved through the test server."""
     path = tmp_path / "lb.toml"
-    path.write_text(text)
+    path.write_text(f'[[backends]]\n{entry}\n[discovery]\nresolvers = ["{dns.address}"]\n'
+                    f"interval = {interval}\n")
     return {"GOL7LB_CONFIG": str(path), **FAST}
 
 
@@ -57,14 +59,8 @@ def test_a_records_follow_changes_and_a_removed_address_costs_no_request(
     for host in ("127.0.0.1", "127.0.0.2", "127.0.0.3"):
         started.append(start_backend(port, tmp_path, host=host))
     dns.set_a("api.test", ["127.0.0.1", "127.0.0.2"])
-    lb = lb_factory(config(tmp_path, f'''
-[[backends]]
-url = "http://api.test:{port}"
-discover = "dns"
-[discovery]
-resolvers = ["{dns.address}"]
-interval = 0.3
-'''))
+    lb = lb_factory(config(tmp_path, dns, f'url = "http://api.test:{port}"\ndiscover = "dns"',
+                           interval=0.3))
     first, second, third = (f"127.0.0.{i}:{port}" for i in (1, 2, 3))
     wait_until(lambda: all(backends_by_id(lb).get(i, {}).get("state") == "up"
                            for i in (first, second)), timeout=15)
@@ -91,13 +87,7 @@ def test_srv_targets_ports_and_weights_shape_the_traffic(lb_factory, dns, starte
     dns.set_srv("_http._tcp.api.test", [(10, 3, heavy, "node1.test"),
                                              (10, 1, light, "node1.test"),
                                              (20, 5, free_port(), "node1.test")])  # backup tier
-    lb = lb_factory(config(tmp_path, f'''
-[[backends]]
-discover = "srv"
-name = "_http._tcp.api.test"
-[discovery]
-resolvers = ["{dns.address}"]
-'''))
+    lb = lb_factory(config(tmp_path, dns, 'discover = "srv"\nname = "_http._tcp.api.test"'))
     heavy_id, light_id = f"127.0.0.1:{heavy}", f"127.0.0.1:{light}"
     wait_until(lambda: all(backends_by_id(lb).get(i, {}).get("state") == "up"
                            for i in (heavy_id, light_id)), timeout=15)
@@ -114,14 +104,8 @@ def test_a_name_that_stops_resolving_keeps_its_last_addresses(lb_factory, dns, s
     port = free_port()
     started.append(start_backend(port, tmp_path))
     dns.set_a("api.test", ["127.0.0.1"])
-    lb = lb_factory(config(tmp_path, f'''
-[[backends]]
-url = "http://api.test:{port}"
-discover = "dns"
-[discovery]
-resolvers = ["{dns.address}"]
-interval = 0.3
-'''))
+    lb = lb_factory(config(tmp_path, dns, f'url = "http://api.test:{port}"\ndiscover = "dns"',
+                           interval=0.3))
     backend_id = f"127.0.0.1:{port}"
     wait_until(lambda: backends_by_id(lb).get(backend_id, {}).get("state") == "up", timeout=15)
     dns.stop()  # the resolver dies
@@ -135,13 +119,7 @@ interval = 0.3
 
 
 def test_a_name_missing_at_start_gives_a_clear_503_and_status(lb_factory, dns, tmp_path):
-    lb = lb_factory(config(tmp_path, f'''
-[[backends]]
-url = "http://missing.test:8080"
-discover = "dns"
-[discovery]
-resolvers = ["{dns.address}"]
-'''))
+    lb = lb_factory(config(tmp_path, dns, 'url = "http://missing.test:8080"\ndiscover = "dns"'))
     state = wait_until(lambda: (d := lb_status(lb)["discovery"]) and d[0]["error"] and d[0],
                        timeout=20)
     assert "NXDOMAIN" in state["error"] and state["addresses"] == []
