@@ -37,8 +37,6 @@ class PickContext:
     rng: random.Random | None = None  # random/power_of_two; None: the module's generator
 
 
-NO_CONTEXT = PickContext()
-
 
 class Policy(Protocol):
     uses_ticket: bool  # True when order() reads ctx.ticket (the proxy then draws one)

@@ -231,10 +231,6 @@ class ChildWatcher:
         threading.Thread(target=self._watch, args=(child,), name=f"gol7lb-watch-{child.name}",
                          daemon=True).start()
 
-    def start_children(self) -> None:
-        for child in self.children:
-            self.start_child(child)
-
     def _watch(self, child: ManagedChild) -> None:
         while True:
             how = child.wait_exit()

@@ -1,6 +1,7 @@
-"""What one attempt's failure means, decided in one place: the client's status, whether it may
-go to another backend (`proxy.retry_on`), and whether it counts against the backend for
-passive health (Envoy's outlier detection: connect failure, timeout, reset, 502/503/504).
+"""What one attempt's failure means, decided in one place: the client's status and whether it
+may go to another backend (`proxy.retry_on`). Every Outcome is the backend's failure, so each
+counts for passive health (Envoy's outlier detection: connect failure, timeout, reset,
+502/503/504 from it); a client's broken body never becomes one.
 """
 
 from __future__ import annotations
@@ -16,7 +17,6 @@ class Outcome:
     kind: str  # "connect-failure" | "timeout" | "reset" | "502" | "503" | "504" | "bad-response"
     status: int  # what the client gets when no other backend takes the request
     message: str  # the client's error body (and the log's reason)
-    backend_fault: bool = True  # counts towards passive-health ejection
 
 
 def classify_error(error: BaseException) -> Outcome:

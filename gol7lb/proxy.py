@@ -328,7 +328,7 @@ class ProxyApp:
     def _context(self, table: PoolTable, pool: PoolRuntime, environ: dict[str, Any],
                  path: str) -> PickContext:
         policy = pool.policy
-        in_flight = _NO_LOAD
+        in_flight = _no_load
         if policy.uses_in_flight:
             slots, hosts = table.slots, self.cells.table
 
@@ -386,6 +386,7 @@ class ProxyApp:
         tried: set[str] = set()
         last: Outcome | None = None
         queue_deadline = time.monotonic() + settings.proxy.queue_timeout
+        head = request_head(method, target, headers)  # the same for every attempt
         for _attempt in range(1 + settings.proxy.retries):
             backend, full = self._pick(table, pool, environ, path, tried, sticky_id)
             while backend is None and full and not tried and \
@@ -400,7 +401,6 @@ class ProxyApp:
             exchange.backend_id = backend.id
             exchange.slot = table.slots.get(backend.id)
             upstream = table.upstreams[backend.id]
-            head = request_head(method, target, headers)
             started = time.perf_counter()
             sock: socket.socket | None = None
             try:
@@ -408,14 +408,14 @@ class ProxyApp:
                 sock, response = self._exchange(sock, reused, upstream, method, head, body)
             except ClientBodyError as e:
                 _close(sock)
-                self._attempt_ended(exchange, table, settings, failed=False)
+                self._attempt_ended(exchange, table, failed=False)
                 log.info("client request body failed (request %s): %s", exchange.rid, e)
                 return self._error(start_response, exchange, 400, "incomplete request body",
                                    [("Connection", "close")])
             except Exception as e:
                 _close(sock)
                 last = classify_error(e)
-                self._attempt_ended(exchange, table, settings, failed=True)
+                self._attempt_ended(exchange, table, failed=True)
                 log.error("backend %s failed (%s): %s (request %s)", backend.id, last.kind,
                           _reason(e, settings.proxy.read_timeout), exchange.rid)
                 if may_retry(last, settings.proxy.retry_on, body.replayable,
@@ -425,13 +425,13 @@ class ProxyApp:
             exchange.upstream_s = time.perf_counter() - started
             failure = classify_status(response.status)
             if failure is not None:
-                self._passive_failure(exchange, table, settings)
+                self._passive_failure(exchange, table)
                 last = failure
                 if may_retry(failure, settings.proxy.retry_on, body.replayable,
                              idempotent_without_body) and len(tried) <= settings.proxy.retries \
                         and len(tried) < len(pool.available):
                     sock.close()
-                    self._attempt_ended(exchange, table, settings, failed=True, noted=True)
+                    self._attempt_ended(exchange, table, failed=True, noted=True)
                     log.error("backend %s answered %d; trying another (request %s)",
                               backend.id, response.status, exchange.rid)
                     continue
@@ -454,17 +454,17 @@ class ProxyApp:
                                [("Retry-After", table.retry_after)])
         return self._error(start_response, exchange, last.status, last.message)
 
-    def _attempt_ended(self, exchange: Exchange, table: PoolTable, settings: Any,
-                       failed: bool, noted: bool = False) -> None:
+    def _attempt_ended(self, exchange: Exchange, table: PoolTable, failed: bool,
+                       noted: bool = False) -> None:
         """An attempt that will not stream a response: its slot and share go back."""
         if failed and not noted:
-            self._passive_failure(exchange, table, settings)
+            self._passive_failure(exchange, table)
         if exchange.slot is not None:
             self.cells.end(exchange.slot, failed)
             exchange.slot = None
 
-    def _passive_failure(self, exchange: Exchange, table: PoolTable, settings: Any) -> None:
-        health = settings.health
+    def _passive_failure(self, exchange: Exchange, table: PoolTable) -> None:
+        health = table.settings.health
         slot = exchange.slot
         if not health.passive_fails or slot is None or self.client is None:
             return
@@ -489,10 +489,10 @@ class ProxyApp:
         """Send one request and read the response head.
 
         A kept-alive connection the backend closed meanwhile fails on first use; then the
-        request goes once more on a fresh connection, which is safe because nothing of the
-        request body has been read from the client yet and either the backend cannot have
-        seen the request (the head did not go out) or the method is idempotent. If that
-        fresh connect fails, ConnectFailed sends the request on to the next backend.
+        request goes once more on a fresh connection, which is safe because its body (if
+        any) is kept whole and either the backend cannot have seen the request (the head did
+        not go out) or the method is idempotent. If that fresh connect fails, ConnectFailed
+        sends the request on to the next backend.
         """
         head_sent = False
         try:
@@ -562,9 +562,6 @@ _UNBOUNDED = 1 << 62
 
 def _no_load(backend_id: str) -> int:
     return 0
-
-
-_NO_LOAD = _no_load
 
 
 def request_key(hash_key: str, environ: dict[str, Any], path: str) -> bytes:

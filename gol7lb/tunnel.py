@@ -72,19 +72,19 @@ def forward(app: ProxyApp, environ: dict[str, Any], start_response: Callable[...
         except ConnectFailed as e:
             log.error("backend %s failed (connect-failure): %s (request %s)", backend.id, e,
                       rid)
-            app._attempt_ended(exchange, table, table.settings, failed=True)
+            app._attempt_ended(exchange, table, failed=True)
             continue
         try:
             sock.sendall(head)
             response = read_response_head(sock, exchange.method)
         except TimeoutError:
             sock.close()
-            app._attempt_ended(exchange, table, table.settings, failed=True)
+            app._attempt_ended(exchange, table, failed=True)
             return app._error(start_response, exchange, 504, "backend timed out",
                               [("Connection", "close")])
         except (OSError, UpstreamProtocolError) as e:
             sock.close()
-            app._attempt_ended(exchange, table, table.settings, failed=True)
+            app._attempt_ended(exchange, table, failed=True)
             log.error("backend %s failed the upgrade: %s (request %s)", backend.id,
                       str(e) or type(e).__name__, rid)
             return app._error(start_response, exchange, 502, "bad gateway",
