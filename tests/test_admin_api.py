@@ -23,16 +23,19 @@ def test_drain_lets_in_flight_finish_then_reports_drained_and_enable_undoes_it(
     ports = [b.port for b in three_backends]
     lb = lb_factory({"GOL7LB_BACKENDS": backends_env(ports), **FAST_HEALTH})
     victim = ports[0]
-    # A slow request in flight on the victim: round robin over 3, so send 3 at once.
+    # A slow request in flight on the victim: round robin over 3, so 3 slow requests, each
+    # sent once the previous one is in flight (two picks racing for one ticket could send two
+    # to the same backend).
     results: list[int] = []
 
     def slow() -> None:
-        results.append(requests.get(lb.url + "/sleep/1.5", timeout=10).status_code)
+        results.append(requests.get(lb.url + "/sleep/3", timeout=15).status_code)
 
     threads = [threading.Thread(target=slow) for _ in range(3)]
-    for t in threads:
+    for started, t in enumerate(threads, start=1):
         t.start()
-    wait_until(lambda: entry(lb, victim)["in_flight"] == 1)
+        wait_until(lambda n=started: sum(e["in_flight"] for e in status(lb)["backends"]) == n)
+    assert entry(lb, victim)["in_flight"] == 1
     answer = requests.post(f"{lb.admin_url}/backends/127.0.0.1:{victim}/drain", timeout=5)
     assert answer.status_code == 200
     assert answer.json()["state"] == "draining"
