@@ -115,28 +115,35 @@ def watch(path: str, client: ControlClient, stop: threading.Event) -> None:
         base = os.path.basename(changed)
         return base == name or base.startswith("..")
 
-    check(path, client)
-    for _changes in watch_changes(directory, watch_filter=relevant, stop_event=stop,
-                                  debounce=WATCH_DEBOUNCE_MS, step=50, rust_timeout=1000,
-                                  yield_on_timeout=False, recursive=False):
-        check(path, client)
+    seen = check(path, client)
+    for changes in watch_changes(directory, watch_filter=relevant, stop_event=stop,
+                                 debounce=WATCH_DEBOUNCE_MS, step=50, rust_timeout=1000,
+                                 yield_on_timeout=True, recursive=False):
+        # An empty set is a quiet second. The inotify watch exists only from the first of
+        # them, so an edit between the first check and that point raised no event: compare
+        # the digest then (and each quiet second, which also covers file systems that drop
+        # events), but ask the Manager only when the file differs from what was last seen.
+        if changes or file_digest(path) != seen:
+            seen = check(path, client)
 
 
-def check(path: str, client: ControlClient) -> None:
-    """Reload if the file now holds something else than what was last loaded or refused."""
+def check(path: str, client: ControlClient) -> str | None:
+    """Reload if the file now holds something else than what was last loaded or refused.
+    Returns the digest it judged, or None when it could not judge (try again later)."""
+    digest = file_digest(path)
     try:
         running = client.snapshot().settings
     except Exception as e:
         log.error("config watcher cannot read the running configuration: %s", e)
-        return
+        return None
     logfmt.set_format(running.log.format)  # a reload may have switched text/json
-    digest = file_digest(path)
     if digest == running.file_digest or digest == _last_refused.get("digest"):
-        return
+        return digest
     if not running.reload.watch:
-        return
+        return digest
     if not reload_config(client, f"{os.path.basename(path)} changed"):
         _last_refused["digest"] = digest  # say it once, not on every event until it is fixed
+    return digest
 
 
 _last_refused: dict[str, str | None] = {}
