@@ -11,13 +11,13 @@ exits normally flushes what it holds (atexit); a kill -9 may lose the last 50 ms
 
 from __future__ import annotations
 
-import atexit
 import contextlib
 import json
 import os
 import threading
 import time
 
+from gol7lb.flushing import PeriodicFlush
 from gol7lb.logfmt import iso_time
 
 MAX_PATH = 1024  # longer paths are cut in the log line (never in the request)
@@ -35,7 +35,7 @@ class AccessLog:
         self._lines: list[bytes] = []
         self._size = 0
         self._lock = threading.Lock()
-        self._flusher_pid = 0
+        self._flusher = PeriodicFlush(self.flush, flush_seconds, "gol7lb-access-log")
 
     def _now(self) -> str:
         now = time.time()
@@ -65,28 +65,12 @@ class AccessLog:
                     f"pool={pool} backend={backend} upstream={upstream} "
                     f"total={duration_ms}ms rid={request_id}\n")
         data = line.encode("utf-8", "replace")
-        if self._flusher_pid != os.getpid():
-            self._start_flusher()
+        self._flusher.ensure_started()
         with self._lock:
             self._lines.append(data)
             self._size += len(data)
             full = self._size >= BATCH_BYTES
         if full:
-            self.flush()
-
-    def _start_flusher(self) -> None:
-        """One flusher thread per process (a forked worker starts its own)."""
-        with self._lock:
-            if self._flusher_pid == os.getpid():
-                return
-            self._flusher_pid = os.getpid()
-        threading.Thread(target=self._flush_forever, name="gol7lb-access-log",
-                         daemon=True).start()
-        atexit.register(self.flush)
-
-    def _flush_forever(self) -> None:
-        while True:
-            time.sleep(self.flush_seconds)
             self.flush()
 
     def flush(self) -> None:

@@ -95,12 +95,37 @@ def forwarded_element(client: str, proto: str, host: str | None) -> str:
     return ";".join(parts)
 
 
+# What upstream_request_headers does with each HTTP_* environ key, decided once per key.
+_PASS, _DROP, _FORWARDED_FOR, _SPOOFABLE = range(4)
+_KEY_CACHE: dict[str, tuple[str, str, int]] = {}
+
+
+def _classify(environ_key: str) -> tuple[str, str, int]:
+    """(field name, lower-case name, what to do with it) for an HTTP_* environ key."""
+    entry = _KEY_CACHE.get(environ_key)
+    if entry is None:
+        name = _field_name(environ_key)
+        lower = name.lower()
+        if lower in HOP_BY_HOP or lower == "host" or lower == "x-request-id":
+            action = _DROP
+        elif lower == "x-forwarded-for":
+            action = _FORWARDED_FOR
+        elif lower in SPOOFABLE:
+            action = _SPOOFABLE
+        else:
+            action = _PASS
+        entry = (name, lower, action)
+        if len(_KEY_CACHE) < 4096:
+            _KEY_CACHE[environ_key] = entry
+    return entry
+
+
 def upstream_request_headers(
     environ: Mapping[str, object], host: str, forwarded_port: str, rid: str,
     policy: ForwardedPolicy = DEFAULT_POLICY,
 ) -> dict[str, str]:
     """The header section to send upstream (the worker has already joined repeated fields)."""
-    drop = HOP_BY_HOP | connection_tokens(environ.get("HTTP_CONNECTION"))  # type: ignore[arg-type]
+    listed = connection_tokens(environ.get("HTTP_CONNECTION"))  # type: ignore[arg-type]
     client = environ.get("REMOTE_ADDR")
     trusted = policy.trusts(client)  # type: ignore[arg-type]
     headers: dict[str, str] = {"Host": host}
@@ -109,19 +134,16 @@ def upstream_request_headers(
     for key, value in environ.items():
         if not key.startswith("HTTP_"):
             continue
-        name = _field_name(key)
-        lower = name.lower()
-        if lower in drop or lower == "host" or lower == "x-request-id":
-            continue
-        if lower == "x-forwarded-for":
-            forwarded_for = value  # type: ignore[assignment]
-            continue
-        if lower in SPOOFABLE:
-            if trusted:
-                kept[lower] = value  # type: ignore[assignment]
+        name, lower, action = _classify(key)
+        if action == _PASS:
+            if lower not in listed:
                 headers[name] = value  # type: ignore[assignment]
-            continue
-        headers[name] = value  # type: ignore[assignment]
+        elif action == _FORWARDED_FOR:
+            if lower not in listed:
+                forwarded_for = value  # type: ignore[assignment]
+        elif action == _SPOOFABLE and trusted and lower not in listed:
+            kept[lower] = value  # type: ignore[assignment]
+            headers[name] = value  # type: ignore[assignment]
     content_type = environ.get("CONTENT_TYPE")
     if content_type:
         headers["Content-Type"] = content_type  # type: ignore[assignment]
@@ -149,6 +171,10 @@ def upstream_request_headers(
     return headers
 
 
+# Response field names already checked against RFC 9110's token rule, with their lower case.
+_RESPONSE_NAMES: dict[str, str] = {}
+
+
 def client_response_headers(
     upstream: Iterable[tuple[str, str]], rid: str,
 ) -> list[tuple[str, str]]:
@@ -159,12 +185,18 @@ def client_response_headers(
     kept: list[tuple[str, str, str]] = []
     listed: frozenset[str] = frozenset()
     for name, value in upstream:
-        lower = name.lower()
+        lower = _RESPONSE_NAMES.get(name)
+        if lower is None:
+            if not _TOKEN.fullmatch(name):
+                raise ValueError(repr(name))
+            lower = name.lower()
+            if len(_RESPONSE_NAMES) < 4096:
+                _RESPONSE_NAMES[name] = lower
         if lower in RESPONSE_DROPPED:
             if lower == "connection":
                 listed = listed | connection_tokens(value)
             continue
-        if not _TOKEN.fullmatch(name) or not _FIELD_VALUE.fullmatch(value):
+        if not _FIELD_VALUE.fullmatch(value):
             raise ValueError(repr(name))
         kept.append((lower, name, value))
     headers = [(name, value) for lower, name, value in kept if lower not in listed]

@@ -94,6 +94,7 @@ class Exchange:
         self.status = 0
         self.upstream_s: float | None = None
         self.answered = False  # the status came from a backend (metrics label it by address)
+        app.recorder.begin()
 
     def finish(self, sent: int, failed: bool = False) -> None:
         app = self.app
@@ -309,10 +310,13 @@ class ProxyApp:
     @staticmethod
     def request_headers(environ: dict[str, Any], table: PoolTable, authority: str | None,
                         client_sock: socket.socket | None, rid: str) -> dict[str, str]:
-        try:
-            port = str(client_sock.getsockname()[1]) if client_sock else environ["SERVER_PORT"]
-        except OSError:
-            port = environ.get("SERVER_PORT", "")
+        port = environ.get("gol7lb.local_port")  # our worker knows it; gthread does not
+        if port is None:
+            try:
+                port = str(client_sock.getsockname()[1]) if client_sock else \
+                    environ["SERVER_PORT"]
+            except OSError:
+                port = environ.get("SERVER_PORT", "")
         host = authority or environ.get("HTTP_HOST") or ""
         return upstream_request_headers(environ, host, port, rid, table.forwarded)
 

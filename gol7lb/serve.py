@@ -243,6 +243,7 @@ def build_environ(conn: Conn, req: Request, body: RequestBody) -> dict[str, Any]
     env["SERVER_PROTOCOL"] = "HTTP/" + req.version
     env["REMOTE_ADDR"], env["REMOTE_PORT"] = conn.peer
     env["SERVER_NAME"], env["SERVER_PORT"] = conn.server
+    env["gol7lb.local_port"] = conn.server[1]  # the socket's own (gunicorn's comes from Host)
     env["wsgi.input"] = body
     env["gunicorn.socket"] = conn.sock
     for name, value in req.headers:

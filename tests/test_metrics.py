@@ -150,6 +150,29 @@ def test_documented_metrics_have_their_types_and_labels(lb3):
     assert {(s.labels["pool"], s.value) for s in found["gol7lb_backend_weight"].samples} == {
         ("default", 1.0)}
     assert {s.labels["result"] for s in found["gol7lb_health_checks"].samples} >= {"ok"}
+    # the counters the duration histogram is built from stay internal
+    assert sorted(n for n in found if n.startswith("gol7lb_request_duration")) == [
+        "gol7lb_request_duration_seconds"]
+
+
+def test_requests_are_counted_while_other_requests_stay_open(lb_factory, three_backends):
+    """A worker batches its counts while it has requests open: they still show within a
+    fraction of a second, not only once it is idle (one worker, so it is never idle here)."""
+    lb = lb_factory({"GOL7LB_BACKENDS": backends_env([b.port for b in three_backends]),
+                     "WEB_CONCURRENCY": "1", **FAST_HEALTH})
+    before = value(lb, "gol7lb_requests_total")
+    with ThreadPoolExecutor(max_workers=4) as pool:
+        slow = [pool.submit(requests.get, lb.url + "/sleep/3", timeout=30) for _ in range(2)]
+        wait_until(lambda: sum(per_label(lb, "gol7lb_backend_in_flight", "backend").values())
+                   >= 2)
+        quick = [get_fresh(lb.url + "/") for _ in range(6)]
+        assert all(a.status_code == 200 for a in quick)
+        wait_until(lambda: value(lb, "gol7lb_requests_total") == before + 6, timeout=2)
+        assert not any(f.done() for f in slow)  # counted while the worker had two open
+        assert all(f.result().status_code == 200 for f in slow)
+    assert value(lb, "gol7lb_requests_total") == before + 8
+    assert value(lb, "gol7lb_request_duration_seconds_bucket", le="5.0") == \
+        value(lb, "gol7lb_request_duration_seconds_count")
 
 
 def test_request_counts_are_exact_across_both_workers_and_split_by_backend(lb3):
