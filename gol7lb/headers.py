@@ -96,14 +96,20 @@ def forwarded_element(client: str, proto: str, host: str | None) -> str:
 
 
 # What upstream_request_headers does with each HTTP_* environ key, decided once per key.
-_PASS, _DROP, _FORWARDED_FOR, _SPOOFABLE = range(4)
+_SKIP, _PASS, _DROP, _FORWARDED_FOR, _SPOOFABLE = range(5)
 _KEY_CACHE: dict[str, tuple[str, str, int]] = {}
 
 
 def _classify(environ_key: str) -> tuple[str, str, int]:
-    """(field name, lower-case name, what to do with it) for an HTTP_* environ key."""
+    """(field name, lower-case name, what to do with it) for an environ key (_SKIP for those
+    that are not HTTP_* fields)."""
     entry = _KEY_CACHE.get(environ_key)
     if entry is None:
+        if not environ_key.startswith("HTTP_"):
+            entry = ("", "", _SKIP)
+            if len(_KEY_CACHE) < 4096:
+                _KEY_CACHE[environ_key] = entry
+            return entry
         name = _field_name(environ_key)
         lower = name.lower()
         if lower in HOP_BY_HOP or lower == "host" or lower == "x-request-id":
@@ -131,10 +137,11 @@ def upstream_request_headers(
     headers: dict[str, str] = {"Host": host}
     forwarded_for = ""
     kept: dict[str, str] = {}  # forwarding headers a trusted proxy sent
+    known = _KEY_CACHE.get
     for key, value in environ.items():
-        if not key.startswith("HTTP_"):
+        name, lower, action = known(key) or _classify(key)
+        if action == _SKIP:
             continue
-        name, lower, action = _classify(key)
         if action == _PASS:
             if lower not in listed:
                 headers[name] = value  # type: ignore[assignment]
