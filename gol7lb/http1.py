@@ -16,7 +16,7 @@ from collections import deque
 
 import httptools
 
-MAX_REQUEST_LINE = 8192  # a request target longer than this: 414 (nginx's large buffer size)
+MAX_REQUEST_LINE = 8192  # a request line longer than this: 414 (nginx's large buffer size)
 _BAD_VALUE = frozenset(range(0x20)) - {0x09} | {0x7F}
 # llhttp's request parser also speaks RTSP and ICE; a request line in those is not HTTP.
 _OTHER_PROTOCOL = re.compile(rb"(?m)^[!-~]+ [!-~]+ (?:RTSP|ICE)/")
@@ -138,12 +138,21 @@ class Http1Parser:
     def on_url(self, url: bytes) -> None:
         self._url.append(url)
         self._counted += len(url)
-        if self._url_len() > MAX_REQUEST_LINE:
+        # the whole line: method, space, target, " HTTP/1.1" (the method is parsed by now)
+        line = len(self._parser.get_method()) + 1 + self._url_len() + 9
+        if line > MAX_REQUEST_LINE:
             raise RequestError(414, "request line too long")
 
     def on_header(self, name: bytes, value: bytes) -> None:
         req = self._req
         self._counted += len(name) + len(value) + 4
+        if self._headers_done:
+            # A trailer field of a chunked body. It is dropped: it must never join the header
+            # section (RFC 9110 6.5.1; a `Host` trailer would change the request after its
+            # route was chosen), and the body goes on with its own framing.
+            if self._counted > self.max_header_bytes:
+                raise RequestError(431, "request trailer section too large")
+            return
         if len(req.headers) >= self.max_headers:
             raise RequestError(431, "too many header fields")
         if self._counted > self.max_header_bytes:
@@ -179,6 +188,8 @@ class Http1Parser:
         if req.version not in ("1.1", "1.0"):
             raise RequestError(505 if req.version.startswith("2") else 400,
                                "HTTP version not supported")
+        if req.version == "1.0":
+            req.expect_continue = False  # never a 1xx to an HTTP/1.0 client (RFC 9110 15.2)
         req.method = parser.get_method().decode("ascii", "replace")
         req.target = b"".join(self._url).decode("latin-1")
         req.keep_alive = parser.should_keep_alive()

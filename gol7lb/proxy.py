@@ -174,15 +174,25 @@ class UpstreamBody:
 class RequestBody:
     """The client's body as attempts send it. A body up to `proxy.retry_buffer` is read whole
     before the first attempt, so any attempt can send it again; a larger one is streamed
-    once, and the request is never sent twice after that."""
+    once, and the request is never sent twice after that.
 
-    def __init__(self, source: Any, length: int, chunked: bool, limit: int) -> None:
+    With `Expect: 100-continue` (`deferred`) nothing is read before a backend has the head:
+    the first read is what sends the client its `100 Continue`, and a backend that answers
+    at once (a 401, a 413) spares the client sending the body at all.
+    """
+
+    def __init__(self, source: Any, length: int, chunked: bool, limit: int,
+                 deferred: bool = False) -> None:
         self.source = source
         self.length = length
         self.chunked = chunked
         self.present = chunked or length > 0
         self.kept: bytes | None = None if self.present else b""
+        self.deferred = deferred and self.present
+        self._started = False  # some of the body was read from the client
         self._prefix = b""
+        if self.deferred:
+            return
         if chunked:
             data = self._read_up_to(limit + 1)
             if len(data) <= limit:
@@ -196,7 +206,7 @@ class RequestBody:
 
     @property
     def replayable(self) -> bool:
-        return self.kept is not None
+        return self.kept is not None or (self.deferred and not self._started)
 
     def _read_up_to(self, limit: int) -> bytes:
         parts = []
@@ -227,6 +237,7 @@ class RequestBody:
             if self.kept:
                 sock.sendall(self.kept)
             return
+        self._started = True
         sent = 0
         block = self._prefix
         self._prefix = b""
@@ -324,8 +335,13 @@ class ProxyApp:
     def _request_body(environ: dict[str, Any], table: PoolTable) -> RequestBody:
         chunked = "chunked" in environ.get("HTTP_TRANSFER_ENCODING", "").lower()
         length = 0 if chunked else int(environ.get("CONTENT_LENGTH") or 0)
+        # Only our worker leaves `100 Continue` to the first read; gunicorn's own workers
+        # have sent it before the app runs, so there is nothing to wait for.
+        deferred = "gol7lb.local_port" in environ and \
+            environ.get("SERVER_PROTOCOL") == "HTTP/1.1" and \
+            environ.get("HTTP_EXPECT", "").lower() == "100-continue"
         return RequestBody(environ["wsgi.input"], length, chunked,
-                           table.settings.proxy.retry_buffer)
+                           table.settings.proxy.retry_buffer, deferred)
 
     # picking ------------------------------------------------------------------------------------
 
@@ -504,6 +520,8 @@ class ProxyApp:
             head_sent = True
             if not body.present:
                 return sock, read_response_head(sock, method)
+            if body.deferred:
+                return sock, self._send_after_continue(sock, method, body)
         except (ConnectionError, UpstreamClosed):
             if not reused or (head_sent and method not in IDEMPOTENT) or not body.replayable:
                 raise
@@ -518,6 +536,23 @@ class ProxyApp:
         with contextlib.suppress(BrokenPipeError, ConnectionResetError):
             body.send(sock)
         return sock, read_response_head(sock, method)
+
+    @staticmethod
+    def _send_after_continue(sock: socket.socket, method: str,
+                             body: RequestBody) -> UpstreamResponse:
+        """`Expect: 100-continue`: the body goes once the backend says `100 Continue` (or
+        stays silent for EXPECT_WAIT_SECONDS); an early final answer is relayed instead, and
+        the backend connection, which still expects the body, is not kept."""
+        response = UpstreamResponse(sock, method)
+        response.await_continue(EXPECT_WAIT_SECONDS)
+        if response.head_done:
+            response.read_head()
+            response.keep_alive = False
+            return response
+        with contextlib.suppress(BrokenPipeError, ConnectionResetError):
+            body.send(sock)
+        response.read_head()
+        return response
 
     def _respond(self, start_response: StartResponse, response: UpstreamResponse,
                  sock: socket.socket, upstream: UpstreamPool, client_sock: socket.socket | None,
@@ -561,6 +596,7 @@ class ProxyApp:
 
 
 QUEUE_POLL_SECONDS = 0.005
+EXPECT_WAIT_SECONDS = 1.0  # how long a backend may stay silent after Expect (curl waits 1 s)
 _UNBOUNDED = 1 << 62
 
 

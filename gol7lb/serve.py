@@ -290,6 +290,8 @@ class Response:
 
     def _head(self) -> bytes:
         code = self.code = int(self.status[:3])
+        if not self.req.complete:
+            self.keep_alive = False  # answered before the whole body came: it will close
         lines = ["HTTP/1.1 ", self.status, "\r\n"]
         length = None
         for name, value in self.headers:

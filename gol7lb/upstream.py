@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import select
 import socket
+import time
 from collections import deque
 
 import httptools
@@ -145,6 +146,7 @@ class UpstreamResponse:
         self._head_bytes = 0
         self._pending: deque[bytes] = deque()
         self.upgraded = False  # a 101: what follows the head is the tunnel's, in `leftover`
+        self.continued = False  # the backend sent `100 Continue`
         self.leftover = b""
         self._parser = httptools.HttpResponseParser(self)
 
@@ -164,6 +166,7 @@ class UpstreamResponse:
         code = self._parser.get_status_code()
         if 100 <= code < 200 and code != 101:  # interim (100 Continue, 103): not for relaying
             self._interim = True
+            self.continued = self.continued or code == 100
             self.headers = []
             return
         self.status = code
@@ -196,16 +199,36 @@ class UpstreamResponse:
             self.keep_alive = False
             raise UpstreamProtocolError(f"invalid HTTP from backend: {e}") from None
 
+    @property
+    def head_done(self) -> bool:
+        """The final status line and headers are in."""
+        return self._head_done
+
+    def _read_more(self) -> None:
+        data = self.sock.recv(BLOCK)
+        if not data:
+            raise UpstreamClosed("backend closed the connection without answering")
+        self._head_bytes += len(data)
+        if self._head_bytes > MAX_HEAD and not self._head_done:
+            raise UpstreamProtocolError(f"response head larger than {MAX_HEAD} bytes")
+        self._feed(data)
+
+    def await_continue(self, timeout: float) -> None:
+        """After a head with `Expect: 100-continue`: wait up to `timeout` for the backend's
+        `100 Continue` (then the body goes) or its final answer (then it never does)."""
+        poller = select.poll()
+        poller.register(self.sock, select.POLLIN)
+        deadline = time.monotonic() + timeout
+        while not self._head_done and not self.continued:
+            left = deadline - time.monotonic()
+            if left <= 0 or not poller.poll(left * 1000):
+                return  # silent: send the body anyway (RFC 9110 10.1.1), as curl does
+            self._read_more()
+
     def read_head(self) -> None:
         """Read until the status line and headers are in (socket errors and timeouts propagate)."""
         while not self._head_done:
-            data = self.sock.recv(BLOCK)
-            if not data:
-                raise UpstreamClosed("backend closed the connection without answering")
-            self._head_bytes += len(data)
-            if self._head_bytes > MAX_HEAD and not self._head_done:
-                raise UpstreamProtocolError(f"response head larger than {MAX_HEAD} bytes")
-            self._feed(data)
+            self._read_more()
         if self.method == "HEAD" or self.status in (101, 204, 304):
             self.complete = True  # no body follows, whatever Content-Length says
             self._pending.clear()

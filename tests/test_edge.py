@@ -159,6 +159,33 @@ def test_expect_100_continue(echo_lb):
     assert status == 200 and json.loads(doc)["body_length"] == 1000
 
 
+def test_expect_100_continue_waits_for_the_backend_and_an_early_answer_spares_the_body(
+        trap_lb, recorder):
+    """The backend (the recorder) answers as soon as it has the head: the client gets that
+    final answer and never a `100 Continue`, the body is never asked for (nor sent on), and
+    the connection closes, since the body it announced was not read."""
+    recorder.clear()
+    with socket.create_connection(("127.0.0.1", trap_lb.port), timeout=10) as s:
+        s.sendall(b"PUT /upload HTTP/1.1\r\nHost: x\r\nExpect: 100-continue\r\n"
+                  b"Content-Length: 1000\r\n\r\n")
+        head = read_head(s)
+        assert head.startswith(b"HTTP/1.1 200 ")
+        assert b"Connection: close" in head
+        assert read_exactly(s, 3) == b"ok\n"
+        assert s.recv(100) == b""  # closed: the announced body was never read
+    sent = recorder.data()
+    assert sent.startswith(b"PUT /upload HTTP/1.1\r\n")
+    assert b"\r\nExpect: 100-continue\r\n" in sent
+    assert sent.endswith(b"\r\n\r\n")  # the head alone: no body bytes reached the backend
+
+
+def test_http10_with_expect_gets_no_interim_answer(echo_lb):
+    answer, _ = exchange(echo_lb.port, b"PUT /echo HTTP/1.0\r\nExpect: 100-continue\r\n"
+                         b"Content-Length: 5\r\n\r\nhello")
+    assert answer.startswith(b"HTTP/1.1 200 ")
+    assert json.loads(split_response(answer)[2])["body_length"] == 5
+
+
 def test_pipelined_requests_are_answered_in_order(echo_lb):
     answer, _ = exchange(echo_lb.port, b"GET /echo/1 HTTP/1.1\r\nHost: x\r\n\r\n"
                          b"POST /echo/2 HTTP/1.1\r\nHost: x\r\nContent-Length: 2\r\n\r\nhi"

@@ -68,9 +68,33 @@ def test_request_line_over_8_kib_is_414(step):
     assert refused(b"GET " + target + b" HTTP/1.1\r\nHost: x\r\n\r\n", step) == 414
 
 
-def test_request_line_just_under_the_limit_passes():
-    target = b"/" + b"a" * (MAX_REQUEST_LINE - 100)
-    assert parse(b"GET " + target + b" HTTP/1.1\r\nHost: x\r\n\r\n").ready
+@pytest.mark.parametrize("method", [b"GET", b"DELETE"])
+def test_the_request_line_limit_counts_the_whole_line(method):
+    """8 KiB is the request line (method, target, version), not the target alone."""
+    room = MAX_REQUEST_LINE - len(method) - len(b"  HTTP/1.1")
+    fits = method + b" /" + b"a" * (room - 1) + b" HTTP/1.1"
+    assert len(fits) == MAX_REQUEST_LINE
+    assert parse(fits + b"\r\nHost: x\r\n\r\n").ready
+    over = method + b" /" + b"a" * room + b" HTTP/1.1"
+    assert refused(over + b"\r\nHost: x\r\n\r\n") == 414
+
+
+@pytest.mark.parametrize("step", [0, 1])
+def test_trailer_fields_never_join_the_header_section(step):
+    """A trailer after a chunked body is dropped: a `Host` or `X-Request-ID` trailer must not
+    change the request the route was chosen for."""
+    parser = parse(b"POST /echo HTTP/1.1\r\nHost: h\r\nTransfer-Encoding: chunked\r\n\r\n"
+                   b"5\r\nhello\r\n0\r\nHost: evil.example\r\nX-Request-ID: injected\r\n"
+                   b"Authorization: Bearer x\r\n\r\nGET /next HTTP/1.1\r\nHost: h\r\n\r\n", step)
+    first, second = parser.ready
+    assert first.headers == [("Host", "h"), ("Transfer-Encoding", "chunked")]
+    assert b"".join(first.body) == b"hello" and first.complete
+    assert second.target == "/next" and second.headers == [("Host", "h")]
+
+
+def test_a_trailer_section_over_max_header_bytes_is_431():
+    head = b"POST / HTTP/1.1\r\nHost: x\r\nTransfer-Encoding: chunked\r\n\r\n1\r\na\r\n0\r\n"
+    assert refused(head + b"X-T: " + b"a" * 5000 + b"\r\n\r\n", max_header_bytes=4096) == 431
 
 
 @pytest.mark.parametrize("step", [0, 1000])
