@@ -136,6 +136,8 @@ class Http1Parser:
         self.in_head = True
 
     def on_url(self, url: bytes) -> None:
+        if not self._url:  # the request line's other bytes: "METHOD " and " HTTP/1.1\r\n"
+            self._counted += len(self._parser.get_method()) + 12
         self._url.append(url)
         self._counted += len(url)
         # the whole line: method, space, target, " HTTP/1.1" (the method is parsed by now)
@@ -177,6 +179,7 @@ class Http1Parser:
         parser = self._parser
         self._headers_done = True
         self.in_head = False
+        self._counted += 2  # the empty line that ends the head
         if self._counted > self.max_header_bytes:
             raise RequestError(431, "request header section too large")
         raw = (self._head_buf + self._data) if self._head_buf else self._data

@@ -135,3 +135,16 @@ def test_in_head_tells_a_slow_client_from_an_idle_one():
     assert parser.in_head
     parser.feed(b"T / HTTP/1.1\r\nHost: x\r\n\r\n")
     assert not parser.in_head and parser.ready
+
+
+@pytest.mark.parametrize("step", [0, 1, 1000])
+def test_max_header_bytes_is_the_whole_head_to_the_byte(step):
+    """Request line, header lines and the empty line: exactly the limit passes, one more is
+    431."""
+    base = b"GET / HTTP/1.1\r\nHost: x\r\nX-Big: \r\n\r\n"
+
+    def head(total: int) -> bytes:
+        return base.replace(b"X-Big: ", b"X-Big: " + b"a" * (total - len(base)))
+
+    assert parse(head(4096), step, max_header_bytes=4096).ready
+    assert refused(head(4097), step, max_header_bytes=4096) == 431
