@@ -57,13 +57,19 @@ HEALTH_CHECKS = Counter("gol7lb_health_checks", "Active health checks, by result
 HEALTH_CHECK_DURATION = Histogram("gol7lb_health_check_duration_seconds",
                                   "Duration of one active health check.", ["backend"],
                                   buckets=LATENCY_BUCKETS[:12])
-RETRIES = Counter("gol7lb_retries", "Attempts that failed and were retried on another backend, "
-                  "by the backend that failed.", ["backend"])
-EJECTIONS = Counter("gol7lb_backend_ejections", "Passive-health ejections.", ["backend"])
-CONFIG_RELOADS = Counter("gol7lb_config_reloads", "Configuration reloads, by result.",
-                         ["result"])
-WEBSOCKET_CONNECTIONS = Gauge("gol7lb_websocket_connections", "Open upgraded tunnels.",
-                              ["backend"], multiprocess_mode="livesum")
+HELP = {
+    "gol7lb_retries": "Attempts that failed and were retried on another backend, by the "
+                      "backend that failed.",
+    "gol7lb_backend_ejections": "Passive-health ejections.",
+    "gol7lb_config_reloads": "Configuration reloads, by result.",
+    "gol7lb_websocket_connections": "Open upgraded tunnels.",
+}
+RETRIES = Counter("gol7lb_retries", HELP["gol7lb_retries"], ["backend"])
+EJECTIONS = Counter("gol7lb_backend_ejections", HELP["gol7lb_backend_ejections"], ["backend"])
+CONFIG_RELOADS = Counter("gol7lb_config_reloads", HELP["gol7lb_config_reloads"], ["result"])
+WEBSOCKET_CONNECTIONS = Gauge("gol7lb_websocket_connections",
+                              HELP["gol7lb_websocket_connections"], ["backend"],
+                              multiprocess_mode="livesum")
 
 
 class RequestRecorder:
@@ -178,14 +184,45 @@ class BackendStateCollector:
         yield from (up, in_flight, weight)
 
 
-class RequestDurationCollector:
-    """Every process's files merged (prometheus_client's MultiProcessCollector), with the
-    request-duration counters turned into the `gol7lb_request_duration_seconds` histogram."""
+# Series a scrape shows at 0 before anything happened (Prometheus's advice: an alert on
+# `increase(gol7lb_config_reloads_total{result="error"}[5m])` needs the series to exist
+# before the first error). Family name: (type, sample name, label, where its values come from).
+_ZERO_FILLED = {
+    "gol7lb_config_reloads": ("counter", "gol7lb_config_reloads_total", "result", "results"),
+    "gol7lb_retries": ("counter", "gol7lb_retries_total", "backend", "backends"),
+    "gol7lb_backend_ejections": ("counter", "gol7lb_backend_ejections_total", "backend",
+                                 "backends"),
+    "gol7lb_websocket_connections": ("gauge", "gol7lb_websocket_connections", "backend",
+                                     "backends"),
+}
 
-    def __init__(self) -> None:
+
+class MergedCollector:
+    """Every process's files merged (prometheus_client's MultiProcessCollector), with the
+    request-duration counters turned into the `gol7lb_request_duration_seconds` histogram
+    and the contract's event counters shown at 0 for every running backend until they move."""
+
+    def __init__(self, backend_ids: Callable[[], Iterable[str]] = tuple) -> None:
         self._merged = multiprocess.MultiProcessCollector(None)
+        self._backend_ids = backend_ids
 
     def collect(self) -> Iterator[Metric]:
+        found: dict[str, Metric] = {}
+        for metric in self._histogram_built():
+            if metric.name in _ZERO_FILLED:
+                found[metric.name] = metric
+            else:
+                yield metric
+        values = {"results": ("ok", "error"), "backends": tuple(self._backend_ids())}
+        for name, (kind, sample, label, source) in _ZERO_FILLED.items():
+            family = found.get(name) or Metric(name, HELP[name], kind)
+            present = {s.labels.get(label) for s in family.samples if s.name == sample}
+            for missing in (v for v in values[source] if v not in present):
+                family.add_sample(sample, {label: missing}, 0.0)
+            if family.samples:
+                yield family
+
+    def _histogram_built(self) -> Iterator[Metric]:
         hits: dict[tuple[str, str], dict[str, float]] = {}
         sums: dict[tuple[str, str], float] = {}
         for metric in self._merged.collect():
@@ -215,10 +252,11 @@ class RequestDurationCollector:
         yield family
 
 
-def scrape_registry(extra: Iterable[Any] = ()) -> CollectorRegistry:
+def scrape_registry(extra: Iterable[Any] = (),
+                    backend_ids: Callable[[], Iterable[str]] = tuple) -> CollectorRegistry:
     """The admin listener's registry: every process's files merged, plus live state."""
     registry = CollectorRegistry()
-    registry.register(RequestDurationCollector())
+    registry.register(MergedCollector(backend_ids))
     for collector in extra:
         registry.register(collector)
     return registry

@@ -132,12 +132,16 @@ def check(path: str, client: ControlClient) -> str | None:
     Returns the digest it judged, or None when it could not judge (try again later)."""
     digest = file_digest(path)
     try:
-        running = client.snapshot().settings
+        snapshot = client.snapshot()
     except Exception as e:
         log.error("config watcher cannot read the running configuration: %s", e)
         return None
+    running = snapshot.settings
     logfmt.set_format(running.log.format)  # a reload may have switched text/json
-    if digest == running.file_digest or digest == _last_refused.get("digest"):
+    # The file back to what runs after a refused edit: reloading it clears `last_error`.
+    if digest == running.file_digest and snapshot.last_error is None:
+        return digest
+    if digest == _last_refused.get("digest"):
         return digest
     if not running.reload.watch:
         return digest

@@ -265,9 +265,11 @@ class Response:
     """start_response and the body writer: head and first body block go out in one send."""
 
     __slots__ = ("conn", "req", "timeout", "status", "headers", "head_sent", "keep_alive",
-                 "chunked", "no_body", "remaining", "code")
+                 "chunked", "no_body", "remaining", "code", "serving")
 
-    def __init__(self, conn: Conn, req: Request, timeout: float, keep_alive: bool) -> None:
+    def __init__(self, conn: Conn, req: Request, timeout: float, keep_alive: bool,
+                 serving: Callable[[], bool] | None = None) -> None:
+        self.serving = serving  # False once the worker stops: the answer then says close
         self.conn = conn
         self.req = req
         self.timeout = timeout
@@ -292,6 +294,8 @@ class Response:
         code = self.code = int(self.status[:3])
         if not self.req.complete:
             self.keep_alive = False  # answered before the whole body came: it will close
+        elif self.serving is not None and not self.serving():
+            self.keep_alive = False  # the worker began to stop during the request (a SIGHUP)
         lines = ["HTTP/1.1 ", self.status, "\r\n"]
         length = None
         for name, value in self.headers:
@@ -355,13 +359,16 @@ class Response:
 
 def serve_request(app: Callable[..., Iterable[bytes]], conn: Conn, req: Request,
                   timeout: float, keep_alive: bool,
-                  extra: dict[str, Any] | None = None) -> bool:
-    """Run the WSGI app for one request and write its answer; True to keep the connection."""
+                  extra: dict[str, Any] | None = None,
+                  serving: Callable[[], bool] | None = None) -> bool:
+    """Run the WSGI app for one request and write its answer; True to keep the connection.
+    `serving()` turning False while the app runs makes the answer say `Connection: close`."""
     body = RequestBody(conn, req, timeout)
     environ = build_environ(conn, req, body)
     if extra:
         environ.update(extra)
-    response = Response(conn, req, timeout, keep_alive and req.keep_alive and not req.upgrade)
+    response = Response(conn, req, timeout, keep_alive and req.keep_alive and not req.upgrade,
+                        serving)
     result: Iterable[bytes] | None = None
     try:
         result = app(environ, response.start_response)

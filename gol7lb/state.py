@@ -304,10 +304,10 @@ class ControlState:
                                         + ", ".join(sorted(pools)))
             if any(b.id == backend.id for b in pools[pool].backends):
                 raise ControlError(409, f"backend {backend.id} is already in pool {pool!r}")
-            self.removed.discard(backend.id)
-            pools = self._pools()  # an address the API removed earlier may be back from the file
-            if not any(b.id == backend.id for b in pools[pool].backends):
-                self.added.setdefault(pool, []).append(backend)
+            # An address the API removed from the file's pools comes back as the API says:
+            # in this pool only, with this weight (the file's entries stay removed until the
+            # next reload).
+            self.added.setdefault(pool, []).append(backend)
             self._adopt(backend.id, alive=False)
             self._changed()
 

@@ -104,6 +104,9 @@ class ProxyWorker(Worker):
             if self._serve(app, conn) == "detached":
                 return  # this thread became a tunnel; its replacement serves the queue
 
+    def _serving(self) -> bool:
+        return self.alive
+
     def _detach(self) -> None:
         """Called by the app when a request turns into a long-lived tunnel on this thread."""
         self.extra_threads += 1
@@ -123,7 +126,8 @@ class ProxyWorker(Worker):
         try:
             while True:
                 req = parser.ready.popleft()
-                keep = serve_request(app, conn, req, limits.idle_timeout, self.alive, extra)
+                keep = serve_request(app, conn, req, limits.idle_timeout, self.alive, extra,
+                                     self._serving)
                 conn.fresh = False
                 if detached[0]:
                     self._close(conn)

@@ -149,3 +149,30 @@ def test_drain_survives_a_reload_and_api_changes_end_with_it(lb_factory, backend
     assert [e["id"] for e in doc["backends"]] == [f"127.0.0.1:{a.port}", f"127.0.0.1:{b.port}"]
     assert entry(lb, a.port)["state"] == "drained"  # host state, kept by address
     assert set(served_ports(lb, 6)) == {b.port}
+
+
+def test_a_removed_file_backend_added_back_joins_only_the_named_pool_at_its_weight(
+        lb_factory, backend_factory, tmp_path):
+    """DELETE takes an address out of every pool; POST brings it back as the API says (this
+    pool, this weight, source "api"), not as the file had it, until the next reload."""
+    a, b = backend_factory(), backend_factory()
+    config = tmp_path / "lb.toml"
+    config.write_text(f'[[backends]]\nurl = "http://127.0.0.1:{a.port}"\n'
+                      f'[[backends]]\nurl = "http://127.0.0.1:{b.port}"\n'
+                      f'[pools.api]\nbackends = [{{ url = "http://127.0.0.1:{b.port}" }}]\n'
+                      '[[routes]]\npath_prefix = "/api"\npool = "api"\n')
+    lb = lb_factory({"GOL7LB_CONFIG": str(config), **FAST_HEALTH})
+    b_id = f"127.0.0.1:{b.port}"
+    assert requests.delete(f"{lb.admin_url}/backends/{b_id}", timeout=5).status_code == 200
+    answer = requests.post(lb.admin_url + "/backends", json={
+        "url": f"http://127.0.0.1:{b.port}", "weight": 3, "pool": "default"}, timeout=5)
+    assert answer.status_code == 201, answer.text
+    created = answer.json()
+    assert (created["weight"], created["source"], created["pools"]) == (3, "api", ["default"])
+    doc = status(lb)
+    assert doc["pools"]["api"]["backends"] == []
+    assert doc["pools"]["default"]["backends"] == [f"127.0.0.1:{a.port}", b_id]
+    wait_until(lambda: entry(lb, b.port)["state"] == "up", timeout=5)
+    ports = served_ports(lb, 8)
+    assert ports.count(b.port) == 6 and ports.count(a.port) == 2  # weight 3 : 1
+    assert requests.get(lb.url + "/api/x", timeout=5).status_code == 503  # its pool is empty

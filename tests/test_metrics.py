@@ -37,6 +37,8 @@ DOCUMENTED = {
     "gol7lb_health_check_duration_seconds": ("histogram", {"backend"}),
     "gol7lb_retries": ("counter", {"backend"}),
     "gol7lb_config_reloads": ("counter", {"result"}),
+    "gol7lb_backend_ejections": ("counter", {"backend"}),
+    "gol7lb_websocket_connections": ("gauge", {"backend"}),
 }
 
 
@@ -132,8 +134,6 @@ def test_documented_metrics_have_their_types_and_labels(lb3):
     assert all(a.status_code == 200 for a in send_concurrently(lb.url + "/", 9))
     found = families(lb)
     for name, (kind, labels) in DOCUMENTED.items():
-        if name in ("gol7lb_retries", "gol7lb_config_reloads"):
-            continue  # none yet: see their own tests
         assert name in found, f"{name} missing from /metrics"
         family = found[name]
         assert family.type == kind, (name, family.type)
@@ -150,6 +150,12 @@ def test_documented_metrics_have_their_types_and_labels(lb3):
     assert {(s.labels["pool"], s.value) for s in found["gol7lb_backend_weight"].samples} == {
         ("default", 1.0)}
     assert {s.labels["result"] for s in found["gol7lb_health_checks"].samples} >= {"ok"}
+    # the event counters exist at 0 before their first event, so alerts on them work at once
+    assert {(s.labels["result"], s.value) for s in found["gol7lb_config_reloads"].samples} == {
+        ("ok", 0.0), ("error", 0.0)}
+    for name in ("gol7lb_retries", "gol7lb_backend_ejections", "gol7lb_websocket_connections"):
+        assert {(s.labels["backend"], s.value) for s in found[name].samples} == {
+            (backend_id(p), 0.0) for p in ports}, name
     # the counters the duration histogram is built from stay internal
     assert sorted(n for n in found if n.startswith("gol7lb_request_duration")) == [
         "gol7lb_request_duration_seconds"]
@@ -274,7 +280,8 @@ def test_retry_after_connect_failure_is_counted_against_the_dead_backend(lb_fact
     assert [a.status_code for a in answers] == [200] * 12
     assert dead.port not in {int(a.headers["X-Backend-Port"]) for a in answers}
     retries = per_label(lb, "gol7lb_retries_total", "backend")
-    assert set(retries) == {backend_id(dead.port)}
+    assert {b for b, n in retries.items() if n} == {backend_id(dead.port)}
+    assert set(retries) == {backend_id(p) for p in ports}  # the others at 0
     assert retries[backend_id(dead.port)] >= 1
     assert value(lb, "gol7lb_requests_total") == 12
     assert value(lb, "gol7lb_requests_total", backend=backend_id(dead.port)) == 0

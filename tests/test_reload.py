@@ -110,11 +110,15 @@ def test_a_file_edit_takes_effect_within_two_seconds(lb_factory, three_backends,
     wait_until(lambda: status(lb)["config"]["last_error"], timeout=5)
     assert "algorithm" in status(lb)["config"]["last_error"]
     assert generation(lb) == 2 and len(status(lb)["backends"]) == 3
+    # Putting back exactly what runs is a good file too: the error clears.
+    config.write_text(toml(ports, weights=[1, 1, 2]))
+    wait_until(lambda: status(lb)["config"]["last_error"] is None, timeout=5)
+    assert generation(lb) == 3
     # An editor's write-and-rename is seen too.
     replacement = config.with_suffix(".new")
     replacement.write_text(toml(ports[:1]))
     replacement.rename(config)
-    wait_until(lambda: generation(lb) == 3, timeout=5)
+    wait_until(lambda: generation(lb) == 4, timeout=5)
     assert status(lb)["config"]["last_error"] is None
     assert [b["id"] for b in status(lb)["backends"]] == [f"127.0.0.1:{ports[0]}"]
 
@@ -187,3 +191,26 @@ def test_restart_only_settings_say_so_in_the_log(lb_factory, backend_factory, co
     wait_until(lambda: generation(lb) == 2, timeout=5)
     wait_until(lambda: "cpu_affinity changed from 'auto' to 'off': it takes effect after a "
                        "restart" in lb.output(), timeout=5)
+
+
+@pytest.mark.lean_worker  # gunicorn's gthread decides keep-alive before the app runs
+def test_a_request_in_flight_during_sighup_is_answered_with_connection_close(
+        lb_factory, backend_factory):
+    """The retiring worker closes the connection after that answer, so the answer says so:
+    a client must not send its next request on a connection that is about to close."""
+    import socket
+
+    backend = backend_factory()
+    lb = lb_factory({"GOL7LB_BACKENDS": f"http://127.0.0.1:{backend.port}", **FAST})
+    with socket.create_connection(("127.0.0.1", lb.port), timeout=10) as s:
+        s.sendall(b"GET /sleep/1.5 HTTP/1.1\r\nHost: x\r\n\r\n")
+        wait_until(lambda: status(lb)["backends"][0]["in_flight"] == 1)
+        lb.popen.send_signal(signal.SIGHUP)
+        answer = b""
+        while b"\r\n\r\n" not in answer:
+            answer += s.recv(65536)
+        head = answer.split(b"\r\n\r\n")[0]
+        assert head.startswith(b"HTTP/1.1 200 ")
+        assert b"\r\nConnection: close" in head
+        while chunk := s.recv(65536):  # then the close it announced
+            answer += chunk

@@ -80,7 +80,7 @@ class AdminServer(ThreadingHTTPServer):
         self.counters = counters
         self.hosts = hosts
         self.registry = metrics.scrape_registry(
-            [metrics.BackendStateCollector(self.snapshot_or_none, hosts)])
+            [metrics.BackendStateCollector(self.snapshot_or_none, hosts)], self.backend_ids)
         self._latency: dict[str, list[float]] = {}
         self._latency_at = -LATENCY_CACHE_SECONDS
         self._latency_lock = threading.Lock()
@@ -127,6 +127,11 @@ class AdminServer(ThreadingHTTPServer):
             result.append(self.client.snapshot())
         except Exception as e:
             result.append(e)
+
+    def backend_ids(self) -> list[str]:
+        """The running backends' ids (none while the shared state is out of reach)."""
+        snap = self.snapshot_or_none()
+        return list(snap.backends()) if snap is not None else []
 
     def snapshot_or_none(self) -> Snapshot | None:
         try:
