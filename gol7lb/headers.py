@@ -138,10 +138,13 @@ def upstream_request_headers(
     forwarded_for = ""
     kept: dict[str, str] = {}  # forwarding headers a trusted proxy sent
     known = _KEY_CACHE.get
-    for key, value in environ.items():
+    # gol7lb's worker lists the HTTP_* keys it set; under another server, scan the environ.
+    keys: Iterable[str] = environ.get("gol7lb.fields") or environ  # type: ignore[assignment]
+    for key in keys:
         name, lower, action = known(key) or _classify(key)
         if action == _SKIP:
             continue
+        value = environ[key]
         if action == _PASS:
             if lower not in listed:
                 headers[name] = value  # type: ignore[assignment]

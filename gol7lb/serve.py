@@ -246,6 +246,7 @@ def build_environ(conn: Conn, req: Request, body: RequestBody) -> dict[str, Any]
     env["gol7lb.local_port"] = conn.server[1]  # the socket's own (gunicorn's comes from Host)
     env["wsgi.input"] = body
     env["gunicorn.socket"] = conn.sock
+    fields = []  # the HTTP_* keys, so the proxy need not scan the whole environ for them
     for name, value in req.headers:
         key = _env_key(name)
         if key is None:
@@ -254,6 +255,9 @@ def build_environ(conn: Conn, req: Request, body: RequestBody) -> dict[str, Any]
             env[key] = env[key] + ("; " if key == "HTTP_COOKIE" else ", ") + value
         else:
             env[key] = value
+            if key[0] == "H":
+                fields.append(key)
+    env["gol7lb.fields"] = fields
     if req.upgrade:
         env["gol7lb.early_data"] = conn.parser.leftover
     return env

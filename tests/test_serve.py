@@ -133,3 +133,22 @@ def test_readline_and_iteration_of_the_input(pair):
         return []
     run(pair, b"POST / HTTP/1.1\r\nHost: h\r\nContent-Length: 8\r\n\r\na\nbb\nccc", app)
     assert lines == [b"a\n", b"bb\n", b"ccc"]
+
+
+def test_the_proxy_sees_the_same_upstream_headers_from_the_field_list(pair):
+    """build_environ lists the HTTP_* keys it set; header rewriting reads only those, and
+    must come to what a scan of the whole environ gives."""
+    from gol7lb.headers import ForwardedPolicy, upstream_request_headers
+    raw = (b"GET / HTTP/1.1\r\nHost: h\r\nX-A: 1\r\nX-A: 2\r\nCookie: a=1\r\nCookie: b=2\r\n"
+           b"Connection: keep-alive, X-Drop\r\nX-Drop: gone\r\nX-Forwarded-For: 10.0.0.1\r\n"
+           b"Content-Type: text/plain\r\nContent-Length: 0\r\nX-Request-ID: abc\r\n\r\n")
+    _keep, _out, seen = run(pair, raw, answer("200 OK", [("Content-Length", "0")], []))
+    assert seen["gol7lb.fields"] == ["HTTP_HOST", "HTTP_X_A", "HTTP_COOKIE", "HTTP_CONNECTION",
+                                     "HTTP_X_DROP", "HTTP_X_FORWARDED_FOR", "HTTP_X_REQUEST_ID"]
+    scanned = {k: v for k, v in seen.items() if k != "gol7lb.fields"}
+    for policy in (ForwardedPolicy(), ForwardedPolicy("both", ["127.0.0.0/8"])):
+        listed = upstream_request_headers(seen, "h", "8080", "rid", policy)
+        scan = upstream_request_headers(scanned, "h", "8080", "rid", policy)
+        assert list(listed.items()) == list(scan.items())
+    assert listed["X-A"] == "1, 2" and listed["Cookie"] == "a=1; b=2"
+    assert "X-Drop" not in listed and listed["Content-Type"] == "text/plain"
