@@ -9,7 +9,7 @@ from __future__ import annotations
 from collections.abc import Collection
 from dataclasses import dataclass
 
-from gol7lb.upstream import ConnectFailed, UpstreamClosed, UpstreamProtocolError
+from gol7lb.upstream import TIMED_OUT, ConnectFailed, UpstreamClosed, UpstreamProtocolError
 
 
 @dataclass(frozen=True, slots=True)
@@ -25,7 +25,7 @@ def classify_error(error: BaseException) -> Outcome:
         if error.timed_out:
             return Outcome("connect-failure", 504, "backend connect timed out")
         return Outcome("connect-failure", 502, "no backend accepted the connection")
-    if isinstance(error, TimeoutError):
+    if isinstance(error, TIMED_OUT):
         return Outcome("timeout", 504, "backend timed out")
     if isinstance(error, ConnectionError | UpstreamClosed):
         return Outcome("reset", 502, "bad gateway")

@@ -30,6 +30,7 @@ from gol7lb.routing import strip_prefix
 from gol7lb.state import CachedView, ControlClient, SharedCounters
 from gol7lb.upstream import (
     BLOCK,
+    TIMED_OUT,
     UpstreamClosed,
     UpstreamPool,
     UpstreamProtocolError,
@@ -149,7 +150,7 @@ class UpstreamBody:
         Ending the iteration normally would tell the client the body was complete (a silent
         wrong answer); raising EPIPE makes gunicorn drop the connection without a traceback.
         """
-        reason = ("timed out" if isinstance(error, TimeoutError)
+        reason = ("timed out" if isinstance(error, TIMED_OUT)
                   else str(error) or type(error).__name__)
         log.error("backend %s failed mid-response (request %s): %s",
                   self.pool.backend.id, self.exchange.rid, reason)
@@ -632,7 +633,7 @@ def _cookie(environ: dict[str, Any], name: str) -> str | None:
 
 
 def _reason(error: BaseException, read_timeout: float) -> str:
-    if isinstance(error, TimeoutError):
+    if isinstance(error, TIMED_OUT):
         return f"timed out after {read_timeout:g}s"
     return str(error) or type(error).__name__
 

@@ -24,7 +24,13 @@ from gol7lb import metrics
 from gol7lb.backends import Backend
 from gol7lb.headers import client_response_headers, connection_tokens
 from gol7lb.serve import TunnelClosed
-from gol7lb.upstream import ConnectFailed, UpstreamProtocolError, read_response_head, request_head
+from gol7lb.upstream import (
+    TIMED_OUT,
+    ConnectFailed,
+    UpstreamProtocolError,
+    read_response_head,
+    request_head,
+)
 
 if TYPE_CHECKING:
     from gol7lb.pooltable import PoolRuntime, PoolTable
@@ -77,7 +83,7 @@ def forward(app: ProxyApp, environ: dict[str, Any], start_response: Callable[...
         try:
             sock.sendall(head)
             response = read_response_head(sock, exchange.method)
-        except TimeoutError:
+        except TIMED_OUT:
             sock.close()
             app._attempt_ended(exchange, table, failed=True)
             return app._error(start_response, exchange, 504, "backend timed out",

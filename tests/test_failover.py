@@ -164,6 +164,56 @@ def test_slow_backend_gives_504(lb_factory, backend_factory):
     assert "timed out" in lb.output()
 
 
+def test_a_backend_that_stalls_mid_body_is_cut_at_read_timeout(lb_factory):
+    """The backend sends its head and 3 of 100 bytes, then nothing: after read_timeout (a
+    fraction of a second, which the kernel's socket timeout must honour too) the client is
+    cut off, never handed a short body as complete."""
+    listener = socket.socket()
+    listener.bind(("127.0.0.1", 0))
+    listener.listen(8)
+    release = threading.Event()
+
+    def stall(conn: socket.socket) -> None:
+        with conn:
+            conn.settimeout(10)
+            try:
+                if conn.recv(65536):  # health checks only connect
+                    conn.sendall(b"HTTP/1.1 200 OK\r\nContent-Length: 100\r\n\r\nabc")
+                    release.wait(10)
+            except OSError:
+                pass
+
+    def accept() -> None:
+        while True:
+            try:
+                conn, _ = listener.accept()
+            except OSError:
+                return
+            threading.Thread(target=stall, args=(conn,), daemon=True).start()
+
+    threading.Thread(target=accept, daemon=True).start()
+    try:
+        port = listener.getsockname()[1]
+        lb = lb_factory({"GOL7LB_BACKENDS": f"http://127.0.0.1:{port}",
+                         "GOL7LB_PROXY_READ_TIMEOUT": "0.5"})
+        started = time.monotonic()
+        with socket.create_connection(("127.0.0.1", lb.port), timeout=10) as client:
+            client.sendall(b"GET / HTTP/1.1\r\nHost: x\r\n\r\n")
+            answer = b""
+            while chunk := client.recv(65536):  # until the LB closes
+                answer += chunk
+        took = time.monotonic() - started
+        head, _, body = answer.partition(b"\r\n\r\n")
+        assert head.startswith(b"HTTP/1.1 200 ") and b"Content-Length: 100" in head
+        assert body == b"abc"  # 3 of the 100 bytes announced, then the close
+        assert 0.4 < took < 3, took
+        assert re.search(r"failed mid-response \(request \w+\): timed out", lb.output())
+        assert "Traceback" not in lb.output()
+    finally:
+        release.set()
+        listener.close()
+
+
 @pytest.mark.parametrize("path", ["/drop", "/garbage"])
 def test_broken_backend_answers_give_502_without_traceback(lb_factory, backend_factory, path):
     backend = backend_factory()
