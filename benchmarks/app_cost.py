@@ -9,14 +9,18 @@ shipped, without the access log, without metrics, and without both.
 
 from __future__ import annotations
 
+import atexit
 import io
 import os
+import shutil
 import sys
 import tempfile
 import time
 from pathlib import Path
 
-os.environ.setdefault("PROMETHEUS_MULTIPROC_DIR", tempfile.mkdtemp(prefix="gol7lb-metrics-"))
+if "PROMETHEUS_MULTIPROC_DIR" not in os.environ:  # ours, so removed when the run ends
+    os.environ["PROMETHEUS_MULTIPROC_DIR"] = tempfile.mkdtemp(prefix="gol7lb-metrics-")
+    atexit.register(shutil.rmtree, os.environ["PROMETHEUS_MULTIPROC_DIR"], True)
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
 from bench_targets import start_backend  # noqa: E402
