@@ -104,12 +104,11 @@ def _classify(environ_key: str) -> tuple[str, str, int]:
     """(field name, lower-case name, what to do with it) for an environ key (_SKIP for those
     that are not HTTP_* fields)."""
     entry = _KEY_CACHE.get(environ_key)
-    if entry is None:
-        if not environ_key.startswith("HTTP_"):
-            entry = ("", "", _SKIP)
-            if len(_KEY_CACHE) < 4096:
-                _KEY_CACHE[environ_key] = entry
-            return entry
+    if entry is not None:
+        return entry
+    if not environ_key.startswith("HTTP_"):
+        entry = ("", "", _SKIP)
+    else:
         name = _field_name(environ_key)
         lower = name.lower()
         if lower in HOP_BY_HOP or lower == "host" or lower == "x-request-id":
@@ -121,8 +120,8 @@ def _classify(environ_key: str) -> tuple[str, str, int]:
         else:
             action = _PASS
         entry = (name, lower, action)
-        if len(_KEY_CACHE) < 4096:
-            _KEY_CACHE[environ_key] = entry
+    if len(_KEY_CACHE) < 4096:
+        _KEY_CACHE[environ_key] = entry
     return entry
 
 

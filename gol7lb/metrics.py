@@ -43,7 +43,7 @@ REQUESTS = Counter("gol7lb_requests", "Requests answered, by pool, backend, stat
                    ["pool", "backend", "code", "method"])
 # gol7lb_request_duration_seconds is counted as two plain counters (the hits of each bucket,
 # not cumulative, and the sum) that the admin listener turns into the histogram when scraped
-# (`RequestDurationCollector`): a worker then adds a batch of observations with `inc(n)`,
+# (`MergedCollector`): a worker then adds a batch of observations with `inc(n)`,
 # which prometheus_client's Histogram has no call for.
 DURATION_NAME = "gol7lb_request_duration_seconds"
 DURATION_HELP = "Time from the request head to the last byte sent to the client."
