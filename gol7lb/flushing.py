@@ -21,22 +21,22 @@ class PeriodicFlush:
         self._flush = flush
         self.seconds = seconds
         self.name = name
-        self._started = False
+        self.started = False  # read on the hot path: call ensure_started() only while False
         self._lock = threading.Lock()
         forked = weakref.WeakMethod(self._forked)
         os.register_at_fork(after_in_child=lambda: (method := forked()) and method())
 
     def _forked(self) -> None:
-        self._started = False
+        self.started = False
         self._lock = threading.Lock()
 
     def ensure_started(self) -> None:
-        if self._started:
+        if self.started:
             return
         with self._lock:
-            if self._started:
+            if self.started:
                 return
-            self._started = True
+            self.started = True
         threading.Thread(target=self._run, name=self.name, daemon=True).start()
         atexit.register(self._flush)
 

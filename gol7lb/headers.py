@@ -191,23 +191,31 @@ def client_response_headers(
 
     ValueError for a header that is not valid HTTP, so the caller can answer 502 instead.
     """
-    kept: list[tuple[str, str, str]] = []
+    headers: list[tuple[str, str]] = []
+    lowers: list[str] = []
     listed: frozenset[str] = frozenset()
+    names = _RESPONSE_NAMES
     for name, value in upstream:
-        lower = _RESPONSE_NAMES.get(name)
+        lower = names.get(name)
         if lower is None:
             if not _TOKEN.fullmatch(name):
                 raise ValueError(repr(name))
             lower = name.lower()
-            if len(_RESPONSE_NAMES) < 4096:
-                _RESPONSE_NAMES[name] = lower
+            if len(names) < 4096:
+                names[name] = lower
         if lower in RESPONSE_DROPPED:
             if lower == "connection":
                 listed = listed | connection_tokens(value)
             continue
-        if not _FIELD_VALUE.fullmatch(value):
-            raise ValueError(repr(name))
-        kept.append((lower, name, value))
-    headers = [(name, value) for lower, name, value in kept if lower not in listed]
+        headers.append((name, value))
+        lowers.append(lower)
+    # one match over all the values: the rule is per character, so the joined text passes
+    # exactly when every value does
+    if not _FIELD_VALUE.fullmatch("".join([value for _, value in headers])):
+        raise ValueError(next(repr(name) for name, value in headers
+                              if not _FIELD_VALUE.fullmatch(value)))
+    if listed:
+        headers = [field for field, lower in zip(headers, lowers, strict=True)
+                   if lower not in listed]
     headers.append((REQUEST_ID, rid))
     return headers

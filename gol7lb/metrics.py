@@ -110,7 +110,7 @@ class RequestRecorder:
             idle = self._open == 0
         if idle:
             self.flush()
-        else:
+        elif not self._flusher.started:
             self._flusher.ensure_started()
 
     def flush(self) -> None:

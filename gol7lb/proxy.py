@@ -79,10 +79,12 @@ class Exchange:
     per-host counters are told once it ends."""
 
     __slots__ = ("app", "started", "method", "path", "client", "rid", "pool", "backend_id",
-                 "slot", "detached", "status", "upstream_s", "answered")
+                 "slot", "detached", "status", "upstream_s", "answered", "log")
 
-    def __init__(self, app: ProxyApp, method: str, path: str, client: str, rid: str) -> None:
+    def __init__(self, app: ProxyApp, method: str, path: str, client: str, rid: str,
+                 log_settings: Any) -> None:
         self.app = app
+        self.log = log_settings  # the log settings of the configuration the request began in
         self.started = time.perf_counter()
         self.method = method
         self.path = path
@@ -105,7 +107,7 @@ class Exchange:
         total = time.perf_counter() - self.started
         metric_backend = self.backend_id if self.answered else "none"
         app.recorder.record(self.pool, metric_backend, self.status, self.method, total)
-        log_settings = app.view.current().settings.log
+        log_settings = self.log
         if log_settings.access:
             app.access_log.write(log_settings.format, self.client, self.method, self.path,
                                  self.status, sent, self.pool, self.backend_id,
@@ -279,10 +281,11 @@ class ProxyApp:
         rid = request_id(environ)
         method = environ["REQUEST_METHOD"]
         raw = environ.get("RAW_URI") or environ.get("PATH_INFO") or "/"
-        exchange = Exchange(self, method, raw, environ.get("REMOTE_ADDR") or "-", rid)
         table = self.view.current()
         if table.rebuild_at <= time.monotonic():
             table = self.view.rebuild()  # slow start: the next step of a ramp, no IPC
+        exchange = Exchange(self, method, raw, environ.get("REMOTE_ADDR") or "-", rid,
+                            table.settings.log)
         if method == "CONNECT":
             return self._error(start_response, exchange, 405, "CONNECT is not supported: this "
                                "is a reverse proxy", [("Allow", "GET, HEAD, POST, PUT, DELETE, "
@@ -294,7 +297,7 @@ class ProxyApp:
         except ValueError:
             return self._error(start_response, exchange, 400, "bad request target")
 
-        path = target.split("?", 1)[0]
+        path = target.partition("?")[0]
         match = table.router.match(environ, path, method, authority or environ.get("HTTP_HOST"))
         if match is None:
             return self._error(start_response, exchange, 404, "no route matches this request "
@@ -303,6 +306,7 @@ class ProxyApp:
         exchange.pool = pool.name
         if match.strip:
             target = strip_prefix(target, match.strip)
+            path = target.partition("?")[0]
 
         if "HTTP_UPGRADE" in environ and tunnel.is_upgrade(environ):
             return tunnel.forward(self, environ, start_response, table, pool, exchange, target,
@@ -316,8 +320,8 @@ class ProxyApp:
         client_sock = environ.get("gunicorn.socket")
         headers = self.request_headers(environ, table, authority, client_sock, rid)
         body.framing(headers)
-        return self._forward(environ, start_response, table, pool, exchange, target, headers,
-                             body, client_sock)
+        return self._forward(environ, start_response, table, pool, exchange, target, path,
+                             headers, body, client_sock)
 
     @staticmethod
     def request_headers(environ: dict[str, Any], table: PoolTable, authority: str | None,
@@ -334,6 +338,8 @@ class ProxyApp:
 
     @staticmethod
     def _request_body(environ: dict[str, Any], table: PoolTable) -> RequestBody:
+        if "HTTP_TRANSFER_ENCODING" not in environ and not environ.get("CONTENT_LENGTH"):
+            return NO_BODY
         chunked = "chunked" in environ.get("HTTP_TRANSFER_ENCODING", "").lower()
         length = 0 if chunked else int(environ.get("CONTENT_LENGTH") or 0)
         # Only our worker leaves `100 Continue` to the first read; gunicorn's own workers
@@ -396,20 +402,21 @@ class ProxyApp:
 
     def _forward(self, environ: dict[str, Any], start_response: StartResponse,
                  table: PoolTable, pool: PoolRuntime, exchange: Exchange, target: str,
-                 headers: dict[str, str], body: RequestBody,
+                 path: str, headers: dict[str, str], body: RequestBody,
                  client_sock: socket.socket | None) -> Iterable[bytes]:
         method = exchange.method
         settings = table.settings
-        path = target.split("?", 1)[0]
         sticky = _cookie(environ, pool.pool.sticky_cookie) if pool.pool.sticky_cookie else None
         sticky_id = pool.sticky_values.get(sticky) if sticky else None
         idempotent_without_body = method in IDEMPOTENT and not body.present
         tried: set[str] = set()
         last: Outcome | None = None
-        queue_deadline = time.monotonic() + settings.proxy.queue_timeout
+        queue_deadline = 0.0  # set when every candidate is first found at its limit
         head = request_head(method, target, headers)  # the same for every attempt
         for _attempt in range(1 + settings.proxy.retries):
             backend, full = self._pick(table, pool, environ, path, tried, sticky_id)
+            if backend is None and full and not tried:
+                queue_deadline = time.monotonic() + settings.proxy.queue_timeout
             while backend is None and full and not tried and \
                     time.monotonic() < queue_deadline:
                 time.sleep(QUEUE_POLL_SECONDS)  # every candidate is at max_connections
@@ -444,7 +451,7 @@ class ProxyApp:
                     continue
                 return self._error(start_response, exchange, last.status, last.message)
             exchange.upstream_s = time.perf_counter() - started
-            failure = classify_status(response.status)
+            failure = classify_status(response.status) if response.status >= 500 else None
             if failure is not None:
                 self._passive_failure(exchange, table)
                 last = failure
@@ -596,6 +603,7 @@ class ProxyApp:
         return [body]
 
 
+NO_BODY = RequestBody(None, 0, False, 0)  # shared: a request without a body changes nothing in it
 QUEUE_POLL_SECONDS = 0.005
 EXPECT_WAIT_SECONDS = 1.0  # how long a backend may stay silent after Expect (curl waits 1 s)
 _UNBOUNDED = 1 << 62

@@ -204,6 +204,27 @@ class RequestBody:
         return iter(self.readline, b"")
 
 
+class EmptyBody:
+    """wsgi.input of a request whose (empty) body is complete: one shared instance."""
+
+    buffer = b""
+
+    def read(self, size: int | None = -1) -> bytes:
+        return b""
+
+    def readline(self, size: int | None = -1) -> bytes:
+        return b""
+
+    def readlines(self, hint: int | None = None) -> list[bytes]:
+        return []
+
+    def __iter__(self) -> Any:
+        return iter(())
+
+
+EMPTY_BODY = EmptyBody()
+
+
 # environ ------------------------------------------------------------------------------------
 
 _ENV_KEYS: dict[str, str | None] = {"Content-Type": "CONTENT_TYPE",
@@ -232,7 +253,7 @@ def _env_key(name: str) -> str | None:
     return key
 
 
-def build_environ(conn: Conn, req: Request, body: RequestBody) -> dict[str, Any]:
+def build_environ(conn: Conn, req: Request, body: RequestBody | EmptyBody) -> dict[str, Any]:
     env = _BASE_ENVIRON.copy()
     target = req.target
     path, _, query = target.partition("?")
@@ -264,6 +285,8 @@ def build_environ(conn: Conn, req: Request, body: RequestBody) -> dict[str, Any]
 
 
 # the response -------------------------------------------------------------------------------
+
+_FRAMING_LENGTHS = frozenset(map(len, ("content-length", "connection", "transfer-encoding")))
 
 class Response:
     """start_response and the body writer: head and first body block go out in one send."""
@@ -303,6 +326,9 @@ class Response:
         lines = ["HTTP/1.1 ", self.status, "\r\n"]
         length = None
         for name, value in self.headers:
+            if len(name) not in _FRAMING_LENGTHS:  # cannot be one of the three below
+                lines += (name, ": ", value, "\r\n")
+                continue
             lower = name.lower()
             if lower == "content-length":
                 length = int(value)
@@ -367,7 +393,8 @@ def serve_request(app: Callable[..., Iterable[bytes]], conn: Conn, req: Request,
                   serving: Callable[[], bool] | None = None) -> bool:
     """Run the WSGI app for one request and write its answer; True to keep the connection.
     `serving()` turning False while the app runs makes the answer say `Connection: close`."""
-    body = RequestBody(conn, req, timeout)
+    body: RequestBody | EmptyBody = EMPTY_BODY if req.complete and not req.body and \
+        not req.upgrade else RequestBody(conn, req, timeout)
     environ = build_environ(conn, req, body)
     if extra:
         environ.update(extra)

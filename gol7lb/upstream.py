@@ -137,10 +137,8 @@ def request_head(method: str, target: str, headers: dict[str, str]) -> bytes:
     Every piece was validated before: method and field lines by gunicorn's parser (no CR,
     LF or NUL gets through it), the target by the proxy, and the values the proxy adds itself.
     """
-    lines = [f"{method} {target} HTTP/1.1"]
-    lines.extend(f"{name}: {value}" for name, value in headers.items())
-    lines.append("\r\n")
-    return "\r\n".join(lines).encode("latin-1")
+    fields = "".join([f"{name}: {value}\r\n" for name, value in headers.items()])
+    return f"{method} {target} HTTP/1.1\r\n{fields}\r\n".encode("latin-1")
 
 
 class UpstreamResponse:

@@ -97,32 +97,30 @@ class ProxyWorker(Worker):
 
     def _thread_main(self) -> None:
         app = self.wsgi
+        detached = [False]
+
+        def detach() -> None:
+            """Called by the app when a request turns into a long-lived tunnel on this thread."""
+            detached[0] = True
+            self.extra_threads += 1
+            self._start_thread()
+
+        extra = {"gol7lb.detach": detach}
         while True:
             conn = self.queue.get()
             if conn is None:
                 return
-            if self._serve(app, conn) == "detached":
+            if self._serve(app, conn, extra, detached) == "detached":
                 return  # this thread became a tunnel; its replacement serves the queue
 
     def _serving(self) -> bool:
         return self.alive
 
-    def _detach(self) -> None:
-        """Called by the app when a request turns into a long-lived tunnel on this thread."""
-        self.extra_threads += 1
-        self._start_thread()
-
-    def _serve(self, app: Callable[..., Any], conn: Conn) -> str:
+    def _serve(self, app: Callable[..., Any], conn: Conn, extra: dict[str, Any],
+               detached: list[bool]) -> str:
         """Serve this connection's requests while they come promptly; then give it back."""
         parser = conn.parser
         limits = self.limits
-        detached = [False]
-
-        def detach() -> None:
-            detached[0] = True
-            self._detach()
-
-        extra = {"gol7lb.detach": detach}
         try:
             while True:
                 req = parser.ready.popleft()
