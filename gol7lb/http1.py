@@ -72,6 +72,8 @@ class Http1Parser:
         self._parser = httptools.HttpRequestParser(self)
         self._req = Request()
         self._url: list[bytes] = []
+        self._url_bytes = 0
+        self._method_len = 0
         self._counted = 0  # head bytes seen through callbacks (request line + header lines)
         self._raw = 0  # raw bytes fed since the message began (bounds llhttp's own buffering)
         self._begun_in_feed = False
@@ -127,6 +129,7 @@ class Http1Parser:
     def on_message_begin(self) -> None:
         self._req = Request()
         self._url = []
+        self._url_bytes = 0
         self._counted = 0
         self._raw = 0
         self._begun_in_feed = True
@@ -137,11 +140,13 @@ class Http1Parser:
 
     def on_url(self, url: bytes) -> None:
         if not self._url:  # the request line's other bytes: "METHOD " and " HTTP/1.1\r\n"
-            self._counted += len(self._parser.get_method()) + 12
+            self._method_len = len(self._parser.get_method())
+            self._counted += self._method_len + 12
         self._url.append(url)
         self._counted += len(url)
+        self._url_bytes += len(url)
         # the whole line: method, space, target, " HTTP/1.1" (the method is parsed by now)
-        line = len(self._parser.get_method()) + 1 + self._url_len() + 9
+        line = self._method_len + 1 + self._url_bytes + 9
         if line > MAX_REQUEST_LINE:
             raise RequestError(414, "request line too long")
 
@@ -226,11 +231,6 @@ class Http1Parser:
         if self.receiving is not None:
             self.receiving.complete = True
             self.receiving = None
-
-    # helpers ----------------------------------------------------------------------------------
-
-    def _url_len(self) -> int:
-        return sum(len(u) for u in self._url)
 
 
 def _reason(error: Exception) -> str:

@@ -174,6 +174,30 @@ class UpstreamBody:
         self._close(failed=False)
 
 
+class FinishedBody(list):
+    """An answer whose body the backend already sent whole (most small ones come with their
+    head): a plain list to the server, and the backend socket goes back to the pool, and the
+    request is counted and logged, when the server closes it after writing."""
+
+    __slots__ = ("sock", "keep", "pool", "exchange", "sent")
+
+    def __init__(self, data: bytes, sock: socket.socket, keep: bool, pool: UpstreamPool,
+                 exchange: Exchange) -> None:
+        super().__init__((data,) if data else ())
+        self.sock = sock
+        self.keep = keep
+        self.pool = pool
+        self.exchange = exchange
+        self.sent = len(data)
+
+    def close(self) -> None:
+        if self.keep:
+            self.pool.release(self.sock)
+        else:
+            self.sock.close()
+        self.exchange.finish(self.sent)
+
+
 class RequestBody:
     """The client's body as attempts send it. A body up to `proxy.retry_buffer` is read whole
     before the first attempt, so any attempt can send it again; a larger one is streamed
@@ -586,6 +610,9 @@ class ProxyApp:
         exchange.status = response.status
         exchange.answered = True
         start_response(f"{response.status} {reason}", headers)
+        if response.complete:
+            return FinishedBody(response.take_body(), sock, response.keep_alive, upstream,
+                                exchange)
         return UpstreamBody(response, sock, upstream, client_sock, exchange)
 
     def _error(self, start_response: StartResponse, exchange: Exchange, status: int,

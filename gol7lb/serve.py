@@ -268,8 +268,11 @@ def build_environ(conn: Conn, req: Request, body: RequestBody | EmptyBody) -> di
     env["wsgi.input"] = body
     env["gunicorn.socket"] = conn.sock
     fields = []  # the HTTP_* keys, so the proxy need not scan the whole environ for them
+    known = _ENV_KEYS.get
     for name, value in req.headers:
-        key = _env_key(name)
+        key = known(name, "")
+        if key == "":
+            key = _env_key(name)
         if key is None:
             continue
         if key in env:

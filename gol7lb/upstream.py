@@ -256,6 +256,14 @@ class UpstreamResponse:
         of a worker's time under load went to collections)."""
         self._parser = None  # type: ignore[assignment]
 
+    def take_body(self) -> bytes:
+        """The whole body of a complete answer at once (then the parser is let go)."""
+        pending = self._pending
+        data = pending.popleft() if len(pending) == 1 else b"".join(pending)
+        pending.clear()
+        self.release()
+        return data
+
     def read_block(self) -> bytes:
         """The next piece of the body, b"" after the last one; raises if the body breaks off."""
         while True:

@@ -115,3 +115,10 @@ def test_trusted_proxies_accept_cidrs_and_single_addresses():
     policy = ForwardedPolicy("x-forwarded", ["10.0.0.0/8", "::1", "192.0.2.7"])
     assert policy.trusts("10.200.0.1") and policy.trusts("::1") and policy.trusts("192.0.2.7")
     assert not policy.trusts("192.0.2.8") and not policy.trusts("") and not policy.trusts("x")
+
+
+def test_an_invalid_value_among_valid_ones_is_named():
+    upstream = [("X-A", "fine"), ("X-Bad", "a\x01b"), ("X-C", "fine too")]
+    with pytest.raises(ValueError, match="X-Bad"):
+        client_response_headers(upstream, "rid")
+    assert client_response_headers(upstream[::2], "rid")[:2] == [upstream[0], upstream[2]]

@@ -55,7 +55,10 @@ def lb_workers(lb) -> list[psutil.Process]:
 
 
 def test_sequential_requests_rotate_globally_across_workers(shared_lb):
-    workers = lb_workers(shared_lb)
+    # the LB is ready once one worker accepts; gunicorn forks the second up to 0.1 s later
+    deadline = time.monotonic() + 10
+    while len(workers := lb_workers(shared_lb)) < 2 and time.monotonic() < deadline:
+        time.sleep(0.05)
     assert len(workers) == 2
     cpu_before = [sum(w.cpu_times()[:2]) for w in workers]
     ports = Counter()

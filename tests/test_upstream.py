@@ -99,3 +99,17 @@ def test_still_open_sees_eof_and_junk():
     theirs.close()
     assert not still_open(ours)
     ours.close()
+
+
+def test_a_complete_answer_hands_over_its_whole_body_at_once():
+    ours, theirs = socket.socketpair()
+    ours.settimeout(5)
+    theirs.sendall(b"HTTP/1.1 200 OK\r\nTransfer-Encoding: chunked\r\n\r\n"
+                   b"2\r\nok\r\n3\r\nabc\r\n0\r\n\r\n")
+    response = UpstreamResponse(ours, "GET")
+    response.read_head()
+    assert response.complete and response.keep_alive
+    assert response.take_body() == b"okabc"
+    assert response.read_block() == b""  # nothing left, and no read from the socket
+    ours.close()
+    theirs.close()
