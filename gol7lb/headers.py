@@ -180,6 +180,8 @@ def upstream_request_headers(
     return headers
 
 
+# Connection values that name no other field (the usual ones: nothing to look up).
+_PLAIN_CONNECTION = frozenset({"keep-alive", "close"})
 # Response field names already checked against RFC 9110's token rule, with their lower case.
 _RESPONSE_NAMES: dict[str, str] = {}
 
@@ -204,7 +206,7 @@ def client_response_headers(
             if len(names) < 4096:
                 names[name] = lower
         if lower in RESPONSE_DROPPED:
-            if lower == "connection":
+            if lower == "connection" and value.lower() not in _PLAIN_CONNECTION:
                 listed = listed | connection_tokens(value)
             continue
         headers.append((name, value))

@@ -144,6 +144,10 @@ def request_head(method: str, target: str, headers: dict[str, str]) -> bytes:
 class UpstreamResponse:
     """One backend answer: `read_head()` once, then `read_block()` until it returns b""."""
 
+    __slots__ = ("sock", "method", "status", "reason", "headers", "complete", "keep_alive",
+                 "_head_done", "_interim", "_until_eof", "_head_bytes", "_pending", "upgraded",
+                 "continued", "leftover", "_parser")
+
     def __init__(self, sock: socket.socket, method: str) -> None:
         self.sock = sock
         self.method = method

@@ -122,3 +122,12 @@ def test_an_invalid_value_among_valid_ones_is_named():
     with pytest.raises(ValueError, match="X-Bad"):
         client_response_headers(upstream, "rid")
     assert client_response_headers(upstream[::2], "rid")[:2] == [upstream[0], upstream[2]]
+
+
+@pytest.mark.parametrize("connection", ["keep-alive", "Close", "keep-alive, X-Hop"])
+def test_connection_values_drop_only_what_they_name(connection):
+    upstream = [("Connection", connection), ("X-Hop", "1"), ("Keep-Alive", "timeout=5"),
+                ("X-Kept", "2")]
+    names = [name for name, _ in client_response_headers(upstream, "rid")]
+    assert names == (["X-Kept", "X-Request-ID"] if "X-Hop" in connection
+                     else ["X-Hop", "X-Kept", "X-Request-ID"])
