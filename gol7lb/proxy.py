@@ -21,6 +21,7 @@ from gol7lb import tunnel
 from gol7lb.accesslog import AccessLog
 from gol7lb.backends import Backend
 from gol7lb.balancer import PickContext
+from gol7lb.config import LogSettings
 from gol7lb.headers import client_response_headers, request_id, upstream_request_headers
 from gol7lb.hosts import WorkerCells
 from gol7lb.metrics import RequestRecorder
@@ -82,7 +83,7 @@ class Exchange:
                  "slot", "detached", "status", "upstream_s", "answered", "log")
 
     def __init__(self, app: ProxyApp, method: str, path: str, client: str, rid: str,
-                 log_settings: Any) -> None:
+                 log_settings: LogSettings) -> None:
         self.app = app
         self.log = log_settings  # the log settings of the configuration the request began in
         self.started = time.perf_counter()
@@ -475,7 +476,7 @@ class ProxyApp:
                     continue
                 return self._error(start_response, exchange, last.status, last.message)
             exchange.upstream_s = time.perf_counter() - started
-            failure = classify_status(response.status) if response.status >= 500 else None
+            failure = classify_status(response.status)
             if failure is not None:
                 self._passive_failure(exchange, table)
                 last = failure
