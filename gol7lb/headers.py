@@ -157,7 +157,6 @@ def upstream_request_headers(
     if content_type:
         headers["Content-Type"] = content_type  # type: ignore[assignment]
     proto: str = environ.get("wsgi.url_scheme", "http")  # type: ignore[assignment]
-    original_host: str | None = environ.get("HTTP_HOST")  # type: ignore[assignment]
     if policy.x_forwarded or (trusted and forwarded_for):
         if policy.x_forwarded and client:
             forwarded_for = f"{forwarded_for}, {client}" if forwarded_for else client  # type: ignore[assignment]
@@ -166,12 +165,13 @@ def upstream_request_headers(
     if policy.x_forwarded:
         if "x-forwarded-proto" not in kept:
             headers["X-Forwarded-Proto"] = proto
-        if original_host and "x-forwarded-host" not in kept:
-            headers["X-Forwarded-Host"] = original_host
+        # the Host sent upstream (an absolute-form target's authority replaces the header's)
+        if host and "x-forwarded-host" not in kept:
+            headers["X-Forwarded-Host"] = host
         if "x-forwarded-port" not in kept:
             headers["X-Forwarded-Port"] = forwarded_port
     if policy.rfc7239 and client:
-        ours = forwarded_element(client, proto, original_host)  # type: ignore[arg-type]
+        ours = forwarded_element(client, proto, host)
         earlier = kept.get("forwarded")
         for name in [n for n in headers if n.lower() == "forwarded"]:
             del headers[name]

@@ -16,6 +16,8 @@ from collections import deque
 
 import httptools
 
+from gol7lb.target import valid_authority
+
 MAX_REQUEST_LINE = 8192  # a request line longer than this: 414 (nginx's large buffer size)
 _BAD_VALUE = frozenset(range(0x20)) - {0x09} | {0x7F}
 # llhttp's request parser also speaks RTSP and ICE; a request line in those is not HTTP.
@@ -206,6 +208,8 @@ class Http1Parser:
             raise RequestError(400, "HTTP/1.1 request without exactly one Host header")
         if req.host_count > 1:
             raise RequestError(400, "more than one Host header")
+        if req.host_count and not valid_authority(_host(req.headers)):
+            raise RequestError(400, "Host header is not a valid host[:port]")
         if self._te:
             if req.version == "1.0":
                 raise RequestError(400, "Transfer-Encoding in an HTTP/1.0 request")
@@ -231,6 +235,11 @@ class Http1Parser:
         if self.receiving is not None:
             self.receiving.complete = True
             self.receiving = None
+
+
+def _host(headers: list[tuple[str, str]]) -> str:
+    """The one Host value (usually the first field, so this loop is short)."""
+    return next(value for name, value in headers if len(name) == 4 and name.lower() == "host")
 
 
 def _reason(error: Exception) -> str:

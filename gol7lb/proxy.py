@@ -29,6 +29,7 @@ from gol7lb.outcomes import Outcome, classify_error, classify_status, may_retry
 from gol7lb.pooltable import PoolRuntime, PoolTable
 from gol7lb.routing import strip_prefix
 from gol7lb.state import CachedView, ControlClient, SharedCounters
+from gol7lb.target import AmbiguousTarget, normalise_path, valid_authority
 from gol7lb.upstream import (
     BLOCK,
     TIMED_OUT,
@@ -45,6 +46,7 @@ log = logging.getLogger("gunicorn.error")
 IDEMPOTENT = frozenset({"GET", "HEAD", "OPTIONS", "TRACE", "PUT", "DELETE"})
 _ABSOLUTE_FORM = re.compile(r"[A-Za-z][A-Za-z0-9+.-]*://")
 _BAD_TARGET_CHAR = re.compile(r"[\x00-\x20\x7f]")
+_CLOSE = [("Connection", "close")]  # a malformed request ends its connection
 
 StartResponse = Callable[..., Any]
 
@@ -57,7 +59,8 @@ def split_target(raw: str) -> tuple[str, str | None]:
     """Origin-form target and, for an absolute-form request, the authority that replaces Host.
 
     The authority never chooses where to connect; it only becomes the Host header, as
-    RFC 9112 section 3.2.2 asks of a server receiving absolute-form.
+    RFC 9112 section 3.2.2 asks of a server receiving absolute-form. An empty authority, or
+    one with userinfo (RFC 9110 4.2.4: treat it as an error), is a ValueError.
     """
     if raw.startswith("/") or raw == "*":
         return raw, None
@@ -66,11 +69,11 @@ def split_target(raw: str) -> tuple[str, str | None]:
         raise ValueError(raw)
     rest = raw[match.end():]
     cut = min((i for i in (rest.find("/"), rest.find("?")) if i >= 0), default=len(rest))
-    authority = rest[:cut].rpartition("@")[2]
+    authority = rest[:cut]
     path = rest[cut:]
     if not path.startswith("/"):
         path = "/" + path
-    if not authority:
+    if not authority or not valid_authority(authority):
         raise ValueError(raw)
     return path, authority
 
@@ -315,22 +318,29 @@ class ProxyApp:
             return self._error(start_response, exchange, 405, "CONNECT is not supported: this "
                                "is a reverse proxy", [("Allow", "GET, HEAD, POST, PUT, DELETE, "
                                                        "PATCH, OPTIONS")])
+        host = environ.get("HTTP_HOST")
         try:
             if not raw.isascii() or _BAD_TARGET_CHAR.search(raw):
                 raise ValueError(raw)
             target, authority = split_target(raw)
+            given_path, query_mark, query = target.partition("?")
+            path = normalise_path(given_path)  # routes match this; `target` goes on as it came
+        except AmbiguousTarget as e:
+            return self._error(start_response, exchange, 400, f"ambiguous request target: {e}",
+                               _CLOSE)
         except ValueError:
-            return self._error(start_response, exchange, 400, "bad request target")
+            return self._error(start_response, exchange, 400, "bad request target", _CLOSE)
+        if host and not valid_authority(host):  # our worker's parser has refused it already
+            return self._error(start_response, exchange, 400, "invalid Host header", _CLOSE)
 
-        path = target.partition("?")[0]
-        match = table.router.match(environ, path, method, authority or environ.get("HTTP_HOST"))
+        match = table.router.match(environ, path, method, authority or host)
         if match is None:
             return self._error(start_response, exchange, 404, "no route matches this request "
                                "and there is no default pool")
         pool = table.pools[match.pool]
         exchange.pool = pool.name
-        if match.strip:
-            target = strip_prefix(target, match.strip)
+        if match.strip:  # from the normalised path, the one the prefix matched
+            target = strip_prefix(path + query_mark + query, match.strip)
             path = target.partition("?")[0]
 
         if "HTTP_UPGRADE" in environ and tunnel.is_upgrade(environ):

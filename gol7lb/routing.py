@@ -13,6 +13,7 @@ from dataclasses import dataclass
 from typing import Any
 
 from gol7lb.pools import DEFAULT_POOL, Route
+from gol7lb.target import AmbiguousTarget, normalise_path
 
 HOST_CACHE_SIZE = 4096  # distinct Host values remembered; clients choose them, so bounded
 
@@ -47,13 +48,15 @@ def host_matches(pattern: str, host: str) -> bool:
 
 
 def normalise_host(value: str | None) -> str:
-    """Host header -> lower-case name without port ("[::1]:80" -> "[::1]")."""
+    """Host header -> lower-case name without port or the root's trailing dot
+    ("[::1]:80" -> "[::1]", "API.example.com.:80" -> "api.example.com")."""
     if not value:
         return ""
     host = value.strip().lower()
     if host.startswith("["):
         return host.split("]", 1)[0] + "]"
-    return host.rsplit(":", 1)[0] if host.count(":") == 1 else host
+    host = host.rsplit(":", 1)[0] if host.count(":") == 1 else host
+    return host[:-1] if host.endswith(".") else host
 
 
 def strip_prefix(target: str, prefix: str) -> str:
@@ -76,7 +79,10 @@ class Router:
 
     @staticmethod
     def _compile(route: Route) -> CompiledRoute:
-        prefix = route.path_prefix
+        try:  # requests are matched on normalised paths, so the prefix is normalised too
+            prefix = normalise_path(route.path_prefix) if route.path_prefix else ""
+        except AmbiguousTarget:
+            prefix = route.path_prefix  # e.g. "/a%2Fb/": such requests are refused anyway
         open_prefix = prefix if prefix.endswith("/") else prefix + "/"
         headers = tuple(("HTTP_" + name.upper().replace("-", "_"), value)
                         for name, value in route.headers)
@@ -99,5 +105,5 @@ class Router:
             for compiled in candidates:
                 if compiled.matches(environ, path, method):
                     route = compiled.route
-                    return Match(route.pool, route.path_prefix if route.strip_prefix else "")
+                    return Match(route.pool, compiled.prefix if route.strip_prefix else "")
         return self._default_match

@@ -3,10 +3,12 @@ removed; proxy.forwarded and proxy.trusted_proxies choose what is sent and kept.
 
 from __future__ import annotations
 
+import json
+
 import requests
 
 from tests.conftest import FAST_HEALTH, backends_env
-from tests.test_proxy import header
+from tests.test_proxy import header, raw_request, split_response
 
 
 def echo_doc(lb, headers: dict[str, str]) -> dict:
@@ -48,3 +50,20 @@ def test_a_trusted_proxys_headers_are_kept_and_ours_appended(lb_factory, backend
     assert header(doc, "X-Forwarded-Proto") == ["https"]
     assert header(doc, "X-Real-IP") == ["203.0.113.9"]
     assert header(doc, "X-Forwarded-For") == ["203.0.113.9, 127.0.0.1"]
+
+
+def test_absolute_form_host_and_x_forwarded_host_agree(lb_factory, backend_factory):
+    """RFC 9112 3.2.2: the target's authority replaces Host; X-Forwarded-Host and Forwarded's
+    host= name the same one, not the Host header the client sent."""
+    backend = backend_factory()
+    lb = lb_factory({"GOL7LB_BACKENDS": backends_env([backend.port]), **FAST_HEALTH,
+                     "GOL7LB_PROXY_FORWARDED": "both"})
+    answer = raw_request(lb.port, b"GET http://a.example:8080/echo?q=1 HTTP/1.1\r\n"
+                         b"Host: b.example\r\nConnection: close\r\n\r\n")
+    status, _, body = split_response(answer)
+    assert status == 200
+    doc = json.loads(body)
+    assert doc["target"] == "/echo?q=1"
+    assert header(doc, "Host") == ["a.example:8080"]
+    assert header(doc, "X-Forwarded-Host") == ["a.example:8080"]
+    assert header(doc, "Forwarded") == ["for=127.0.0.1;proto=http;host=\"a.example:8080\""]

@@ -43,6 +43,13 @@ def test_forwarded_headers_appended_and_set():
     assert headers["X-Request-ID"] == "rid"
 
 
+def test_forwarded_hosts_name_the_host_sent_not_the_header_an_absolute_target_replaced():
+    headers = upstream_request_headers(environ(), "a.example", "8080", "rid",
+                                       ForwardedPolicy("both"))
+    assert headers["Host"] == headers["X-Forwarded-Host"] == "a.example"
+    assert headers["Forwarded"] == "for=127.0.0.9;proto=http;host=a.example"
+
+
 def test_request_id_kept_when_sane_else_generated():
     assert request_id({"HTTP_X_REQUEST_ID": "abc-123"}) == "abc-123"
     generated = request_id({})
@@ -74,7 +81,8 @@ def test_untrusted_clients_cannot_spoof_forwarding_headers():
                   HTTP_X_FORWARDED_PROTO="https", HTTP_X_FORWARDED_HOST="evil",
                   HTTP_X_FORWARDED_PORT="1")
     for mode in ("x-forwarded", "rfc7239", "both"):
-        headers = upstream_request_headers(env, "h", "8080", "rid", ForwardedPolicy(mode))
+        headers = upstream_request_headers(env, "shop.example:8080", "8080", "rid",
+                                           ForwardedPolicy(mode))
         lower = {k.lower(): v for k, v in headers.items()}
         assert "x-real-ip" not in lower
         assert "6.6.6.6" not in lower.get("forwarded", "")
@@ -84,7 +92,8 @@ def test_untrusted_clients_cannot_spoof_forwarding_headers():
 
 def test_rfc7239_mode_sends_forwarded_only():
     env = environ(HTTP_X_FORWARDED_FOR="10.1.1.1")
-    headers = upstream_request_headers(env, "h", "8080", "rid", ForwardedPolicy("rfc7239"))
+    headers = upstream_request_headers(env, "shop.example:8080", "8080", "rid",
+                                       ForwardedPolicy("rfc7239"))
     assert headers["Forwarded"] == 'for=127.0.0.9;proto=http;host="shop.example:8080"'
     assert not [k for k in headers if k.lower().startswith("x-forwarded")]
 
@@ -94,7 +103,7 @@ def test_both_mode_and_a_trusted_proxy_keeps_and_appends():
                   HTTP_X_FORWARDED_FOR="203.0.113.9", HTTP_X_FORWARDED_PROTO="https",
                   HTTP_X_REAL_IP="203.0.113.9")
     policy = ForwardedPolicy("both", ["10.0.0.0/8"])
-    headers = upstream_request_headers(env, "h", "8080", "rid", policy)
+    headers = upstream_request_headers(env, "shop.example:8080", "8080", "rid", policy)
     assert headers["Forwarded"] == ('for=203.0.113.9;proto=https, '
                                     'for=10.0.0.5;proto=http;host="shop.example:8080"')
     assert headers["X-Forwarded-For"] == "203.0.113.9, 10.0.0.5"

@@ -40,6 +40,7 @@ def test_host_patterns(pattern, host, expected):
 @pytest.mark.parametrize("header, host", [
     ("API.Example.COM:8080", "api.example.com"), ("api.example.com", "api.example.com"),
     ("[::1]:8080", "[::1]"), ("", ""), (None, ""),
+    ("api.example.com.", "api.example.com"), ("API.example.com.:443", "api.example.com"),
 ])
 def test_host_header_is_lower_cased_and_its_port_ignored(header, host):
     assert normalise_host(header) == host
@@ -66,6 +67,18 @@ def test_first_match_in_file_order_wins_and_all_conditions_must_hold():
     assert pool_for(r, "/", "GET", "other.org", x_canary="1") == "api"
     assert pool_for(r, "/", "GET", "other.org", x_canary="2") == "default"
     assert pool_for(r, "/", "GET", None) == "default"
+
+
+def test_a_host_with_the_roots_trailing_dot_matches_its_route():
+    r = router(Route("api", host="api.example.com"), Route("web", host="*.example.com"))
+    assert pool_for(r, host="api.example.com.:8080") == "api"
+    assert pool_for(r, host="www.example.com.") == "web"
+
+
+def test_prefixes_are_normalised_like_the_paths_they_match():
+    r = router(Route("api", path_prefix="/%61pi//v1/./", strip_prefix=True))
+    match = r.match({}, "/api/v1/x", "GET", None)
+    assert match is not None and match.pool == "api" and match.strip == "/api/v1/"
 
 
 def test_no_match_and_no_default_pool_is_none():
