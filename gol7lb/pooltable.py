@@ -20,7 +20,7 @@ from gol7lb.config import Settings
 from gol7lb.headers import ForwardedPolicy
 from gol7lb.pools import Pool
 from gol7lb.routing import Router
-from gol7lb.state import Snapshot
+from gol7lb.state import Snapshot, rotation_cell
 from gol7lb.upstream import UpstreamPool
 
 RAMP_SCALE = 10  # weights are multiplied by this while some backend of the pool ramps up
@@ -35,6 +35,7 @@ class PoolRuntime:
     policy: Policy
     available: frozenset[str]
     limits: dict[str, int]  # backend id -> max_connections over all workers (0: none)
+    rotation: int  # this pool's rotation cell in SharedCounters (its tickets)
     sticky_values: dict[str, str] = field(default_factory=dict)  # cookie value -> backend id
     sticky_by_id: dict[str, str] = field(default_factory=dict)  # backend id -> cookie value
     by_id: dict[str, Backend] = field(default_factory=dict)
@@ -87,7 +88,7 @@ def build_table(snapshot: Snapshot, previous: PoolTable | None) -> PoolTable:
     upstreams: dict[str, UpstreamPool] = {}
     pools = {}
     ramping = False
-    for name, pool in snapshot.pools.items():
+    for index, (name, pool) in enumerate(snapshot.pools.items()):
         for backend in pool.backends:
             if backend.id not in upstreams:
                 upstreams[backend.id] = _upstream_for(backend, settings, old.get(backend.id))
@@ -103,6 +104,8 @@ def build_table(snapshot: Snapshot, previous: PoolTable | None) -> PoolTable:
             pool, make_policy(pool.algorithm, pool.backends, pool_available, weights),
             pool_available,
             {b.id: b.max_connections or settings.proxy.max_connections for b in pool.backends},
+            # Without the Manager's slots (the start-up fallback), the order it assigns first.
+            rotation_cell(snapshot.pool_slots.get(name, index)),
             by_id={b.id: b for b in pool.backends})
         if pool.sticky_cookie:
             secret = pool_sticky_secret(settings.sticky_secret, pool)

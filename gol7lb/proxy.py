@@ -390,8 +390,8 @@ class ProxyApp:
         key = None
         if pool.pool.algorithm == "consistent_hash":
             key = request_key(pool.pool.hash_key, environ, path)
-        return PickContext(self.counters.take_ticket() if policy.uses_ticket else 0, in_flight,
-                           key)
+        ticket = self.counters.take_ticket(pool.rotation) if policy.uses_ticket else 0
+        return PickContext(ticket, in_flight, key)
 
     def _pick(self, table: PoolTable, pool: PoolRuntime, environ: dict[str, Any], path: str,
               tried: set[str], sticky: str | None,

@@ -37,9 +37,10 @@ log = logging.getLogger("gunicorn.error")
 
 # Slots of the shared counter array; 8 slots (64 bytes) apart so writers do not share a cache line.
 GENERATION = 0  # written by the Manager process only; bumped after every change of its state
-ROTATION = 8  # round-robin tickets, drawn by every worker
 HEARTBEAT = 16  # the supervisor's last sign of life, CLOCK_MONOTONIC milliseconds
-_SLOTS = 24
+ROTATIONS = 24  # then one rotation cell per pool slot: tickets drawn by every worker
+POOL_SLOTS = 1024  # pools with a rotation at once (running ones, then those that left)
+_SLOTS = ROTATIONS + 8 * POOL_SLOTS
 MANAGER_RETRY_SECONDS = 0.1  # after a failed Manager read, serve the last snapshot this long
 FIRST_READ_SECONDS = 5.0  # how long a new worker waits for its first state read
 REFRESH_WAIT_SECONDS = 0.1  # a request waits this long at most for a refresh under way
@@ -49,9 +50,11 @@ class SharedCounters:
     """Counters in anonymous shared memory, inherited by forked workers, read without locks.
 
     Locks are avoided on purpose: a process killed while holding a multiprocessing lock
-    would freeze every reader. Each slot has a single writing process, except the rotation:
+    would freeze every reader. Each slot has a single writing process, except the rotations:
     tickets are drawn with a racy read-increment-write, and a rare lost update only means two
-    concurrent requests get the same ticket, which a lock would not make more correct.
+    concurrent requests get the same ticket, which a lock would not make more correct. Each
+    pool draws from its own rotation cell (its pool slot, given by the control state), so
+    traffic to one pool never skews another's rotation.
     """
 
     def __init__(self, array: Any | None = None) -> None:
@@ -69,11 +72,16 @@ class SharedCounters:
         self.array[GENERATION] = value
         return value
 
-    def take_ticket(self) -> int:
+    def take_ticket(self, cell: int = ROTATIONS) -> int:
+        """The next ticket of one pool's rotation; `cell` is rotation_cell(its pool slot)."""
         array = self.array
-        ticket = array[ROTATION]
-        array[ROTATION] = (ticket + 1) & 0xFFFFFFFFFFFFFFFF
+        ticket = array[cell]
+        array[cell] = (ticket + 1) & 0xFFFFFFFFFFFFFFFF
         return ticket
+
+    def reset_rotation(self, pool_slot: int) -> None:
+        """A reclaimed pool slot starts its rotation afresh (control state only)."""
+        self.array[rotation_cell(pool_slot)] = 0
 
     def beat(self) -> None:
         self.array[HEARTBEAT] = int(time.monotonic() * 1000)
@@ -82,6 +90,12 @@ class SharedCounters:
         """Seconds since the supervisor's last heartbeat; None if it never beat."""
         last = self.array[HEARTBEAT]
         return None if last == 0 else time.monotonic() - last / 1000
+
+
+def rotation_cell(pool_slot: int) -> int:
+    """Where a pool slot's rotation lives: a cache line of its own, so workers drawing tickets
+    for different pools do not contend."""
+    return ROTATIONS + 8 * pool_slot
 
 
 class ControlError(Exception):
@@ -109,6 +123,7 @@ class Snapshot:
     sources: dict[str, str]  # backend id -> "config" | "api"
     slots: dict[str, int]  # backend id -> host slot in the shared HostTable
     health: dict[str, dict[str, Any]]  # backend id -> the supervisor's record
+    pool_slots: dict[str, int] = field(default_factory=dict)  # pool name -> rotation slot
     drained: frozenset[str] = field(default_factory=frozenset)
     ejected: dict[str, float] = field(default_factory=dict)  # backend id -> until (Unix time)
     ejection_ended: dict[str, float] = field(default_factory=dict)  # id -> when (slow start)
@@ -143,7 +158,7 @@ class ControlState:
 
     _PERSISTED = ("settings", "config_generation", "loaded_at", "last_error", "added", "removed",
                   "slots", "alive", "drained", "ejected", "ejections", "ejection_ended",
-                  "discovered", "discovery")
+                  "discovered", "discovery", "pool_slots")
 
     def __init__(self, counters: SharedCounters, hosts: HostTable, path: str) -> None:
         self._counters = counters
@@ -157,6 +172,7 @@ class ControlState:
         self.added: dict[str, list[Backend]] = {}  # pool -> backends the API added
         self.removed: set[str] = set()  # ids the API removed from every pool
         self.slots: dict[str, int] = {}
+        self.pool_slots: dict[str, int] = {}  # pool name -> rotation cell, kept across reloads
         self.alive: dict[str, bool] = {}
         self.drained: set[str] = set()
         self.ejected: dict[str, float] = {}  # passive health: id -> ejected until (Unix time)
@@ -180,7 +196,7 @@ class ControlState:
             log.error("manager: cannot read saved state %s: %s", self._path, e)
             return False
         for name in self._PERSISTED:
-            setattr(self, name, data[name])
+            setattr(self, name, data.get(name, getattr(self, name)))
         for backend_id, alive in self.alive.items():
             self.records[backend_id] = {"alive": alive, "last_check": None}
         return True
@@ -251,6 +267,19 @@ class ControlState:
                                     f"{self._hosts.host_slots} at once)")
         self.slots[backend_id] = free
 
+    def _assign_pool_slot(self, name: str) -> None:
+        """A pool keeps its rotation cell for its name (across reloads, like a host slot); a
+        new name gets a free one, else that of a pool which left, its rotation restarted."""
+        if name in self.pool_slots:
+            return
+        used = set(self.pool_slots.values())
+        free = next((i for i in range(POOL_SLOTS) if i not in used), None)
+        if free is None:
+            gone = next(old for old in self.pool_slots if old not in self.settings.pools)
+            free = self.pool_slots.pop(gone)
+            self._counters.reset_rotation(free)
+        self.pool_slots[name] = free
+
     def _adopt(self, backend_id: str, alive: bool) -> None:
         """Give a new address a slot and a health record; one that stays keeps both."""
         self._assign_slot(backend_id)
@@ -274,6 +303,9 @@ class ControlState:
         """A validated configuration takes over; the API's runtime changes end (as HAProxy's
         do when it reloads its file). Returns the new configuration generation."""
         with self._lock:
+            if len(settings.pools) > POOL_SLOTS:
+                raise ControlError(507, f"too many pools ({len(settings.pools)}; at most "
+                                        f"{POOL_SLOTS})")
             logfmt.set_format(settings.log.format)  # this process's own log lines follow it
             first = self.settings is None
             self.settings = settings
@@ -285,6 +317,8 @@ class ControlState:
             keys = {spec.key for pool in settings.pools.values() for spec in pool.discover}
             self.discovered = {k: v for k, v in self.discovered.items() if k in keys}
             self.discovery = {k: v for k, v in self.discovery.items() if k in keys}
+            for name in settings.pools:
+                self._assign_pool_slot(name)
             for backend_id in self._running_ids():
                 self._adopt(backend_id, alive=first)
             self._forget_gone()
@@ -436,6 +470,7 @@ class ControlState:
                 sources=self._sources(),
                 slots=dict(self.slots),
                 health={k: dict(v) for k, v in self.records.items()},
+                pool_slots=dict(self.pool_slots),
                 drained=frozenset(self.drained),
                 ejected=dict(self.ejected),
                 ejection_ended=dict(self.ejection_ended),
