@@ -18,6 +18,7 @@ from gol7lb.backends import Backend
 from gol7lb.balancer import Policy, make_policy, pool_sticky_secret, sticky_key
 from gol7lb.config import Settings
 from gol7lb.headers import ForwardedPolicy
+from gol7lb.hosts import PoolPeers
 from gol7lb.pools import Pool
 from gol7lb.routing import Router
 from gol7lb.state import Snapshot, rotation_cell
@@ -56,6 +57,14 @@ class PoolTable:
     retry_after: str
     forwarded: ForwardedPolicy  # proxy.forwarded and proxy.trusted_proxies
     rebuild_at: float = math.inf  # monotonic time of the next slow-start step
+
+    def peers(self, backend_id: str) -> list[PoolPeers]:
+        """The host slots of every pool holding the backend, for passive health's
+        max_ejected_percent (worked out when a failure streak completes: rarely)."""
+        slots = self.slots
+        return [PoolPeers(tuple(slots[b.id] for b in runtime.pool.backends if b.id in slots),
+                          tuple(slots[i] for i in runtime.available if i in slots))
+                for runtime in self.pools.values() if backend_id in runtime.by_id]
 
 
 def ramp_factor(snapshot: Snapshot, backend_id: str, slow_start: float, now: float) -> float:

@@ -157,7 +157,7 @@ class ControlState:
     """Lives in the Manager process; every method runs under one lock."""
 
     _PERSISTED = ("settings", "config_generation", "loaded_at", "last_error", "added", "removed",
-                  "slots", "alive", "drained", "ejected", "ejections", "ejection_ended",
+                  "slots", "alive", "drained", "ejected", "ejection_ended",
                   "discovered", "discovery", "pool_slots")
 
     def __init__(self, counters: SharedCounters, hosts: HostTable, path: str) -> None:
@@ -176,7 +176,6 @@ class ControlState:
         self.alive: dict[str, bool] = {}
         self.drained: set[str] = set()
         self.ejected: dict[str, float] = {}  # passive health: id -> ejected until (Unix time)
-        self.ejections: dict[str, tuple[int, float]] = {}  # id -> (times in a row, last end)
         self.ejection_ended: dict[str, float] = {}
         self.discovered: dict[str, list[Backend]] = {}  # spec key -> its last good answer
         self.discovery: dict[str, dict[str, Any]] = {}  # spec key -> name, error, when
@@ -296,6 +295,8 @@ class ControlState:
                 del self.records[backend_id]
                 self.alive.pop(backend_id, None)
                 self.ejected.pop(backend_id, None)
+                if backend_id in self.slots:  # back one day: with no streak or ejection
+                    self._hosts.forget_passive(self.slots[backend_id])
 
     # writers ---------------------------------------------------------------------------------
 
@@ -369,40 +370,22 @@ class ControlState:
             raise ControlError(404, f"no backend {backend_id!r} (ids are host:port, as in "
                                     "/status)")
 
-    def eject(self, backend_id: str) -> float | None:
-        """Passive health: a worker saw `passive_fails` consecutive failures. Ejects for the
-        cooldown (doubling on repeats, capped at 10x) unless that would take more than
-        `max_ejected_percent` of a pool holding it, or its last available backend. Returns
-        the end of the ejection, or None when refused or already ejected."""
+    def eject(self, backend_id: str, until: float) -> None:
+        """Passive health: a worker saw `passive_fails` consecutive failures and ejected the
+        backend in shared memory until `until` (it applied max_ejected_percent and the
+        cooldown there, hosts.py). Recorded here for /status, metrics, its end (the
+        supervisor's clock) and the slow start after it."""
         with self._lock:
-            if self.settings is None or backend_id in self.ejected:
-                return None
-            health = self.settings.health
-            now = time.time()
-            for pool in self._pools().values():
-                ids = [b.id for b in pool.backends]
-                if backend_id not in ids:
-                    continue
-                ejected = sum(1 for i in ids if i in self.ejected)
-                available = [i for i in ids if self.alive.get(i, True)
-                             and i not in self.drained and i not in self.ejected]
-                if (ejected + 1) * 100 > health.max_ejected_percent * len(ids) or \
-                        available == [backend_id] or not available:
-                    log.warning("passive health: not ejecting %s: pool %s would keep too few "
-                                "backends (max_ejected_percent %d)", backend_id, pool.name,
-                                health.max_ejected_percent)
-                    return None
-            times, last_end = self.ejections.get(backend_id, (0, 0.0))
-            if now - last_end > 10 * health.passive_cooldown:
-                times = 0  # healthy for long enough: forget earlier ejections
-            until = now + health.passive_cooldown * min(10, 2 ** times)
-            self.ejected[backend_id] = until
-            self.ejections[backend_id] = (times + 1, until)
+            if self.settings is None or backend_id not in self._running_ids():
+                return
             metrics.EJECTIONS.labels(backend_id).inc()
+            now = time.time()
             log.warning("passive health: ejected %s for %.1fs (%d consecutive failures)",
-                        backend_id, until - now, health.passive_fails)
+                        backend_id, until - now, self.settings.health.passive_fails)
+            if until <= now or self.ejected.get(backend_id) == until:
+                return
+            self.ejected[backend_id] = until
             self._changed()
-            return until
 
     def set_discovered(self, key: str, name: str, backends: list[Backend] | None,
                        error: str | None) -> None:
