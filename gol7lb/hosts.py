@@ -6,6 +6,11 @@ counters live in one anonymous shared-memory array laid out [host slot][worker s
 so every cell has exactly one writing process and no cross-process lock is ever taken: a
 worker killed mid-request cannot freeze anybody. Readers (the admin listener, the balancer's
 least-connections view) sum a host's cells over all worker slots.
+
+Passive health lives here too, one row per host shared by every worker: the failure streak,
+and the ejection (until when, how many in a row). The worker whose failure completes a streak
+ejects the backend at once, and every worker's next pick skips it: no IPC on the way. The
+Manager is told afterwards, for /status, metrics and slow start.
 """
 
 from __future__ import annotations
@@ -15,13 +20,17 @@ import fcntl
 import os
 import threading
 import time
+from collections.abc import Sequence
 from multiprocessing.sharedctypes import RawArray
 from typing import Any, NamedTuple
 
 IN_FLIGHT, REQUESTS, FAILURES = range(3)
 _FIELDS = 3
-STREAK, STREAK_START = range(2)  # shared by every worker: consecutive failures, since when (ms)
-_SHARED_FIELDS = 2
+# Shared by every worker: consecutive failures and since when (monotonic ms); the end of the
+# current or last ejection (Unix ms) and how many ejections in a row (the cooldown doubles).
+STREAK, STREAK_START, EJECTED_UNTIL, EJECTIONS = range(4)
+_SHARED_FIELDS = 4
+MAX_COOLDOWN_FACTOR = 10  # the cooldown doubles on repeats up to this many times the first
 HOST_SLOTS = 1024  # addresses tracked at once (backends of every pool, past and present)
 
 
@@ -29,6 +38,14 @@ class HostTotals(NamedTuple):
     in_flight: int
     requests: int
     failures: int
+
+
+class PoolPeers(NamedTuple):
+    """Host slots of one pool holding a backend: all of them, and those that may take
+    requests by the last snapshot (up, not drained); the shared cells say who is ejected."""
+
+    members: tuple[int, ...]
+    available: tuple[int, ...]
 
 
 class HostTable:
@@ -43,6 +60,7 @@ class HostTable:
             ctypes.c_int64, host_slots * worker_slots * _FIELDS)
         # Passive-health streaks: written by every worker without a lock on purpose; a lost
         # update only moves an ejection by one failure, and no writer can freeze the others.
+        # Ejections are written under a byte-range lock (rare), read by every pick.
         self.shared = shared if shared is not None else RawArray(
             ctypes.c_int64, host_slots * _SHARED_FIELDS)
         self.lock_path = lock_path  # byte-range locks for max_connections, one byte a slot
@@ -74,7 +92,42 @@ class HostTable:
         """Zero a reclaimed slot before a new address takes it (control state only)."""
         base = host_slot * self._row
         self.array[base:base + self._row] = [0] * self._row
-        self.shared[host_slot * _SHARED_FIELDS + STREAK] = 0
+        self.forget_passive(host_slot)
+
+    def forget_passive(self, host_slot: int) -> None:
+        """No streak, no ejection, no history: for an address that left (control state)."""
+        base = host_slot * _SHARED_FIELDS
+        self.shared[base:base + _SHARED_FIELDS] = [0] * _SHARED_FIELDS
+
+    def ejected_until(self, host_slot: int) -> float | None:
+        """The end of the host's ejection (Unix time), or None when it is not ejected."""
+        until = self.shared[host_slot * _SHARED_FIELDS + EJECTED_UNTIL]
+        return until / 1000 if until > time.time() * 1000 else None
+
+    def ejected(self, host_slot: int, now: float) -> bool:
+        return self.shared[host_slot * _SHARED_FIELDS + EJECTED_UNTIL] > now * 1000
+
+    def _eject_locked(self, host_slot: int, pools: Sequence[PoolPeers], max_percent: int,
+                      cooldown: float, now: float) -> float | None:
+        """WorkerCells.try_eject's decision, under the ejection lock."""
+        if self.ejected(host_slot, now):
+            return None  # another worker completed its streak first
+        for peers in pools:
+            out = sum(1 for slot in peers.members if self.ejected(slot, now))
+            left = any(slot != host_slot and not self.ejected(slot, now)
+                       for slot in peers.available)
+            if (out + 1) * 100 > max_percent * len(peers.members) or not left:
+                return None
+        base = host_slot * _SHARED_FIELDS
+        shared = self.shared
+        times = shared[base + EJECTIONS]
+        if now * 1000 - shared[base + EJECTED_UNTIL] > MAX_COOLDOWN_FACTOR * cooldown * 1000:
+            times = 0  # healthy for long enough since the last one: forget earlier ejections
+        until = now + cooldown * min(MAX_COOLDOWN_FACTOR, 2 ** times)
+        shared[base + EJECTED_UNTIL] = int(until * 1000)
+        shared[base + EJECTIONS] = min(times + 1, 8)  # 2**4 is past the cap already
+        shared[base + STREAK] = 0  # the next streak starts after the ejection
+        return until
 
     def note_failure(self, host_slot: int, window: float) -> int:
         """One more consecutive failure (a streak older than `window` seconds starts over);
@@ -107,6 +160,7 @@ class WorkerCells:
     def __init__(self, table: HostTable, worker_slot: int | None) -> None:
         self.table = table
         self.array = table.array
+        self.shared = table.shared
         self.enabled = worker_slot is not None and 0 <= worker_slot < table.worker_slots
         self._offset = (worker_slot or 0) * _FIELDS
         self._row = table._row
@@ -116,9 +170,13 @@ class WorkerCells:
         self.local = [0] * table.host_slots
 
     def try_begin(self, host_slot: int, limit: int, share: int) -> bool:
-        """begin() unless this worker already has `share` requests in flight to the host, or
-        the host has `limit` (0: none) in flight over all workers."""
+        """begin() unless the host is ejected (passive health), this worker already has
+        `share` requests in flight to it, or it has `limit` (0: none) in flight over all
+        workers."""
         if self.local[host_slot] >= share:
+            return False
+        ejected_until = self.shared[host_slot * _SHARED_FIELDS + EJECTED_UNTIL]
+        if ejected_until and ejected_until > time.time() * 1000:
             return False
         if not limit or not self.enabled:
             self.begin(host_slot)
@@ -136,6 +194,24 @@ class WorkerCells:
                 return True
             finally:
                 fcntl.lockf(fd, fcntl.LOCK_UN, 1, host_slot)
+
+    def try_eject(self, host_slot: int, pools: Sequence[PoolPeers], max_percent: int,
+                  cooldown: float, now: float) -> float | None:
+        """Eject the host from every worker for `cooldown` seconds (doubling on repeats, up to
+        10x) unless it is out already, or that would leave more than `max_percent` of a pool
+        holding it ejected, or none of its available backends. Returns the end (Unix time),
+        or None. Counting and setting hold one byte-range lock (the byte after the hosts'),
+        so two workers completing streaks at once cannot both take the last share."""
+        table = self.table
+        with self._lock:
+            if not table.lock_path:  # one process (tests, benchmarks): the thread lock is enough
+                return table._eject_locked(host_slot, pools, max_percent, cooldown, now)
+            fd = self._lock_file()
+            fcntl.lockf(fd, fcntl.LOCK_EX, 1, table.host_slots)
+            try:
+                return table._eject_locked(host_slot, pools, max_percent, cooldown, now)
+            finally:
+                fcntl.lockf(fd, fcntl.LOCK_UN, 1, table.host_slots)
 
     def _lock_file(self) -> int:
         if self._lock_fd is None:

@@ -18,9 +18,10 @@ from gol7lb.backends import Backend
 from gol7lb.balancer import Policy, make_policy, pool_sticky_secret, sticky_key
 from gol7lb.config import Settings
 from gol7lb.headers import ForwardedPolicy
+from gol7lb.hosts import PoolPeers
 from gol7lb.pools import Pool
 from gol7lb.routing import Router
-from gol7lb.state import Snapshot
+from gol7lb.state import Snapshot, rotation_cell
 from gol7lb.upstream import UpstreamPool
 
 RAMP_SCALE = 10  # weights are multiplied by this while some backend of the pool ramps up
@@ -35,6 +36,7 @@ class PoolRuntime:
     policy: Policy
     available: frozenset[str]
     limits: dict[str, int]  # backend id -> max_connections over all workers (0: none)
+    rotation: int  # this pool's rotation cell in SharedCounters (its tickets)
     sticky_values: dict[str, str] = field(default_factory=dict)  # cookie value -> backend id
     sticky_by_id: dict[str, str] = field(default_factory=dict)  # backend id -> cookie value
     by_id: dict[str, Backend] = field(default_factory=dict)
@@ -55,6 +57,14 @@ class PoolTable:
     retry_after: str
     forwarded: ForwardedPolicy  # proxy.forwarded and proxy.trusted_proxies
     rebuild_at: float = math.inf  # monotonic time of the next slow-start step
+
+    def peers(self, backend_id: str) -> list[PoolPeers]:
+        """The host slots of every pool holding the backend, for passive health's
+        max_ejected_percent (worked out when a failure streak completes: rarely)."""
+        slots = self.slots
+        return [PoolPeers(tuple(slots[b.id] for b in runtime.pool.backends if b.id in slots),
+                          tuple(slots[i] for i in runtime.available if i in slots))
+                for runtime in self.pools.values() if backend_id in runtime.by_id]
 
 
 def ramp_factor(snapshot: Snapshot, backend_id: str, slow_start: float, now: float) -> float:
@@ -87,7 +97,7 @@ def build_table(snapshot: Snapshot, previous: PoolTable | None) -> PoolTable:
     upstreams: dict[str, UpstreamPool] = {}
     pools = {}
     ramping = False
-    for name, pool in snapshot.pools.items():
+    for index, (name, pool) in enumerate(snapshot.pools.items()):
         for backend in pool.backends:
             if backend.id not in upstreams:
                 upstreams[backend.id] = _upstream_for(backend, settings, old.get(backend.id))
@@ -103,6 +113,8 @@ def build_table(snapshot: Snapshot, previous: PoolTable | None) -> PoolTable:
             pool, make_policy(pool.algorithm, pool.backends, pool_available, weights),
             pool_available,
             {b.id: b.max_connections or settings.proxy.max_connections for b in pool.backends},
+            # Without the Manager's slots (the start-up fallback), the order it assigns first.
+            rotation_cell(snapshot.pool_slots.get(name, index)),
             by_id={b.id: b for b in pool.backends})
         if pool.sticky_cookie:
             secret = pool_sticky_secret(settings.sticky_secret, pool)

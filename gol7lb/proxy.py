@@ -303,7 +303,6 @@ class ProxyApp:
         self.threads = threads
         self.recorder = recorder or RequestRecorder()
         self.access_log = access_log or AccessLog()
-        self._ejecting: set[str] = set()
 
     def __call__(self, environ: dict[str, Any], start_response: StartResponse) -> Iterable[bytes]:
         rid = request_id(environ)
@@ -400,8 +399,8 @@ class ProxyApp:
         key = None
         if pool.pool.algorithm == "consistent_hash":
             key = request_key(pool.pool.hash_key, environ, path)
-        return PickContext(self.counters.take_ticket() if policy.uses_ticket else 0, in_flight,
-                           key)
+        ticket = self.counters.take_ticket(pool.rotation) if policy.uses_ticket else 0
+        return PickContext(ticket, in_flight, key)
 
     def _pick(self, table: PoolTable, pool: PoolRuntime, environ: dict[str, Any], path: str,
               tried: set[str], sticky: str | None,
@@ -527,25 +526,43 @@ class ProxyApp:
             exchange.slot = None
 
     def _passive_failure(self, exchange: Exchange, table: PoolTable) -> None:
+        """One more consecutive failure; the one that completes the streak ejects the backend
+        in shared memory at once, so no worker sends it another request (a streak that
+        max_ejected_percent holds back tries again on each further failure)."""
         health = table.settings.health
         slot = exchange.slot
-        if not health.passive_fails or slot is None or self.client is None:
+        if not health.passive_fails or slot is None:
             return
         streak = self.cells.table.note_failure(slot, health.passive_window)
+        if streak < health.passive_fails:
+            return
         backend_id = exchange.backend_id
-        if streak >= health.passive_fails and backend_id not in self._ejecting:
-            self._ejecting.add(backend_id)
-            self.cells.table.note_success(slot)  # the next streak starts after the ejection
-            threading.Thread(target=self._eject, args=(backend_id,), daemon=True).start()
+        until = self.cells.try_eject(slot, table.peers(backend_id), health.max_ejected_percent,
+                                     health.passive_cooldown, time.time())
+        if until is None:
+            if streak == health.passive_fails:
+                log.warning("passive health: not ejecting %s: it is out already, or its pool "
+                            "would keep too few backends (max_ejected_percent %d)",
+                            backend_id, health.max_ejected_percent)
+        elif self.client is not None:
+            threading.Thread(target=self._eject, args=(backend_id, until), daemon=True).start()
 
-    def _eject(self, backend_id: str) -> None:
-        """Off the request path: the Manager decides (max_ejected_percent) and tells all."""
-        try:
-            self.client.call("eject", backend_id)  # type: ignore[union-attr]
-        except Exception as e:
-            log.error("cannot eject %s: %s", backend_id, e or type(e).__name__)
-        finally:
-            self._ejecting.discard(backend_id)
+    def _eject(self, backend_id: str, until: float = 0.0) -> None:
+        """Off the request path: tell the Manager (for /status, metrics and the end of the
+        ejection), again while it is unreachable and the ejection lasts."""
+        failed = False
+        while True:
+            try:
+                self.client.call("eject", backend_id, until)  # type: ignore[union-attr]
+                return
+            except Exception as e:
+                if not failed:
+                    log.error("cannot tell the manager %s is ejected: %s", backend_id,
+                              e or type(e).__name__)
+                failed = True
+            if time.time() + EJECT_RETRY_SECONDS >= until:
+                return
+            time.sleep(EJECT_RETRY_SECONDS)
 
     def _exchange(self, sock: socket.socket, reused: bool, upstream: UpstreamPool, method: str,
                   head: bytes, body: RequestBody) -> tuple[socket.socket, UpstreamResponse]:
@@ -643,6 +660,7 @@ class ProxyApp:
 
 NO_BODY = RequestBody(None, 0, False, 0)  # shared: a request without a body changes nothing in it
 QUEUE_POLL_SECONDS = 0.005
+EJECT_RETRY_SECONDS = 0.5  # telling the Manager of an ejection again while it is away
 EXPECT_WAIT_SECONDS = 1.0  # how long a backend may stay silent after Expect (curl waits 1 s)
 _UNBOUNDED = 1 << 62
 

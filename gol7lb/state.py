@@ -37,9 +37,10 @@ log = logging.getLogger("gunicorn.error")
 
 # Slots of the shared counter array; 8 slots (64 bytes) apart so writers do not share a cache line.
 GENERATION = 0  # written by the Manager process only; bumped after every change of its state
-ROTATION = 8  # round-robin tickets, drawn by every worker
 HEARTBEAT = 16  # the supervisor's last sign of life, CLOCK_MONOTONIC milliseconds
-_SLOTS = 24
+ROTATIONS = 24  # then one rotation cell per pool slot: tickets drawn by every worker
+POOL_SLOTS = 1024  # pools with a rotation at once (running ones, then those that left)
+_SLOTS = ROTATIONS + 8 * POOL_SLOTS
 MANAGER_RETRY_SECONDS = 0.1  # after a failed Manager read, serve the last snapshot this long
 FIRST_READ_SECONDS = 5.0  # how long a new worker waits for its first state read
 REFRESH_WAIT_SECONDS = 0.1  # a request waits this long at most for a refresh under way
@@ -49,9 +50,11 @@ class SharedCounters:
     """Counters in anonymous shared memory, inherited by forked workers, read without locks.
 
     Locks are avoided on purpose: a process killed while holding a multiprocessing lock
-    would freeze every reader. Each slot has a single writing process, except the rotation:
+    would freeze every reader. Each slot has a single writing process, except the rotations:
     tickets are drawn with a racy read-increment-write, and a rare lost update only means two
-    concurrent requests get the same ticket, which a lock would not make more correct.
+    concurrent requests get the same ticket, which a lock would not make more correct. Each
+    pool draws from its own rotation cell (its pool slot, given by the control state), so
+    traffic to one pool never skews another's rotation.
     """
 
     def __init__(self, array: Any | None = None) -> None:
@@ -69,11 +72,16 @@ class SharedCounters:
         self.array[GENERATION] = value
         return value
 
-    def take_ticket(self) -> int:
+    def take_ticket(self, cell: int = ROTATIONS) -> int:
+        """The next ticket of one pool's rotation; `cell` is rotation_cell(its pool slot)."""
         array = self.array
-        ticket = array[ROTATION]
-        array[ROTATION] = (ticket + 1) & 0xFFFFFFFFFFFFFFFF
+        ticket = array[cell]
+        array[cell] = (ticket + 1) & 0xFFFFFFFFFFFFFFFF
         return ticket
+
+    def reset_rotation(self, pool_slot: int) -> None:
+        """A reclaimed pool slot starts its rotation afresh (control state only)."""
+        self.array[rotation_cell(pool_slot)] = 0
 
     def beat(self) -> None:
         self.array[HEARTBEAT] = int(time.monotonic() * 1000)
@@ -82,6 +90,12 @@ class SharedCounters:
         """Seconds since the supervisor's last heartbeat; None if it never beat."""
         last = self.array[HEARTBEAT]
         return None if last == 0 else time.monotonic() - last / 1000
+
+
+def rotation_cell(pool_slot: int) -> int:
+    """Where a pool slot's rotation lives: a cache line of its own, so workers drawing tickets
+    for different pools do not contend."""
+    return ROTATIONS + 8 * pool_slot
 
 
 class ControlError(Exception):
@@ -109,6 +123,7 @@ class Snapshot:
     sources: dict[str, str]  # backend id -> "config" | "api"
     slots: dict[str, int]  # backend id -> host slot in the shared HostTable
     health: dict[str, dict[str, Any]]  # backend id -> the supervisor's record
+    pool_slots: dict[str, int] = field(default_factory=dict)  # pool name -> rotation slot
     drained: frozenset[str] = field(default_factory=frozenset)
     ejected: dict[str, float] = field(default_factory=dict)  # backend id -> until (Unix time)
     ejection_ended: dict[str, float] = field(default_factory=dict)  # id -> when (slow start)
@@ -142,8 +157,8 @@ class ControlState:
     """Lives in the Manager process; every method runs under one lock."""
 
     _PERSISTED = ("settings", "config_generation", "loaded_at", "last_error", "added", "removed",
-                  "slots", "alive", "drained", "ejected", "ejections", "ejection_ended",
-                  "discovered", "discovery")
+                  "slots", "alive", "drained", "ejected", "ejection_ended",
+                  "discovered", "discovery", "pool_slots")
 
     def __init__(self, counters: SharedCounters, hosts: HostTable, path: str) -> None:
         self._counters = counters
@@ -157,10 +172,10 @@ class ControlState:
         self.added: dict[str, list[Backend]] = {}  # pool -> backends the API added
         self.removed: set[str] = set()  # ids the API removed from every pool
         self.slots: dict[str, int] = {}
+        self.pool_slots: dict[str, int] = {}  # pool name -> rotation cell, kept across reloads
         self.alive: dict[str, bool] = {}
         self.drained: set[str] = set()
         self.ejected: dict[str, float] = {}  # passive health: id -> ejected until (Unix time)
-        self.ejections: dict[str, tuple[int, float]] = {}  # id -> (times in a row, last end)
         self.ejection_ended: dict[str, float] = {}
         self.discovered: dict[str, list[Backend]] = {}  # spec key -> its last good answer
         self.discovery: dict[str, dict[str, Any]] = {}  # spec key -> name, error, when
@@ -180,7 +195,7 @@ class ControlState:
             log.error("manager: cannot read saved state %s: %s", self._path, e)
             return False
         for name in self._PERSISTED:
-            setattr(self, name, data[name])
+            setattr(self, name, data.get(name, getattr(self, name)))
         for backend_id, alive in self.alive.items():
             self.records[backend_id] = {"alive": alive, "last_check": None}
         return True
@@ -251,6 +266,19 @@ class ControlState:
                                     f"{self._hosts.host_slots} at once)")
         self.slots[backend_id] = free
 
+    def _assign_pool_slot(self, name: str) -> None:
+        """A pool keeps its rotation cell for its name (across reloads, like a host slot); a
+        new name gets a free one, else that of a pool which left, its rotation restarted."""
+        if name in self.pool_slots:
+            return
+        used = set(self.pool_slots.values())
+        free = next((i for i in range(POOL_SLOTS) if i not in used), None)
+        if free is None:
+            gone = next(old for old in self.pool_slots if old not in self.settings.pools)
+            free = self.pool_slots.pop(gone)
+            self._counters.reset_rotation(free)
+        self.pool_slots[name] = free
+
     def _adopt(self, backend_id: str, alive: bool) -> None:
         """Give a new address a slot and a health record; one that stays keeps both."""
         self._assign_slot(backend_id)
@@ -267,6 +295,8 @@ class ControlState:
                 del self.records[backend_id]
                 self.alive.pop(backend_id, None)
                 self.ejected.pop(backend_id, None)
+                if backend_id in self.slots:  # back one day: with no streak or ejection
+                    self._hosts.forget_passive(self.slots[backend_id])
 
     # writers ---------------------------------------------------------------------------------
 
@@ -274,6 +304,9 @@ class ControlState:
         """A validated configuration takes over; the API's runtime changes end (as HAProxy's
         do when it reloads its file). Returns the new configuration generation."""
         with self._lock:
+            if len(settings.pools) > POOL_SLOTS:
+                raise ControlError(507, f"too many pools ({len(settings.pools)}; at most "
+                                        f"{POOL_SLOTS})")
             logfmt.set_format(settings.log.format)  # this process's own log lines follow it
             first = self.settings is None
             self.settings = settings
@@ -285,6 +318,8 @@ class ControlState:
             keys = {spec.key for pool in settings.pools.values() for spec in pool.discover}
             self.discovered = {k: v for k, v in self.discovered.items() if k in keys}
             self.discovery = {k: v for k, v in self.discovery.items() if k in keys}
+            for name in settings.pools:
+                self._assign_pool_slot(name)
             for backend_id in self._running_ids():
                 self._adopt(backend_id, alive=first)
             self._forget_gone()
@@ -335,40 +370,22 @@ class ControlState:
             raise ControlError(404, f"no backend {backend_id!r} (ids are host:port, as in "
                                     "/status)")
 
-    def eject(self, backend_id: str) -> float | None:
-        """Passive health: a worker saw `passive_fails` consecutive failures. Ejects for the
-        cooldown (doubling on repeats, capped at 10x) unless that would take more than
-        `max_ejected_percent` of a pool holding it, or its last available backend. Returns
-        the end of the ejection, or None when refused or already ejected."""
+    def eject(self, backend_id: str, until: float) -> None:
+        """Passive health: a worker saw `passive_fails` consecutive failures and ejected the
+        backend in shared memory until `until` (it applied max_ejected_percent and the
+        cooldown there, hosts.py). Recorded here for /status, metrics, its end (the
+        supervisor's clock) and the slow start after it."""
         with self._lock:
-            if self.settings is None or backend_id in self.ejected:
-                return None
-            health = self.settings.health
-            now = time.time()
-            for pool in self._pools().values():
-                ids = [b.id for b in pool.backends]
-                if backend_id not in ids:
-                    continue
-                ejected = sum(1 for i in ids if i in self.ejected)
-                available = [i for i in ids if self.alive.get(i, True)
-                             and i not in self.drained and i not in self.ejected]
-                if (ejected + 1) * 100 > health.max_ejected_percent * len(ids) or \
-                        available == [backend_id] or not available:
-                    log.warning("passive health: not ejecting %s: pool %s would keep too few "
-                                "backends (max_ejected_percent %d)", backend_id, pool.name,
-                                health.max_ejected_percent)
-                    return None
-            times, last_end = self.ejections.get(backend_id, (0, 0.0))
-            if now - last_end > 10 * health.passive_cooldown:
-                times = 0  # healthy for long enough: forget earlier ejections
-            until = now + health.passive_cooldown * min(10, 2 ** times)
-            self.ejected[backend_id] = until
-            self.ejections[backend_id] = (times + 1, until)
+            if self.settings is None or backend_id not in self._running_ids():
+                return
             metrics.EJECTIONS.labels(backend_id).inc()
+            now = time.time()
             log.warning("passive health: ejected %s for %.1fs (%d consecutive failures)",
-                        backend_id, until - now, health.passive_fails)
+                        backend_id, until - now, self.settings.health.passive_fails)
+            if until <= now or self.ejected.get(backend_id) == until:
+                return
+            self.ejected[backend_id] = until
             self._changed()
-            return until
 
     def set_discovered(self, key: str, name: str, backends: list[Backend] | None,
                        error: str | None) -> None:
@@ -436,6 +453,7 @@ class ControlState:
                 sources=self._sources(),
                 slots=dict(self.slots),
                 health={k: dict(v) for k, v in self.records.items()},
+                pool_slots=dict(self.pool_slots),
                 drained=frozenset(self.drained),
                 ejected=dict(self.ejected),
                 ejection_ended=dict(self.ejection_ended),
