@@ -420,6 +420,9 @@ class ProxyWorker(Worker):
             self._close(conn)
             return
         if not data:
+            if parser.ready:  # the client half-closed in the middle of a body it buffers
+                self._refuse(conn, RequestError(400, "incomplete request body"))
+                return
             self._close(conn)
             return
         try:
