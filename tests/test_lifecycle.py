@@ -294,7 +294,7 @@ def wait_for_new_workers(lb, before: set[int], count: int = 2) -> set[int]:
 
 
 @pytest.mark.slow
-@pytest.mark.stop_behaviour
+@pytest.mark.lean_worker
 def test_hup_never_drops_a_request_on_a_kept_alive_connection(lb_factory, backend_factory):
     """Issue 14: busy keep-alive clients and repeated SIGHUPs gave RemoteDisconnected. A worker
     that stops answers the next request on a kept-alive connection with Connection: close and
@@ -335,6 +335,7 @@ def test_hup_never_drops_a_request_on_a_kept_alive_connection(lb_factory, backen
     assert failures == []
 
 
+@pytest.mark.lean_worker
 def test_workers_started_after_hup_enforce_the_new_client_limits(lb_factory, backend_factory,
                                                                  tmp_path):
     """Issue 14: client-edge limits are read by each worker when it starts; after a SIGHUP the
