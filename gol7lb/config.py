@@ -186,6 +186,8 @@ SETTINGS: tuple[Setting, ...] = (
     Setting("proxy", "client_header_timeout", 10.0, "float", "a number of seconds > 0",
             "Seconds a client has to send a whole request head (from the connection's start, "
             "or from the end of the previous response); then 408 and close.", _positive),
+    Setting("proxy", "client_body_timeout", 30.0, "float", "a number of seconds > 0",
+            "Seconds between two reads of a request body; then 408 and close.", _positive),
     Setting("proxy", "client_idle_timeout", 60.0, "float", "a number of seconds > 0",
             "Seconds an idle keep-alive client connection (or a silent tunnel) is kept open.",
             _positive),
@@ -242,6 +244,7 @@ class ProxySettings:
     max_connections: int = 0
     client_header_timeout: float = 10.0
     client_idle_timeout: float = 60.0
+    client_body_timeout: float = 30.0
     max_header_bytes: int = 16384
     max_headers: int = 100
     forwarded: str = "x-forwarded"

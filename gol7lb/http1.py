@@ -37,7 +37,7 @@ class Request:
     """One request head as parsed; its body pieces arrive in `body` until `complete`."""
 
     __slots__ = ("method", "target", "version", "headers", "keep_alive", "upgrade", "chunked",
-                 "length", "expect_continue", "body", "complete", "host_count")
+                 "length", "expect_continue", "body", "received", "complete", "host_count")
 
     def __init__(self) -> None:
         self.method = ""
@@ -50,6 +50,7 @@ class Request:
         self.length: int | None = None
         self.expect_continue = False
         self.body: deque[bytes] = deque()
+        self.received = 0  # body bytes parsed so far (the event loop buffers up to a limit)
         self.complete = False
         self.host_count = 0
 
@@ -228,8 +229,10 @@ class Http1Parser:
         self.ready.append(req)
 
     def on_body(self, body: bytes) -> None:
-        if self.receiving is not None:
-            self.receiving.body.append(body)
+        req = self.receiving
+        if req is not None:
+            req.body.append(body)
+            req.received += len(body)
 
     def on_message_complete(self) -> None:
         if self.receiving is not None:

@@ -38,6 +38,7 @@ WATCH_DEBOUNCE_MS = 200  # an editor's write-rename lands as one change, well wi
 WORKER_START = {
     "proxy.client_header_timeout": lambda s: s.proxy.client_header_timeout,
     "proxy.client_idle_timeout": lambda s: s.proxy.client_idle_timeout,
+    "proxy.client_body_timeout": lambda s: s.proxy.client_body_timeout,
     "proxy.max_header_bytes": lambda s: s.proxy.max_header_bytes,
     "proxy.max_headers": lambda s: s.proxy.max_headers,
 }

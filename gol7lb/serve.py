@@ -34,6 +34,10 @@ class ClientGone(ConnectionError):
     """The client closed or reset the connection, or stayed silent past its deadline."""
 
 
+class BodyStalled(ClientGone):
+    """The client sent no more of its request body within `proxy.client_body_timeout`."""
+
+
 class TunnelClosed(BrokenPipeError):
     """Raised by the app after it tunnelled the connection (Upgrade): nothing more to write.
 
@@ -127,10 +131,19 @@ class Conn:
         self.waiting = False
         self.fresh = True  # no request served yet: a timeout answers 408 even if nothing came
 
-    def fill(self, timeout: float) -> None:
-        """Read more of the request (a body, on a thread) and parse it."""
+    def fill(self, timeout: float, lend: Callable[[], None] | None = None) -> None:
+        """Read more of the request (a body, on a thread) and parse it. When nothing is there
+        yet, `lend()` first: the thread is about to wait on a client, so it leaves the pool to
+        a replacement (worker.py) instead of holding a thread others need."""
         try:
-            data = recv_some(self.sock, timeout)
+            try:
+                data = self.sock.recv(BLOCK)
+            except BlockingIOError:
+                if lend is not None:
+                    lend()
+                data = recv_some(self.sock, timeout)
+        except TimeoutError:
+            raise BodyStalled(f"no request body bytes for {timeout:g}s") from None
         except OSError as e:
             raise ClientGone(str(e) or type(e).__name__) from None
         if not data:
@@ -153,13 +166,18 @@ class RequestBody:
     """The request body as a WSGI input stream, read from the socket as the app asks for it.
 
     The first read sends `100 Continue` to a client that asked for it: the LB is starting to
-    send its body on.
+    send its body on. A read that waits longer than `timeout` (proxy.client_body_timeout)
+    ends the exchange: `408` if no answer began, and the connection closes.
     """
 
-    def __init__(self, conn: Conn, req: Request, timeout: float) -> None:
+    def __init__(self, conn: Conn, req: Request, timeout: float,
+                 response: Response | None = None,
+                 lend: Callable[[], None] | None = None) -> None:
         self.conn = conn
         self.req = req
         self.timeout = timeout
+        self.response = response
+        self.lend = lend
         self.buffer = b""
 
     def _more(self) -> bool:
@@ -171,7 +189,12 @@ class RequestBody:
             if req.expect_continue:
                 req.expect_continue = False
                 send_all(self.conn.sock, b"HTTP/1.1 100 Continue\r\n\r\n", self.timeout)
-            self.conn.fill(self.timeout)
+            try:
+                self.conn.fill(self.timeout, self.lend)
+            except BodyStalled:
+                if self.response is not None:
+                    self.response.refuse(408, "request body not received in time")
+                raise
         piece = req.body.popleft()
         self.buffer = self.buffer + piece if self.buffer else piece
         return True
@@ -380,6 +403,15 @@ class Response:
         if framed:
             send_all(self.conn.sock, framed, self.timeout)
 
+    def refuse(self, status: int, reason: str) -> None:
+        """End the exchange now: an error answer if none began, then only the close; what the
+        app writes after this (its own error page) is dropped."""
+        if not self.head_sent:
+            _send_quietly(self.conn.sock, error_response(status, reason))
+            self.code = status
+        self.head_sent = self.no_body = True
+        self.keep_alive = False
+
     def finish(self) -> None:
         """After the last body block: the terminating chunk, or the head of an empty body."""
         if not self.head_sent:
@@ -393,16 +425,21 @@ class Response:
 def serve_request(app: Callable[..., Iterable[bytes]], conn: Conn, req: Request,
                   timeout: float, keep_alive: bool,
                   extra: dict[str, Any] | None = None,
-                  serving: Callable[[], bool] | None = None) -> bool:
+                  serving: Callable[[], bool] | None = None,
+                  body_timeout: float | None = None,
+                  lend: Callable[[], None] | None = None) -> bool:
     """Run the WSGI app for one request and write its answer; True to keep the connection.
-    `serving()` turning False while the app runs makes the answer say `Connection: close`."""
+    `serving()` turning False while the app runs makes the answer say `Connection: close`.
+    Body reads wait at most `body_timeout` (default `timeout`) each, calling `lend()` before
+    they wait."""
+    response = Response(conn, req, timeout, keep_alive and req.keep_alive and not req.upgrade,
+                        serving)
     body: RequestBody | EmptyBody = EMPTY_BODY if req.complete and not req.body and \
-        not req.upgrade else RequestBody(conn, req, timeout)
+        not req.upgrade else RequestBody(conn, req, timeout if body_timeout is None
+                                         else body_timeout, response, lend)
     environ = build_environ(conn, req, body)
     if extra:
         environ.update(extra)
-    response = Response(conn, req, timeout, keep_alive and req.keep_alive and not req.upgrade,
-                        serving)
     result: Iterable[bytes] | None = None
     try:
         result = app(environ, response.start_response)

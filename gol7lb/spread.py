@@ -14,6 +14,7 @@ refreshed for STALE seconds (a worker that died) is ignored.
 from __future__ import annotations
 
 import multiprocessing
+import os
 import time
 
 SLOTS = 64
@@ -28,8 +29,9 @@ _seen = multiprocessing.RawArray("d", SLOTS)
 class Spread:
     """One worker's cell in the shared table."""
 
-    def __init__(self, slot: int) -> None:
-        self.slot = slot % SLOTS
+    def __init__(self, slot: int | None) -> None:
+        """`slot` None (pre_fork found none free): a cell chosen by the process id."""
+        self.slot = (os.getpid() if slot is None else slot) % SLOTS
         self._fewest = 0
         self._fewest_at = -1.0
 

@@ -11,15 +11,27 @@ How it works (one process):
   connection and every connection whose request head is still coming in. It reads what is
   there without blocking and feeds it to the httptools parser (http1.py), so a slow or idle
   client costs a few bytes of memory, never a thread.
-* Once a head is complete, the connection goes to a pool thread (`threads` of them), which
-  runs the WSGI app (serve.py) and serves the requests already read on the connection
+* A request body is read by the loop too, into the parser, until it is complete or more
+  than `proxy.retry_buffer` bytes are in (an `Expect: 100-continue` or upgrade request goes
+  on at its head): a small body reaches the proxy whole and a trickling one holds no thread.
+* Once a head (and that much body) is in, the connection goes to a pool thread (`threads` of
+  them), which runs the WSGI app (serve.py) and serves the requests already read on the connection
   (pipelining); then the connection goes back to the loop (EPOLLONESHOT re-arm: the kernel
   hands it over, no wake-up pipe). Idle threads wait on a SimpleQueue, not an executor.
+* A thread that becomes long-lived leaves the pool and starts its replacement first: a
+  WebSocket tunnel (`gol7lb.detach`), or a wait for more of a large body from a slow client
+  (lent; at most `worker_connections` threads at once). It ends with its request.
+* At `worker_connections` connections the worker stops accepting until one closes.
 * Timeouts are swept by the loop four times a second: a head not complete within
   `proxy.client_header_timeout` gets 408, an idle keep-alive connection is closed after
-  `proxy.client_idle_timeout`; parse errors and limits answer 400/414/431/501/505 at once.
-* TERM: the listeners close at once (a client can retry elsewhere), idle connections close,
-  requests and tunnels in flight finish within `graceful_timeout`, exit 0. INT/QUIT: exit now.
+  `proxy.client_idle_timeout`, a body that stalls past `proxy.client_body_timeout` gets 408;
+  parse errors and limits answer 400/414/431/501/505 at once. These limits are those of the
+  configuration published when the worker starts (a SIGHUP's new workers take reloaded ones).
+* TERM (and SIGHUP's retiring workers): the listeners close at once (a client can retry
+  elsewhere); a request that arrives on a kept-alive connection is still answered, with
+  `Connection: close`; a connection is closed only once it stayed idle DRAIN_IDLE_GRACE with
+  nothing to read; requests and tunnels in flight finish; all within `graceful_timeout`,
+  exit 0. INT/QUIT: exit now.
 """
 
 from __future__ import annotations
@@ -34,18 +46,25 @@ import time
 from collections.abc import Callable
 from queue import SimpleQueue
 from types import FrameType
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 from gunicorn.workers.base import Worker
 
-from gol7lb.http1 import Http1Parser, RequestError
-from gol7lb.serve import Conn, error_response, recv_some, serve_request
+from gol7lb.config import ProxySettings
+from gol7lb.http1 import Http1Parser, Request, RequestError
+from gol7lb.serve import Conn, error_response, recv_some, serve_request, wait_readable
 from gol7lb.spread import DEFER, Spread
+
+if TYPE_CHECKING:  # the master imports this module; the proxy is built in each worker
+    from gol7lb.proxy import ProxyApp
 
 SWEEP_EVERY = 0.25
 ACCEPT_BATCH = 1  # connections accepted per wake-up, so no worker grabs a whole burst
 RECV_HEAD = 65536
 RESOURCE_PAUSE = 0.5  # seconds without accepting after the process ran out of descriptors
+# A stopping worker closes a kept-alive connection only once it has been idle this long: a
+# busy client's next request, sent as its previous answer arrived, is answered (with close).
+DRAIN_IDLE_GRACE = 1.0
 _ONESHOT = select.EPOLLIN | select.EPOLLONESHOT
 # Not EPOLLEXCLUSIVE: with it the kernel wakes one waiter per new connection, and a worker that
 # defers (spread.py) would leave the connection to a peer that is never woken for it.
@@ -55,20 +74,56 @@ _LISTEN = select.EPOLLIN
 class Limits:
     """The client-side settings this worker enforces (proxy.* in the LB's settings)."""
 
-    def __init__(self) -> None:
-        self.header_timeout = 10.0
-        self.idle_timeout = 60.0
-        self.max_header_bytes = 16384
-        self.max_headers = 100
-        try:
-            from gol7lb import hooks
-            proxy = hooks.runtime().settings.proxy
-        except RuntimeError:  # run outside GoL7-LB's gunicorn.conf.py: the defaults
-            return
+    def __init__(self, proxy: ProxySettings | None = None) -> None:
+        proxy = proxy or ProxySettings()
         self.header_timeout = proxy.client_header_timeout
         self.idle_timeout = proxy.client_idle_timeout
+        self.body_timeout = proxy.client_body_timeout
+        self.body_buffer = proxy.retry_buffer  # the body the loop reads before a thread
         self.max_header_bytes = proxy.max_header_bytes
         self.max_headers = proxy.max_headers
+
+
+def proxy_app() -> ProxyApp | None:
+    """This worker's proxy (post_worker_init built it from the configuration published now,
+    which a worker a SIGHUP started must take: the master's is the one it started with);
+    None outside GoL7-LB's gunicorn.conf.py."""
+    from gol7lb import hooks, wsgi
+    try:
+        hooks.runtime()
+    except RuntimeError:
+        return None
+    return wsgi.build_app()
+
+
+class Seat:
+    """A pool thread's place in the pool. A thread about to be busy for long (a tunnel, a
+    wait for a slow client's body) leaves it and starts its replacement first, so the pool
+    never runs short; it ends once its request does."""
+
+    __slots__ = ("worker", "left", "lent")
+
+    def __init__(self, worker: ProxyWorker) -> None:
+        self.worker = worker
+        self.left = False
+        self.lent = False  # counted in worker.lent until the request ends
+
+    def detach(self) -> None:
+        """The request became a tunnel on this thread (`gol7lb.detach` in the environ)."""
+        if not self.left:
+            self.left = True
+            self.worker._start_thread()
+
+    def lend(self) -> None:
+        """The thread must wait for a client's body; at most worker_connections at once."""
+        if not self.left and self.worker._borrow():
+            self.left = self.lent = True
+            self.worker._start_thread()
+
+    def request_ended(self) -> None:
+        if self.lent:
+            self.lent = False
+            self.worker._return()
 
 
 class ProxyWorker(Worker):
@@ -80,8 +135,11 @@ class ProxyWorker(Worker):
         self.active: set[Conn] = set()  # connections a thread serves (requests, tunnels)
         self.queue: SimpleQueue[Conn | None] = SimpleQueue()
         self.epoll: Any = None
-        self.limits = Limits()
-        self.extra_threads = 0
+        self.limits = Limits()  # run() reads the current ones
+        self.lent = 0  # threads out of the pool waiting on a client's body
+        self.lent_lock = threading.Lock()
+        self.capped = False  # at worker_connections: not accepting
+        self.proxy_app: ProxyApp | None = None
         self.spread: Spread | None = None
 
     @classmethod
@@ -97,77 +155,107 @@ class ProxyWorker(Worker):
 
     def _thread_main(self) -> None:
         app = self.wsgi
-        detached = [False]
-
-        def detach() -> None:
-            """Called by the app when a request turns into a long-lived tunnel on this thread."""
-            detached[0] = True
-            self.extra_threads += 1
-            self._start_thread()
-
-        extra = {"gol7lb.detach": detach}
+        seat = Seat(self)
+        extra = {"gol7lb.detach": seat.detach}
         while True:
             conn = self.queue.get()
             if conn is None:
                 return
-            if self._serve(app, conn, extra, detached) == "detached":
-                return  # this thread became a tunnel; its replacement serves the queue
+            self._serve(app, conn, extra, seat)
+            if seat.left:
+                return  # a tunnel or a slow body had this thread; its replacement serves on
+
+    def _borrow(self) -> bool:
+        with self.lent_lock:
+            if self.lent >= self.cfg.worker_connections:
+                return False
+            self._lend(1)
+            return True
+
+    def _return(self) -> None:
+        with self.lent_lock:
+            self._lend(-1)
+
+    def _lend(self, change: int) -> None:
+        """Count lent threads. The proxy lets one backend hold at most its share of this
+        worker's threads (ProxyApp.threads); a lent thread is one beyond the pool, so it
+        counts there too: slow bodies on their way to a backend leave its share to others."""
+        self.lent += change
+        if self.proxy_app is not None:
+            self.proxy_app.threads = max(1, self.cfg.threads) + self.lent
 
     def _serving(self) -> bool:
         return self.alive
 
     def _serve(self, app: Callable[..., Any], conn: Conn, extra: dict[str, Any],
-               detached: list[bool]) -> str:
+               seat: Seat) -> None:
         """Serve this connection's requests while they come promptly; then give it back."""
         parser = conn.parser
         limits = self.limits
         try:
             while True:
                 req = parser.ready.popleft()
-                keep = serve_request(app, conn, req, limits.idle_timeout, self.alive, extra,
-                                     self._serving)
+                try:
+                    keep = serve_request(app, conn, req, limits.idle_timeout, self.alive, extra,
+                                         self._serving, limits.body_timeout, seat.lend)
+                finally:
+                    seat.request_ended()
                 conn.fresh = False
-                if detached[0]:
+                # A kept-alive connection stays open even if the worker began to stop: the
+                # drain answers a request already on its way (with close) and closes it idle.
+                if not keep:
                     self._close(conn)
-                    return "detached"
-                if not keep or not self.alive:
-                    self._close(conn)
-                    return "closed"
-                if parser.ready:
-                    continue
-                # The rest of a head already begun is read here. Otherwise the connection goes
-                # straight back to the loop: waiting for the next request on this thread (2 ms)
-                # measured no faster, and even a zero-timeout poll() for one already sent cost
-                # a system call per request (epoll reports that one at once anyway).
-                if parser.in_head:
-                    try:
-                        data = recv_some(conn.sock, 0)
-                    except TimeoutError:
-                        data = None
-                    except OSError:
-                        self._close(conn)
-                        return "closed"
-                    if data == b"":
-                        self._close(conn)
-                        return "closed"
-                    if data:
-                        try:
-                            parser.feed(data)
-                        except RequestError as e:
-                            self._refuse(conn, e)
-                            return "closed"
-                        if parser.ready:
-                            continue
-                now = time.monotonic()
-                conn.deadline = now + (limits.header_timeout if parser.in_head
-                                       else limits.idle_timeout)
-                self.active.discard(conn)  # before the loop may take it again
-                self._wait(conn)
-                return "waiting"
+                    return
+                if not self._next_ready(conn):
+                    return
+                if seat.left:
+                    self.queue.put(conn)  # a pool thread serves the next one
+                    return
         except Exception:
             self.log.exception("error serving a connection")
+            seat.request_ended()
             self._close(conn)
-            return "closed"
+
+    def _dispatchable(self, req: Request) -> bool:
+        """Whether a thread may take this request now: its body is in, or more of it than
+        the loop buffers, or the client waits for an answer before sending it."""
+        return req.complete or req.upgrade or req.expect_continue or \
+            req.received > self.limits.body_buffer
+
+    def _next_ready(self, conn: Conn) -> bool:
+        """True when the connection has its next request ready for this thread; otherwise
+        it went back to the loop (or was closed)."""
+        parser = conn.parser
+        # The rest of a head already begun is read here. Otherwise the connection goes
+        # straight back to the loop: waiting for the next request on this thread (2 ms)
+        # measured no faster, and even a zero-timeout poll() for one already sent cost
+        # a system call per request (epoll reports that one at once anyway).
+        if not parser.ready and parser.in_head:
+            try:
+                data = recv_some(conn.sock, 0)
+            except TimeoutError:
+                data = None
+            except OSError:
+                data = b""
+            if data == b"":
+                self._close(conn)
+                return False
+            if data:
+                try:
+                    parser.feed(data)
+                except RequestError as e:
+                    self._refuse(conn, e)
+                    return False
+        if parser.ready and self._dispatchable(parser.ready[0]):
+            return True
+        limits = self.limits
+        conn.deadline = time.monotonic() + (
+            limits.body_timeout if parser.ready else
+            limits.header_timeout if parser.in_head else limits.idle_timeout)
+        conn.waiting = True  # before it leaves `active`: a drain never sees it in neither
+        self.active.discard(conn)  # before the loop may take it again
+        self._wait(conn)
+        return False
 
     # the connection table ---------------------------------------------------------------------
 
@@ -176,7 +264,7 @@ class ProxyWorker(Worker):
         conn.waiting = True
         try:
             self.epoll.modify(conn.fd, _ONESHOT)
-        except OSError:
+        except (OSError, ValueError):  # ValueError: the worker is gone, its epoll closed
             self._close(conn)
 
     def _close(self, conn: Conn) -> None:
@@ -187,6 +275,9 @@ class ProxyWorker(Worker):
             del self.conns[conn.fd]
         with contextlib.suppress(OSError):
             conn.sock.close()  # also leaves the epoll set
+        if self.capped:  # the loop may accept again
+            with contextlib.suppress(OSError):
+                os.write(self.PIPE[1], b".")
 
     def _refuse(self, conn: Conn, error: RequestError) -> None:
         with contextlib.suppress(OSError):
@@ -208,11 +299,15 @@ class ProxyWorker(Worker):
             epoll.register(sock.fileno(), _LISTEN)
         wake = self.PIPE[0]
         epoll.register(wake, select.EPOLLIN)
+        app = self.proxy_app = proxy_app()
+        self.limits = Limits(app.view.current().settings.proxy if app else None)
         for _ in range(max(1, self.cfg.threads)):
             self._start_thread()
 
         conns = self.conns
-        spread = self.spread = Spread(getattr(self, "slot", self.age))
+        cap = max(1, self.cfg.worker_connections)
+        slot = getattr(self, "slot", None)
+        spread = self.spread = Spread(self.age if slot is None else slot)
         spread.publish(0)
         # Only a listener shared with the other workers lets a peer take what this one defers;
         # with reuse_port each worker has its own and the kernel already spreads connections.
@@ -228,7 +323,7 @@ class ProxyWorker(Worker):
                     if conn is not None:
                         self._readable(conn)
                     elif fd in listeners:
-                        if paused_until:
+                        if paused_until or self.capped:
                             continue  # never break: the batch's one-shot client events count
                         now = time.monotonic()
                         pause = 0.0
@@ -238,17 +333,23 @@ class ProxyWorker(Worker):
                             pause = RESOURCE_PAUSE  # else level-triggered epoll would spin
                         if pause:
                             paused_until = now + pause
-                            for listener_fd in listeners:
-                                epoll.modify(listener_fd, 0)
+                            self._listen(listeners, False)
                             continue
                         spread.publish(len(conns), now)
+                        if len(conns) >= cap:  # gunicorn's worker_connections, as gthread
+                            self.capped = True
+                            self._listen(listeners, False)
                     elif fd == wake:
                         self._drain_wake_pipe()
                 now = time.monotonic()
                 if paused_until and now >= paused_until:
                     paused_until = 0.0
-                    for listener_fd in listeners:
-                        epoll.modify(listener_fd, _LISTEN)
+                    if not self.capped:
+                        self._listen(listeners, True)
+                if self.capped and len(conns) < cap:
+                    self.capped = False
+                    if not paused_until:
+                        self._listen(listeners, True)
                 if now >= next_sweep:
                     next_sweep = now + SWEEP_EVERY
                     self._sweep(now)
@@ -264,6 +365,10 @@ class ProxyWorker(Worker):
                     epoll.unregister(fd)
                 sock.close()  # new connections are refused at once, not queued
         self._drain(epoll)
+
+    def _listen(self, listeners: dict[int, socket.socket], on: bool) -> None:
+        for fd in listeners:
+            self.epoll.modify(fd, _LISTEN if on else 0)
 
     def _drain_wake_pipe(self) -> None:
         try:
@@ -315,6 +420,9 @@ class ProxyWorker(Worker):
             self._close(conn)
             return
         if not data:
+            if parser.ready:  # the client half-closed in the middle of a body it buffers
+                self._refuse(conn, RequestError(400, "incomplete request body"))
+                return
             self._close(conn)
             return
         try:
@@ -323,8 +431,12 @@ class ProxyWorker(Worker):
             self._refuse(conn, e)
             return
         if parser.ready:
-            self.active.add(conn)
-            self.queue.put(conn)
+            if self._dispatchable(parser.ready[0]):
+                self.active.add(conn)
+                self.queue.put(conn)
+                return
+            conn.deadline = time.monotonic() + self.limits.body_timeout  # since this read
+            self._wait(conn)
             return
         if parser.in_head and not was_in_head and not conn.fresh:
             # the first byte of the next request: from now on the head timeout applies, counted
@@ -334,26 +446,37 @@ class ProxyWorker(Worker):
         self._wait(conn)
 
     def _sweep(self, now: float) -> None:
-        """Close what has waited too long: 408 for a late head, silence for an idle client."""
+        """Close what has waited too long: 408 for a late head or body, silence for an idle
+        client."""
         for conn in list(self.conns.values()):
             if conn.waiting and conn.deadline <= now:
-                if conn.parser.in_head or conn.fresh:
+                if conn.parser.ready:
+                    with contextlib.suppress(OSError):
+                        conn.sock.send(error_response(408, "request body not received in time"))
+                elif conn.parser.in_head or conn.fresh:
                     with contextlib.suppress(OSError):
                         conn.sock.send(error_response(408, "request head not received in time"))
                 self._close(conn)
 
     def _drain(self, epoll: Any) -> None:
-        """Graceful stop: idle keep-alive connections close now; a connection accepted before
-        the stop that has not sent its (whole) first head yet is still served once it does
-        (within its head deadline), so nothing the listener handed us is reset; requests and
-        tunnels in flight finish; all within `graceful_timeout`."""
+        """Graceful stop: a kept-alive connection closes once it stayed idle DRAIN_IDLE_GRACE
+        with nothing to read (a request that was on its way is answered, with close); a
+        connection accepted before the stop that has not sent its (whole) first head yet is
+        still served once it does (within its head deadline), so nothing the listener handed
+        us is reset; requests and tunnels in flight finish; all within `graceful_timeout`.
+        The table is copied before each look: pool threads delete from it meanwhile."""
         deadline = time.monotonic() + self.cfg.graceful_timeout
         while True:
-            for conn in list(self.conns.values()):
-                if conn.waiting and not conn.fresh and not conn.parser.in_head:
-                    self._close(conn)  # idle between requests: nothing was promised
-            pending = any(conn.waiting for conn in self.conns.values())
             now = time.monotonic()
+            pending = False
+            for conn in list(self.conns.values()):
+                if not conn.waiting:
+                    continue
+                if self._idle_since(conn) <= now - DRAIN_IDLE_GRACE and \
+                        not wait_readable(conn.sock, 0):
+                    self._close(conn)  # idle between requests, and nothing on its way
+                else:
+                    pending = True
             if (not self.active and not pending) or now >= deadline:
                 break
             for fd, _events in epoll.poll(0.05):
@@ -365,6 +488,14 @@ class ProxyWorker(Worker):
         if self.active:
             self.log.warning("graceful timeout: cutting %d connections", len(self.active))
         epoll.close()
+
+    def _idle_since(self, conn: Conn) -> float:
+        """When the connection's last answer ended, if it is idle between requests; else
+        infinity (a head or body is coming, or the first request never came)."""
+        parser = conn.parser
+        if conn.fresh or parser.in_head or parser.ready:
+            return float("inf")
+        return conn.deadline - self.limits.idle_timeout
 
     # signals ----------------------------------------------------------------------------------
 

@@ -148,3 +148,16 @@ def test_max_header_bytes_is_the_whole_head_to_the_byte(step):
 
     assert parse(head(4096), step, max_header_bytes=4096).ready
     assert refused(head(4097), step, max_header_bytes=4096) == 431
+
+
+def test_received_counts_the_body_bytes_parsed_so_far():
+    """The worker's loop buffers a body until it is complete or past proxy.retry_buffer."""
+    parser = Http1Parser()
+    parser.feed(b"POST / HTTP/1.1\r\nHost: x\r\nContent-Length: 10\r\n\r\nabc")
+    req = parser.ready[0]
+    assert (req.received, req.complete) == (3, False)
+    parser.feed(b"defg")
+    req.body.popleft()  # a reader took some: the count stays what was parsed
+    assert req.received == 7
+    parser.feed(b"hij")
+    assert (req.received, req.complete) == (10, True)

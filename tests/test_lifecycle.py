@@ -283,3 +283,142 @@ def test_procfile_runs_under_honcho(backend_factory, tmp_path):
     log = (tmp_path / "honcho.log").read_text()
     assert "helpers stopped" in log
     assert "died" not in log and "restarting" not in log and "Traceback" not in log
+
+
+def wait_for_new_workers(lb, before: set[int], count: int = 2) -> set[int]:
+    """Until `count` workers run and none of them is one of `before`."""
+    def replaced() -> set[int] | None:
+        after = {w.pid for w in workers_of(lb)}
+        return after if len(after) == count and not after & before else None
+    return procs.wait_until(replaced, timeout=20)
+
+
+@pytest.mark.slow
+@pytest.mark.lean_worker
+def test_hup_never_drops_a_request_on_a_kept_alive_connection(lb_factory, backend_factory):
+    """Issue 14: busy keep-alive clients and repeated SIGHUPs gave RemoteDisconnected. A worker
+    that stops answers the next request on a kept-alive connection with Connection: close and
+    closes only connections that stay idle."""
+    backend = backend_factory()
+    lb = lb_factory({"GOL7LB_BACKENDS": backends_env([backend.port]),
+                     "GOL7LB_RELOAD_WATCH": "false"})
+    stop = threading.Event()
+    failures: list[str] = []
+    done = [0]
+
+    def client() -> None:
+        with requests.Session() as session:
+            while not stop.is_set():
+                try:
+                    response = session.get(lb.url + "/", timeout=10)
+                    if response.status_code != 200:
+                        failures.append(f"status {response.status_code}")
+                    done[0] += 1
+                except requests.RequestException as e:
+                    failures.append(repr(e))
+
+    clients = [threading.Thread(target=client) for _ in range(12)]
+    for t in clients:
+        t.start()
+    try:
+        for _ in range(5):
+            before = {w.pid for w in workers_of(lb)}
+            lb.signal(signal.SIGHUP)
+            wait_for_new_workers(lb, before)
+            time.sleep(0.5)  # the old workers drain under load
+    finally:
+        stop.set()
+        for t in clients:
+            t.join(timeout=30)
+    print(f"{done[0]} requests, {len(failures)} failed")
+    assert done[0] > 500
+    assert failures == []
+
+
+@pytest.mark.lean_worker
+def test_workers_started_after_hup_enforce_the_new_client_limits(lb_factory, backend_factory,
+                                                                 tmp_path):
+    """Issue 14: client-edge limits are read by each worker when it starts; after a SIGHUP the
+    new workers took the master's start-up values instead of the reloaded ones."""
+    import socket
+
+    backend = backend_factory()
+    config = tmp_path / "lb.toml"
+
+    def write(max_headers: int, body_timeout: float) -> None:
+        config.write_text(f'[[backends]]\nurl = "http://127.0.0.1:{backend.port}"\n'
+                          f"[proxy]\nmax_headers = {max_headers}\n"
+                          f"client_body_timeout = {body_timeout}\n[reload]\nwatch = false\n")
+
+    def status_of(raw: bytes) -> bytes:
+        with socket.create_connection(("127.0.0.1", lb.port), timeout=10) as s:
+            s.sendall(raw)
+            return s.recv(4096)[:12]
+
+    many = b"GET / HTTP/1.1\r\nHost: x\r\n" + b"".join(b"X-%d: 1\r\n" % i for i in range(20)) \
+        + b"Connection: close\r\n\r\n"
+    stalled = b"POST / HTTP/1.1\r\nHost: x\r\nContent-Length: 10\r\n\r\nabc"
+    write(100, 30.0)
+    lb = lb_factory({"GOL7LB_CONFIG": str(config)})
+    assert status_of(many) == b"HTTP/1.1 200"
+    write(10, 1.0)
+    before = {w.pid for w in workers_of(lb)}
+    lb.signal(signal.SIGHUP)
+    wait_for_new_workers(lb, before)
+    procs.wait_until(lambda: "configuration generation 2" in lb.output())
+    assert status_of(many) == b"HTTP/1.1 431"
+    started = time.monotonic()
+    assert status_of(stalled) == b"HTTP/1.1 408"
+    assert time.monotonic() - started < 5
+
+
+def test_a_draining_worker_survives_threads_closing_connections_meanwhile():
+    """Issue 14: the drain iterated the live connection table while pool threads deleted
+    from it (`dictionary changed size during iteration`), cutting the worker's requests."""
+    import logging
+    import select
+    import socket
+
+    from gunicorn.config import Config
+
+    from gol7lb.http1 import Http1Parser
+    from gol7lb.serve import Conn
+    from gol7lb.worker import ProxyWorker
+
+    cfg = Config()
+    cfg.set("graceful_timeout", 1)
+    worker = ProxyWorker(1, os.getpid(), [], None, 30, cfg, logging.getLogger("test"))
+    pairs = [socket.socketpair() for _ in range(200)]
+    for server, _client in pairs:
+        conn = Conn(server, ("", ""), ("", ""), Http1Parser(), time.monotonic() + 60)
+        worker.conns[conn.fd] = conn  # each served by a thread (not waiting)
+        worker.active.add(conn)
+    stop = threading.Event()
+
+    def churn() -> None:  # what pool threads do: connections come and go
+        conns = list(worker.conns.values())
+        while not stop.is_set():
+            for conn in conns[::2]:
+                worker.conns.pop(conn.fd, None)
+            for conn in conns[::2]:
+                worker.conns[conn.fd] = conn
+
+    switch = sys.getswitchinterval()
+    sys.setswitchinterval(1e-6)
+    churner = threading.Thread(target=churn)
+    churner.start()
+    epoll = select.epoll()
+    busy, other = socket.socketpair()  # always readable, and no connection of the worker's:
+    other.send(b"x")  # the drain loop goes round without waiting (many chances for the race)
+    epoll.register(busy.fileno(), select.EPOLLIN)
+    try:
+        worker._drain(epoll)  # waits for the served connections until graceful_timeout
+    finally:
+        stop.set()
+        churner.join()
+        sys.setswitchinterval(switch)
+        busy.close()
+        other.close()
+        for server, client in pairs:
+            server.close()
+            client.close()

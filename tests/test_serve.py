@@ -152,3 +152,26 @@ def test_the_proxy_sees_the_same_upstream_headers_from_the_field_list(pair):
         assert list(listed.items()) == list(scan.items())
     assert listed["X-A"] == "1, 2" and listed["Cookie"] == "a=1; b=2"
     assert "X-Drop" not in listed and listed["Content-Type"] == "text/plain"
+
+
+def test_a_body_that_stalls_gets_408_and_the_apps_own_answer_is_dropped(pair):
+    """proxy.client_body_timeout on a thread: the read gives up, the client gets 408 and a
+    close, and the error page the app writes after that never reaches the client."""
+    def app(environ, start_response):
+        try:
+            environ["wsgi.input"].read()
+        except Exception:
+            start_response("400 Bad Request", [("Content-Length", "3")])
+            return [b"bad"]
+        raise AssertionError("the read should have failed")
+    lent: list[bool] = []
+    server, client = pair
+    parser = Http1Parser()
+    parser.feed(b"POST / HTTP/1.1\r\nHost: h\r\nContent-Length: 10\r\n\r\nabc")
+    conn = Conn(server, ("127.0.0.9", "5555"), ("127.0.0.1", "8080"), parser, 0.0)
+    keep = serve_request(app, conn, parser.ready.popleft(), 5.0, True, body_timeout=0.2,
+                         lend=lambda: lent.append(True))
+    out = client.recv(65536)
+    assert not keep and lent == [True]  # it lent itself out before it waited
+    assert out.startswith(b"HTTP/1.1 408 ") and b"Connection: close" in out
+    assert b"bad" not in out and out.count(b"HTTP/1.1") == 1

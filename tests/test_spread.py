@@ -51,3 +51,13 @@ def test_keep_alive_connections_spread_over_workers_on_a_shared_listener(backend
             s.close()
         lb.stop()
     assert lb.leftovers() == []
+
+
+def test_a_worker_without_a_slot_still_gets_a_cell():
+    """Issue 14: pre_fork gives no slot when every one is taken; Spread(None) raised."""
+    from gol7lb.spread import SLOTS, Spread
+
+    spread = Spread(None)
+    assert 0 <= spread.slot < SLOTS
+    spread.publish(3)
+    spread.leave()
