@@ -7,6 +7,7 @@ Every error is a `ConfigError` whose text is the one line an operator sees at st
 
 from __future__ import annotations
 
+import ipaddress
 import re
 from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass, field
@@ -100,6 +101,16 @@ def check_hash_key(value: str) -> bool:
 
 def check_cookie_name(value: str) -> bool:
     return value == "" or bool(_TOKEN.fullmatch(value))
+
+
+def is_host_name(text: str) -> bool:
+    """A DNS name or an IP address, without a port (an admin Host's port is not compared)."""
+    try:
+        ipaddress.ip_address(text.removeprefix("[").removesuffix("]"))
+        return True
+    except ValueError:
+        labels = text.lower().removesuffix(".").split(".")
+        return all(_HOST_LABEL.fullmatch(label) for label in labels)
 
 
 def backends_from_toml(items: Any, where: str,

@@ -67,6 +67,7 @@ def test_trusted_proxies_from_the_file_are_a_list(tmp_path):
 def test_every_setting_has_its_environment_variable():
     lists = {"proxy.retry_on": ("502, 504", ("502", "504")),
              "proxy.trusted_proxies": ("10.0.0.0/8, ::1", ("10.0.0.0/8", "::1")),
+             "admin.hosts": ("gol7lb-admin, lb.example.", ("gol7lb-admin", "lb.example.")),
              "discovery.resolvers": ("127.0.0.1:53, [::1]:5353", ("127.0.0.1:53", "[::1]:5353"))}
     for setting in SETTINGS:
         if setting.kind == "str":
@@ -102,6 +103,7 @@ def test_booleans_from_the_environment(text, expected):
     ({"GOL7LB_ADMIN_BIND": "nowhere"}, ["admin.bind", "host:port"]),
     ({"GOL7LB_ADMIN_BIND": "0.0.0.0:8404"}, ["admin.bind", "admin.token", "loopback"]),
     ({"GOL7LB_ADMIN_TOKEN": "two words"}, ["admin.token"]),
+    ({"GOL7LB_ADMIN_HOSTS": "lb.example:8404"}, ["admin.hosts", "lb.example:8404", "names"]),
     ({"GOL7LB_LOG_ACCESS": "maybe"}, ["log.access", "'maybe'", "true or false"]),
     ({"GOL7LB_LOG_FORMAT": "xml"}, ["log.format", "text, json"]),
     ({"GOL7LB_RELOAD_WATCH": "2"}, ["reload.watch", "true or false"]),
