@@ -492,7 +492,8 @@ def _check_unique(backends: list[Backend], origin: str) -> None:
     seen: set[str] = set()
     for b in backends:
         if b.url in seen:
-            raise ConfigError(f"invalid setting backends ({origin}): duplicate backend {b.url}")
+            raise ConfigError(f"invalid setting backends ({origin}): duplicate backend {b.url}: "
+                              "list each address once")
         seen.add(b.url)
 
 
