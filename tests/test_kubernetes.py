@@ -337,17 +337,56 @@ mount --bind -o ro "$APP_DIR" "$APP_MOUNT"         # the image's /app (the check
 cd "$APP_MOUNT"                                    # live under /tmp, hidden below)
 mount --bind -o ro "$CONFIG_DIR" "$CONFIG_MOUNT"    # the ConfigMap's volume
 mount -o remount,bind,ro /                         # readOnlyRootFilesystem
-mount -t tmpfs -o size=64m,mode=1777 tmpfs /tmp    # the emptyDir on /tmp
+mount -t tmpfs -o size=64m,mode=1777 tmpfs "$STAGE" # the emptyDir for /tmp, built aside so
+IFS=:                                              # that what Python needs from below the
+for dir in $KEEP_UNDER_TMP; do                     # old /tmp (a venv, say) is bound into it
+  mkdir -p "$STAGE/$dir" && mount --bind -o ro "/tmp/$dir" "$STAGE/$dir"
+done
+unset IFS
+mount --no-mtab --move "$STAGE" /tmp               # then it covers /tmp
 if touch /.gol7lb-write-probe 2>/dev/null; then echo "root still writable" >&2; exit 97; fi
 exec "$PYTHON" -m gunicorn -c gunicorn.conf.py gol7lb.wsgi --no-control-socket
 """
 
 
+def python_dirs_under_tmp() -> list[str]:
+    """The directories below /tmp this interpreter runs from (a venv, its site-packages, an
+    editable checkout), relative to /tmp and outermost only: the pod's empty /tmp would hide
+    them, so the pod keeps them visible (read-only) under it."""
+    import os
+    import sys
+
+    tmp = Path("/tmp")
+    found: set[Path] = set()
+    for path in (sys.prefix, sys.exec_prefix, sys.base_prefix,
+                 os.path.dirname(sys.executable), *sys.path):
+        for candidate in {Path(os.path.abspath(path or ".")), Path(path or ".").resolve()}:
+            if candidate != tmp and candidate.is_relative_to(tmp) and candidate.is_dir():
+                found.add(candidate.relative_to(tmp))
+    outermost = [p for p in found if not any(p != q and p.is_relative_to(q) for q in found)]
+    return sorted(str(p) for p in outermost)
+
+
+def test_python_dirs_under_tmp_are_the_outermost_ones(monkeypatch, tmp_path: Path) -> None:
+    import sys
+
+    venv = tmp_path / "venv"
+    (venv / "lib" / "site-packages").mkdir(parents=True)
+    monkeypatch.setattr(sys, "prefix", str(venv))
+    monkeypatch.setattr(sys, "path", [str(venv / "lib" / "site-packages"), "/usr/lib",
+                                      str(tmp_path / "missing")])
+    assert str(venv.relative_to("/tmp")) in python_dirs_under_tmp()
+    assert not [d for d in python_dirs_under_tmp() if d.startswith(str(venv.relative_to("/tmp"))
+                                                                   + "/")]
+
+
 def test_the_pod_runs_with_a_read_only_root_filesystem(tmp_path: Path) -> None:
     """readOnlyRootFilesystem for real: in a mount namespace of its own the whole root is
     remounted read-only, /tmp is an empty tmpfs and the ConfigMap's file a read-only bind,
-    as the kubelet lays them out. The LB starts, answers the probes' /healthz, and stops on
-    TERM with status 0, without one write refused."""
+    as the kubelet lays them out (a Python environment that lives under /tmp, as a venv made
+    there, stays visible in it read-only, as the image's /usr/local would be). The LB
+    starts, answers the probes' /healthz, and stops on TERM with status 0, without one
+    write refused."""
     import os
     import shutil
     import subprocess
@@ -370,6 +409,8 @@ def test_the_pod_runs_with_a_read_only_root_filesystem(tmp_path: Path) -> None:
 
     config_dir = tmp_path / "config"
     config_dir.mkdir()
+    stage = tmp_path / "pod-tmp"  # made before the root turns read-only
+    stage.mkdir()
     (config_dir / "lb.toml").write_text(config_toml())
     token = secrets.token_hex(16)
     port, admin_port = free_port(), free_port()
@@ -379,7 +420,8 @@ def test_the_pod_runs_with_a_read_only_root_filesystem(tmp_path: Path) -> None:
     env.update(PORT=str(port), GOL7LB_ADMIN_BIND=f"0.0.0.0:{admin_port}",
                WEB_CONCURRENCY="2", PYTHONDONTWRITEBYTECODE="1", CONFIG_DIR=str(config_dir),
                CONFIG_MOUNT=mount_point, APP_DIR=str(ROOT), APP_MOUNT=app_mount,
-               PYTHON=sys.executable)
+               PYTHON=sys.executable, STAGE=str(stage),
+               KEEP_UNDER_TMP=":".join(python_dirs_under_tmp()))
     log = tmp_path / "pod.log"
     with open(log, "wb") as out:
         proc = subprocess.Popen([unshare, "-m", "--propagation", "private", "bash", "-c",
