@@ -273,7 +273,7 @@ class AdminHandler(BaseHTTPRequestHandler):
         if admin.address is not None:
             names.add(_canonical_host(admin.address[0]))
         names.update(_canonical_host(name) for name in admin.hosts)
-        return names
+        return names - {"0.0.0.0", "::"}  # a wildcard bind is no address a client names
 
     def _authorize(self, token: str) -> None:
         if not token:
