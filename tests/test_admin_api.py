@@ -232,7 +232,8 @@ def test_a_web_page_cannot_drive_the_api_but_the_same_origin_can(lb_factory, bac
                         headers={"Host": f"localhost:{lb.admin_port}",
                                  "Origin": f"http://localhost:{lb.admin_port}", **json_type})
     assert answer.status_code == 200 and answer.json()["state"] == "drained", answer.text
-    for host in ("gol7lb-admin.internal:8404", "admin.example", "ADMIN.example:80"):
+    for host in ("gol7lb-admin.internal:8404", "admin.example", "ADMIN.example:80",
+                 "127.0.0.2:8404", "[::1]:8404"):  # loopback addresses: never a DNS name
         answer = admin_call(lb, "POST", drain.replace("drain", "enable"), token,
                             headers={"Host": host})
         assert answer.status_code == 200 and answer.json()["state"] == "up", (host, answer.text)

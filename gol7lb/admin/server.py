@@ -160,6 +160,15 @@ def _canonical_host(host: str) -> str:
     return str(mapped or address)
 
 
+def _is_loopback(host: str) -> bool:
+    """127.0.0.0/8 or ::1 (as localhost, and what a port published on the host's loopback,
+    as docker-compose.admin.yml does, arrives with): no DNS name, so never rebinding."""
+    try:
+        return ipaddress.ip_address(host).is_loopback
+    except ValueError:
+        return False
+
+
 def _split_authority(authority: str, default_port: int = 0) -> tuple[str, int] | None:
     """'Name:8404' -> ('name', 8404); None for what is not a host[:port]."""
     try:
@@ -248,7 +257,7 @@ class AdminHandler(BaseHTTPRequestHandler):
         listener never grants), so refuse all three with 403."""
         hosts = self.headers.get_all("Host") or []
         host = _split_authority(hosts[0]) if len(hosts) == 1 else None
-        if host is None or host[0] not in self._own_names(admin):
+        if host is None or not (host[0] in self._own_names(admin) or _is_loopback(host[0])):
             raise ApiError(403, f"Host {', '.join(hosts) or '(none)'!r} is not this admin "
                                 "listener's address, localhost or a name in admin.hosts "
                                 "(GOL7LB_ADMIN_HOSTS): refused (DNS rebinding)")
@@ -266,8 +275,8 @@ class AdminHandler(BaseHTTPRequestHandler):
                                 "could come from any web page)")
 
     def _own_names(self, admin: AdminSettings) -> set[str]:
-        """What Host may name: the bound address, the address this connection reached,
-        localhost and admin.hosts."""
+        """What Host may name besides a loopback address: the bound address, the address this
+        connection reached, localhost and admin.hosts."""
         names = {"localhost", _canonical_host(self.server.server_address[0]),
                  _canonical_host(self.connection.getsockname()[0])}
         if admin.address is not None:
