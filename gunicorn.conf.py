@@ -14,7 +14,7 @@ from gol7lb import rundir
 
 rundir.prepare()  # before anything imports prometheus_client: it reads its directory at import
 
-from gol7lb import cpus, hooks, logfmt  # noqa: E402
+from gol7lb import admin, cpus, hooks, logfmt  # noqa: E402
 from gol7lb.config import ConfigError, env_int, load_settings  # noqa: E402
 
 if hooks.boot() is None:  # the first read, at start: a bad setting stops the start here
@@ -23,6 +23,7 @@ if hooks.boot() is None:  # the first read, at start: a bad setting stops the st
         _port = env_int(os.environ, "PORT", 8080, 1, 65535)
         _workers = env_int(os.environ, "WEB_CONCURRENCY", cpus.default_workers(), 1, 512)
         hooks.check_listen_port(_port)
+        admin.check_bind(_settings.admin.bind, _settings.admin.address)
     except ConfigError as _error:
         sys.stderr.write(f"gol7lb: {_error}\n")
         sys.exit(2)

@@ -26,6 +26,7 @@ from gol7lb.pools import (
     check_cookie_name,
     check_hash_key,
     check_routes,
+    is_host_name,
     pools_from_toml,
     routes_from_toml,
 )
@@ -168,6 +169,10 @@ SETTINGS: tuple[Setting, ...] = (
     Setting("admin", "token", "", "str", "a string without spaces or control characters",
             "When set, every mutating admin call needs `Authorization: Bearer <token>`; "
             "reads stay open.", lambda v: v == "" or (v.isprintable() and " " not in v)),
+    Setting("admin", "hosts", (), "list", 'a list of host names like "gol7lb-admin.internal"',
+            "Names besides the bound address and localhost that a mutating admin call's Host "
+            "may carry (a Service or reverse-proxy name); others get 403 (DNS rebinding).",
+            lambda v: all(is_host_name(x) for x in v)),
     Setting("discovery", "resolvers", (), "list", "a list of DNS servers as host:port",
             "DNS servers for `discover` backends (none: the system's).",
             lambda v: all(_is_host_port(x) for x in v)),
@@ -255,6 +260,7 @@ class ProxySettings:
 class AdminSettings:
     bind: str = "127.0.0.1:8404"
     token: str = ""
+    hosts: tuple[str, ...] = ()
 
     @property
     def address(self) -> tuple[str, int] | None:
@@ -489,7 +495,8 @@ def _check_unique(backends: list[Backend], origin: str) -> None:
     seen: set[str] = set()
     for b in backends:
         if b.url in seen:
-            raise ConfigError(f"invalid setting backends ({origin}): duplicate backend {b.url}")
+            raise ConfigError(f"invalid setting backends ({origin}): duplicate backend {b.url}: "
+                              "list each address once")
         seen.add(b.url)
 
 

@@ -114,6 +114,10 @@ def on_starting(server: Any) -> None:
     logfmt.set_format(settings.log.format)
     try:
         _start(rt, server.log)
+    except ConfigError as e:  # the admin address taken since gunicorn.conf.py checked it
+        _teardown(rt)
+        sys.stderr.write(f"gol7lb: {e}\n")
+        sys.exit(2)
     except (StartupError, OSError) as e:
         _teardown(rt)
         server.log.error("gol7lb: %s", e)
@@ -133,7 +137,7 @@ def _start(rt: Runtime, log: Any) -> None:
         try:
             rt.admin_sock = admin.bind_listener(admin_address)
         except OSError as e:
-            raise StartupError(f"admin.bind {settings.admin.bind!r}: {e.strerror or e}") from None
+            raise admin.bind_error(settings.admin.bind, e) from None
     if settings.demo_backends:
         rt.demo = DemoBackends(DEMO_PORTS)
         rt.demo.start()

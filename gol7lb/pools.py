@@ -7,12 +7,19 @@ Every error is a `ConfigError` whose text is the one line an operator sees at st
 
 from __future__ import annotations
 
+import ipaddress
 import re
 from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass, field
 from typing import Any
 
-from gol7lb.backends import Backend, BackendError, check_weight, parse_backend_url
+from gol7lb.backends import (
+    WEIGHT_ALLOWED,
+    Backend,
+    BackendError,
+    check_weight,
+    parse_backend_url,
+)
 
 DEFAULT_POOL = "default"
 ALGORITHMS = ("round_robin", "random", "least_connections", "power_of_two", "consistent_hash")
@@ -102,6 +109,16 @@ def check_cookie_name(value: str) -> bool:
     return value == "" or bool(_TOKEN.fullmatch(value))
 
 
+def is_host_name(text: str) -> bool:
+    """A DNS name or an IP address, without a port (an admin Host's port is not compared)."""
+    try:
+        ipaddress.ip_address(text.removeprefix("[").removesuffix("]"))
+        return True
+    except ValueError:
+        labels = text.lower().removesuffix(".").split(".")
+        return all(_HOST_LABEL.fullmatch(label) for label in labels)
+
+
 def backends_from_toml(items: Any, where: str,
                        origin: str) -> tuple[list[Backend], list[DiscoverySpec]]:
     """`[[backends]]` tables: fixed addresses, and entries discovered through DNS."""
@@ -126,15 +143,12 @@ def backends_from_toml(items: Any, where: str,
         if "name" in item:
             raise bad(f"{at}.name", item["name"], origin, 'used with discover = "srv" only')
         if "url" not in item:
-            raise ConfigError(f"missing setting {at}.url ({origin}): every backend needs a url")
-        try:
-            weight = check_weight(item.get("weight", 1), str(item["url"]))
-            backend = parse_backend_url(item["url"], weight, limit)
-        except BackendError as e:
-            raise ConfigError(f"invalid setting {at} ({origin}): {e}") from None
+            raise ConfigError(f"missing setting {at}.url ({origin}): every backend needs a url "
+                              'like url = "http://10.0.0.1:8081"')
+        backend = _backend(item, at, origin, limit)
         if backend.id in seen:
             raise ConfigError(f"invalid setting {where} ({origin}): duplicate backend "
-                              f"{backend.url}")
+                              f"{backend.url}: list each address once")
         seen.add(backend.id)
         backends.append(backend)
     return backends, specs
@@ -156,12 +170,22 @@ def _discovery_spec(item: Mapping[str, Any], at: str, origin: str,
         return DiscoverySpec("srv", name.lower().rstrip("."), 0, 1, limit)
     if "name" in item:
         raise bad(f"{at}.name", item["name"], origin, 'used with discover = "srv" only')
+    parsed = _backend(item, at, origin, limit)
+    return DiscoverySpec("dns", parsed.host.lower().rstrip("."), parsed.port, parsed.weight,
+                         limit)
+
+
+def _backend(item: Mapping[str, Any], at: str, origin: str, limit: int) -> Backend:
+    """A table's url and weight, each refusal naming its own key and value."""
+    weight = item.get("weight", 1)
     try:
-        weight = check_weight(item.get("weight", 1), str(item.get("url")))
-        parsed = parse_backend_url(item.get("url"), weight, limit)  # type: ignore[arg-type]
+        check_weight(weight, str(item.get("url")))
+    except BackendError:
+        raise bad(f"{at}.weight", weight, origin, WEIGHT_ALLOWED) from None
+    try:
+        return parse_backend_url(item.get("url"), weight, limit)  # type: ignore[arg-type]
     except BackendError as e:
-        raise ConfigError(f"invalid setting {at} ({origin}): {e}") from None
-    return DiscoverySpec("dns", parsed.host.lower().rstrip("."), parsed.port, weight, limit)
+        raise ConfigError(f"invalid setting {at}.url ({origin}): {e}") from None
 
 
 def pools_from_toml(data: Any, origin: str, defaults: Mapping[str, str],

@@ -88,36 +88,19 @@ def test_added_backend_is_checked_then_serves_and_removed_one_stops(lb_factory,
     ("PUT", "/status", "", 405, "not allowed"),
     ("GET", "/backends/127.0.0.1:1/drain", "", 405, "not allowed"),
 ])
-def test_bad_admin_calls_get_a_json_error_and_no_traceback(lb_factory, backend_factory,
-                                                           method, path, body, code, words):
-    backend = backend_factory()
-    lb = lb_factory({"GOL7LB_BACKENDS": backends_env([backend.port])})
-    answer = requests.request(method, lb.admin_url + path, data=body, timeout=5)
+def test_bad_admin_calls_get_a_json_error_and_no_traceback(shared_lb, method, path, body,
+                                                           code, words):
+    """One LB for all of them: none of these calls changes anything."""
+    lb = shared_lb
+    headers = {"Content-Type": "application/json"} if body else {}
+    answer = requests.request(method, lb.admin_url + path, data=body, headers=headers,
+                              timeout=5)
     assert answer.status_code == code
     assert answer.headers["Content-Type"] == "application/json"
     assert words in answer.json()["error"]
     if code == 405:
         assert "Allow" in answer.headers
     assert "Traceback" not in lb.output()
-
-
-def test_a_token_guards_every_mutating_call_and_reads_stay_open(lb_factory, backend_factory):
-    backend = backend_factory()
-    lb = lb_factory({"GOL7LB_BACKENDS": backends_env([backend.port]),
-                     "GOL7LB_ADMIN_TOKEN": "s3cret"})
-    drain = f"{lb.admin_url}/backends/127.0.0.1:{backend.port}/drain"
-    for headers in ({}, {"Authorization": "Bearer wrong"}, {"Authorization": "Basic s3cret"}):
-        answer = requests.post(drain, headers=headers, timeout=5)
-        assert answer.status_code == 401 and "Bearer" in answer.json()["error"]
-        assert answer.headers["WWW-Authenticate"].startswith("Bearer")
-    assert requests.delete(f"{lb.admin_url}/backends/127.0.0.1:{backend.port}",
-                           timeout=5).status_code == 401
-    assert requests.post(lb.admin_url + "/backends", json={"url": "http://127.0.0.1:1"},
-                         timeout=5).status_code == 401
-    assert requests.get(lb.admin_url + "/status", timeout=5).status_code == 200
-    assert requests.get(lb.admin_url + "/metrics", timeout=5).status_code == 200
-    answer = requests.post(drain, headers={"Authorization": "Bearer s3cret"}, timeout=5)
-    assert answer.status_code == 200 and answer.json()["state"] == "drained"
 
 
 def test_a_non_loopback_admin_bind_without_token_refuses_to_start(lb_factory,
@@ -176,3 +159,83 @@ def test_a_removed_file_backend_added_back_joins_only_the_named_pool_at_its_weig
     ports = served_ports(lb, 8)
     assert ports.count(b.port) == 6 and ports.count(a.port) == 2  # weight 3 : 1
     assert requests.get(lb.url + "/api/x", timeout=5).status_code == 503  # its pool is empty
+
+
+def admin_call(lb, method: str, path: str, token: str = "", **kwargs):
+    """A raw admin call: no Content-Type unless given, headers as given."""
+    headers = kwargs.pop("headers", {})
+    if token:
+        headers["Authorization"] = f"Bearer {token}"
+    return requests.request(method, lb.admin_url + path, headers=headers, timeout=5, **kwargs)
+
+
+@pytest.mark.parametrize("token", ["", "s3cret"], ids=["no-token", "token"])
+def test_a_web_page_cannot_drive_the_api_but_the_same_origin_can(lb_factory, backend_factory,
+                                                                   token):
+    """With a token, every mutating call needs it (401 without). Cross-site requests
+    (foreign Origin, DNS-rebinding Host, a form or text/plain body) are refused with 403
+    whatever the token, and change nothing; reads stay open. Names in admin.hosts (a
+    Service's, a reverse proxy's) pass the Host check, look-alikes do not."""
+    backend, extra = backend_factory(), backend_factory()
+    lb = lb_factory({"GOL7LB_BACKENDS": backends_env([backend.port]),
+                     "GOL7LB_ADMIN_HOSTS": "gol7lb-admin.internal, Admin.Example",
+                     **({"GOL7LB_ADMIN_TOKEN": token} if token else {})})
+    own = f"127.0.0.1:{lb.admin_port}"
+    drain = f"/backends/127.0.0.1:{backend.port}/drain"
+    add = f'{{"url": "http://127.0.0.1:{extra.port}", "weight": 256}}'
+    json_type = {"Content-Type": "application/json"}
+    before = status(lb)["backends"]
+    refused = [
+        ("POST", drain, {"Origin": "http://evil.example"}, None),
+        ("POST", drain, {"Origin": "http://evil.example", **json_type}, None),
+        ("POST", drain, {"Origin": "null"}, None),
+        ("POST", drain, {"Origin": f"http://127.0.0.1:{lb.admin_port + 1}"}, None),
+        ("POST", drain, {"Host": f"evil.example:{lb.admin_port}"}, None),
+        ("POST", drain, {"Host": f"evil.example:{lb.admin_port}",
+                         "Origin": f"http://evil.example:{lb.admin_port}"}, None),
+        ("POST", drain, {"Content-Type": "text/plain"}, None),
+        ("POST", "/backends", {"Origin": "http://evil.example", **json_type}, add),
+        ("POST", "/backends", {"Content-Type": "text/plain"}, add),
+        ("POST", "/backends", {"Content-Type": "application/x-www-form-urlencoded"}, add),
+        ("POST", "/backends", {"Content-Type": "multipart/form-data; boundary=x"}, add),
+        ("POST", "/backends", {}, add),  # a body without a type
+        ("DELETE", f"/backends/127.0.0.1:{backend.port}", {"Origin": "http://evil.example"},
+         None),
+        ("DELETE", f"/backends/127.0.0.1:{backend.port}",
+         {"Host": f"evil.example:{lb.admin_port}"}, None),
+        *[("POST", drain, {"Host": host}, None)
+          for host in ("gol7lb-admin.internal.evil.example", "example", "", "a b", "x@localhost")],
+    ]
+    for method, path, headers, body in refused:
+        answer = admin_call(lb, method, path, token, headers=dict(headers), data=body)
+        assert answer.status_code == 403, (method, path, headers, answer.text)
+        assert answer.headers["Content-Type"] == "application/json"
+        assert answer.json()["error"], (method, path, headers)
+    assert status(lb)["backends"] == before  # nothing changed: not drained, nothing added
+    # Reads stay open to anyone.
+    for headers in ({"Origin": "http://evil.example"}, {"Host": "evil.example"}):
+        assert admin_call(lb, "GET", "/status", headers=headers).status_code == 200
+        assert admin_call(lb, "GET", "/metrics", headers=headers).status_code == 200
+    if token:  # same-origin calls without the right bearer token: 401
+        for wrong in ({}, {"Authorization": "Bearer wrong"}, {"Authorization": f"Basic {token}"}):
+            for method, path, body in (("POST", drain, None), ("POST", "/backends", add),
+                                       ("DELETE", f"/backends/127.0.0.1:{backend.port}", None)):
+                answer = admin_call(lb, method, path, headers={**wrong, **json_type}, data=body)
+                assert answer.status_code == 401 and "Bearer" in answer.json()["error"]
+                assert answer.headers["WWW-Authenticate"].startswith("Bearer")
+        assert status(lb)["backends"] == before
+    # The admin listener's own origin, with JSON (or no body), is served.
+    same = {"Origin": f"http://{own}", **json_type}
+    answer = admin_call(lb, "POST", "/backends", token, headers=same, data=add)
+    assert answer.status_code == 201, answer.text
+    answer = admin_call(lb, "POST", drain, token,
+                        headers={"Host": f"localhost:{lb.admin_port}",
+                                 "Origin": f"http://localhost:{lb.admin_port}", **json_type})
+    assert answer.status_code == 200 and answer.json()["state"] == "drained", answer.text
+    for host in ("gol7lb-admin.internal:8404", "admin.example", "ADMIN.example:80",
+                 "127.0.0.2:8404", "[::1]:8404"):  # loopback addresses: never a DNS name
+        answer = admin_call(lb, "POST", drain.replace("drain", "enable"), token,
+                            headers={"Host": host})
+        assert answer.status_code == 200 and answer.json()["state"] == "up", (host, answer.text)
+    assert "Traceback" not in lb.output()
+

@@ -67,6 +67,7 @@ def test_trusted_proxies_from_the_file_are_a_list(tmp_path):
 def test_every_setting_has_its_environment_variable():
     lists = {"proxy.retry_on": ("502, 504", ("502", "504")),
              "proxy.trusted_proxies": ("10.0.0.0/8, ::1", ("10.0.0.0/8", "::1")),
+             "admin.hosts": ("gol7lb-admin, lb.example.", ("gol7lb-admin", "lb.example.")),
              "discovery.resolvers": ("127.0.0.1:53, [::1]:5353", ("127.0.0.1:53", "[::1]:5353"))}
     for setting in SETTINGS:
         if setting.kind == "str":
@@ -102,13 +103,14 @@ def test_booleans_from_the_environment(text, expected):
     ({"GOL7LB_ADMIN_BIND": "nowhere"}, ["admin.bind", "host:port"]),
     ({"GOL7LB_ADMIN_BIND": "0.0.0.0:8404"}, ["admin.bind", "admin.token", "loopback"]),
     ({"GOL7LB_ADMIN_TOKEN": "two words"}, ["admin.token"]),
+    ({"GOL7LB_ADMIN_HOSTS": "lb.example:8404"}, ["admin.hosts", "lb.example:8404", "names"]),
     ({"GOL7LB_LOG_ACCESS": "maybe"}, ["log.access", "'maybe'", "true or false"]),
     ({"GOL7LB_LOG_FORMAT": "xml"}, ["log.format", "text, json"]),
     ({"GOL7LB_RELOAD_WATCH": "2"}, ["reload.watch", "true or false"]),
     ({"GOL7LB_BACKENDS": ""}, ["GOL7LB_BACKENDS", "set but names no backend"]),
     ({"GOL7LB_BACKENDS": " , "}, ["GOL7LB_BACKENDS", "set but names no backend"]),
     ({"GOL7LB_BACKENDS": "ftp://127.0.0.1:21"}, ["backends", "only http://"]),
-    ({"GOL7LB_BACKENDS": "http://127.0.0.1:80/app"}, ["backends", "no path"]),
+    ({"GOL7LB_BACKENDS": "http://127.0.0.1:80/app"}, ["backends", "has a path"]),
     ({"GOL7LB_BACKENDS": "http://127.0.0.1:99999"}, ["backends", "port"]),
     ({"GOL7LB_BACKENDS": "http://127.0.0.1:81 weight=0"}, ["backends", "weight"]),
     ({"GOL7LB_BACKENDS": "http://127.0.0.1:81, http://127.0.0.1:81/"}, ["duplicate backend"]),
@@ -162,6 +164,18 @@ def run_gunicorn(env_extra, tmp_path):
          "--no-control-socket"], cwd=ROOT, env=env, capture_output=True, text=True, timeout=60)
 
 
+def assert_one_line_exit_2(result, words):
+    """A refused start: status 2, exactly one line (on stderr), no traceback."""
+    assert result.returncode == 2, (result.returncode, result.stdout, result.stderr)
+    assert "Traceback" not in result.stdout + result.stderr
+    assert not result.stdout.strip(), result.stdout
+    lines = [line for line in result.stderr.splitlines() if line.strip()]
+    assert len(lines) == 1, result.stderr
+    assert lines[0].startswith("gol7lb: ")
+    for word in words:
+        assert word in lines[0], lines[0]
+
+
 @pytest.mark.parametrize("env, words", [
     ({"GOL7LB_HEALTH_INTERVAL": "-1"}, ["health.interval", "-1"]),
     ({"GOL7LB_BACKENDS": "http://127.0.0.1:81, http://127.0.0.1:81"}, ["duplicate backend"]),
@@ -169,20 +183,31 @@ def run_gunicorn(env_extra, tmp_path):
     ({"WEB_CONCURRENCY": "0"}, ["WEB_CONCURRENCY"]),
     ({"GOL7LB_BACKENDS": ""}, ["GOL7LB_BACKENDS", "set but names no backend"]),
     ({"GOL7LB_ADMIN_BIND": "0.0.0.0:18404"}, ["admin.bind", "admin.token"]),
+    ({"GOL7LB_BACKENDS": "127.0.0.1:8081"},
+     ["backend URL '127.0.0.1:8081' has no scheme: write http://127.0.0.1:8081"]),
+    ({"GOL7LB_BACKENDS": "localhost:8081"}, ["'localhost:8081'", "write http://localhost:8081"]),
+    ({"GOL7LB_BACKENDS": "http://a:1;http://b:2"}, ["'http://a:1;http://b:2'", "commas"]),
+    ({"GOL7LB_BACKENDS": "http://a:1 http://b:2"}, ["'http://b:2'", "commas"]),
+    ({"GOL7LB_BACKENDS": "http://a:1 weight=999"}, ["GOL7LB_BACKENDS", "999", "1 to 256"]),
+    ({"GOL7LB_BACKENDS": "http://a:1 weight=x"}, ["GOL7LB_BACKENDS", "'x'", "1 to 256"]),
+    ({"GOL7LB_BACKENDS": "http://[zz]:1"}, ["'http://[zz]:1'", "IPv6"]),
+    ({"GOL7LB_BACKENDS": "http://u:p@a:1"}, ["'http://u:p@a:1'", "http://host:port"]),
+    ({"GOL7LB_ADMIN_HOSTS": "a b"}, ["admin.hosts", "'a b'", "host names"]),
+    ({"GOL7LB_CONFIG": "pool-weight"}, ["pools.api.backends[0].weight = 999", "1 to 256"]),
+    ({"GOL7LB_CONFIG": "no-scheme"}, ["backends[0].url", "'a:1'", "write http://a:1"]),
 ])
 def test_a_bad_setting_stops_the_real_start_without_traceback(tmp_path, env, words):
-    result = run_gunicorn(env, tmp_path)
-    assert result.returncode != 0
-    output = (result.stdout + result.stderr).strip()
-    assert "Traceback" not in output
-    lines = [line for line in output.splitlines() if line.strip()]
-    assert len(lines) == 1, output
-    assert lines[0].startswith("gol7lb: ")
-    for word in words:
-        assert word in lines[0]
+    files = {"pool-weight": '[pools.api]\nbackends = [{ url = "http://127.0.0.1:10", '
+                            'weight = 999 }]\n',
+             "no-scheme": '[[backends]]\nurl = "a:1"\n'}
+    if env.get("GOL7LB_CONFIG") in files:
+        env = {"GOL7LB_CONFIG": write(tmp_path, files[env["GOL7LB_CONFIG"]])}
+    assert_one_line_exit_2(run_gunicorn(env, tmp_path), words)
 
 
-def test_a_busy_admin_port_stops_the_start_with_a_clear_line(tmp_path):
+def test_a_busy_admin_port_stops_the_start_with_one_line_naming_the_variable(tmp_path):
+    """As a second instance whose admin port the first one holds: exit 2, one line that
+    names admin.bind / GOL7LB_ADMIN_BIND and says what to do."""
     import socket
     with socket.socket() as busy:
         busy.bind(("127.0.0.1", 0))
@@ -190,9 +215,8 @@ def test_a_busy_admin_port_stops_the_start_with_a_clear_line(tmp_path):
         port = busy.getsockname()[1]
         result = run_gunicorn({"GOL7LB_ADMIN_BIND": f"127.0.0.1:{port}",
                                "GOL7LB_BACKENDS": f"http://127.0.0.1:{free_port()}"}, tmp_path)
-    assert result.returncode != 0
-    assert "Traceback" not in result.stderr
-    assert f"admin.bind '127.0.0.1:{port}'" in result.stderr
+    assert_one_line_exit_2(result, [f"admin.bind '127.0.0.1:{port}'", "GOL7LB_ADMIN_BIND",
+                                    "already in use", "another address"])
 
 
 def test_readme_settings_table_names_every_setting_and_variable():

@@ -24,7 +24,8 @@ import requests
 import yaml
 
 from gol7lb.config import ConfigError, load_settings
-from tests.procs import LB, ROOT, free_port
+from tests.dnsserver import TestDNS
+from tests.procs import LB, ROOT, free_port, lb_status, wait_until
 from tests.test_packaging import dockerfile_user, env_vars, graceful_timeout
 
 K8S = ROOT / "deploy" / "kubernetes"
@@ -284,7 +285,8 @@ def test_the_pod_starts_probes_answer_and_mutations_need_the_token(tmp_path: Pat
     """The container as the kubelet starts it: the Deployment's environment, the ConfigMap's
     file, the admin listener on every address (a free port, not 8404: other LBs may run
     here), the temp directory an empty directory of its own. The probes' request answers
-    200 ok; the API refuses a drain without the token and accepts it with the token."""
+    200 ok; the backends follow the headless Service's DNS records as it scales; the API
+    refuses a drain without the token and accepts it with the token."""
     token = secrets.token_hex(16)
     config = tmp_path / "lb.toml"
     config.write_text(config_toml())
@@ -292,7 +294,14 @@ def test_the_pod_starts_probes_answer_and_mutations_need_the_token(tmp_path: Pat
     emptydir.mkdir()
     admin_port = free_port()
     env = pod_env(config, token)
-    env.update(GOL7LB_ADMIN_BIND=f"0.0.0.0:{admin_port}", TMPDIR=str(emptydir))
+    # Cluster DNS: a real DNS server whose records for the headless name change as the
+    # StatefulSet scales (the pods need not exist: /status lists what was discovered).
+    spec = load_settings_from_configmap(token, tmp_path / "again.toml").pools["default"]
+    name, port = spec.discover[0].name, spec.discover[0].port
+    dns = TestDNS(tmp_path)
+    dns.set_a(name, ["127.0.0.21", "127.0.0.22"])
+    env.update(GOL7LB_ADMIN_BIND=f"0.0.0.0:{admin_port}", TMPDIR=str(emptydir),
+               GOL7LB_DISCOVERY_RESOLVERS=dns.address)
     env.pop("XDG_RUNTIME_DIR", None)
     lb = LB(env, tmp_path / "lb.log")
     try:
@@ -301,13 +310,22 @@ def test_the_pod_starts_probes_answer_and_mutations_need_the_token(tmp_path: Pat
         assert (answer.status_code, answer.text.strip()) == (200, "ok")
         assert [p.name for p in emptydir.iterdir() if p.name.startswith("gol7lb-")], \
             "the private run directory is made in the temp directory"
-        backend = load_settings_from_configmap(token, tmp_path / "again.toml").backends[0]
-        drain = f"{lb.admin_url}/backends/{backend.id}/drain"
+
+        def discovered() -> set[str]:
+            return {b["id"] for b in lb_status(lb)["backends"]}
+
+        wait_until(lambda: discovered() == {f"127.0.0.21:{port}", f"127.0.0.22:{port}"})
+        dns.set_a(name, ["127.0.0.21", "127.0.0.22", "127.0.0.23"])  # scaled up
+        wait_until(lambda: len(discovered()) == 3)
+        dns.set_a(name, ["127.0.0.22", "127.0.0.23"])  # and down
+        wait_until(lambda: discovered() == {f"127.0.0.22:{port}", f"127.0.0.23:{port}"})
+        drain = f"{lb.admin_url}/backends/127.0.0.22:{port}/drain"
         assert requests.post(drain, timeout=5).status_code == 401
         answer = requests.post(drain, timeout=5, headers={"Authorization": f"Bearer {token}"})
         assert answer.status_code == 200, answer.text
     finally:
         assert lb.stop() == 0, lb.output()
+        dns.stop()
     assert not lb.leftovers()
     assert not [p for p in emptydir.iterdir() if p.name.startswith("gol7lb-")], \
         "the run directory is removed at exit"
@@ -319,17 +337,56 @@ mount --bind -o ro "$APP_DIR" "$APP_MOUNT"         # the image's /app (the check
 cd "$APP_MOUNT"                                    # live under /tmp, hidden below)
 mount --bind -o ro "$CONFIG_DIR" "$CONFIG_MOUNT"    # the ConfigMap's volume
 mount -o remount,bind,ro /                         # readOnlyRootFilesystem
-mount -t tmpfs -o size=64m,mode=1777 tmpfs /tmp    # the emptyDir on /tmp
+mount -t tmpfs -o size=64m,mode=1777 tmpfs "$STAGE" # the emptyDir for /tmp, built aside so
+IFS=:                                              # that what Python needs from below the
+for dir in $KEEP_UNDER_TMP; do                     # old /tmp (a venv, say) is bound into it
+  mkdir -p "$STAGE/$dir" && mount --bind -o ro "/tmp/$dir" "$STAGE/$dir"
+done
+unset IFS
+mount --no-mtab --move "$STAGE" /tmp               # then it covers /tmp
 if touch /.gol7lb-write-probe 2>/dev/null; then echo "root still writable" >&2; exit 97; fi
 exec "$PYTHON" -m gunicorn -c gunicorn.conf.py gol7lb.wsgi --no-control-socket
 """
 
 
+def python_dirs_under_tmp() -> list[str]:
+    """The directories below /tmp this interpreter runs from (a venv, its site-packages, an
+    editable checkout), relative to /tmp and outermost only: the pod's empty /tmp would hide
+    them, so the pod keeps them visible (read-only) under it."""
+    import os
+    import sys
+
+    tmp = Path("/tmp")
+    found: set[Path] = set()
+    for path in (sys.prefix, sys.exec_prefix, sys.base_prefix,
+                 os.path.dirname(sys.executable), *sys.path):
+        for candidate in {Path(os.path.abspath(path or ".")), Path(path or ".").resolve()}:
+            if candidate != tmp and candidate.is_relative_to(tmp) and candidate.is_dir():
+                found.add(candidate.relative_to(tmp))
+    outermost = [p for p in found if not any(p != q and p.is_relative_to(q) for q in found)]
+    return sorted(str(p) for p in outermost)
+
+
+def test_python_dirs_under_tmp_are_the_outermost_ones(monkeypatch, tmp_path: Path) -> None:
+    import sys
+
+    venv = tmp_path / "venv"
+    (venv / "lib" / "site-packages").mkdir(parents=True)
+    monkeypatch.setattr(sys, "prefix", str(venv))
+    monkeypatch.setattr(sys, "path", [str(venv / "lib" / "site-packages"), "/usr/lib",
+                                      str(tmp_path / "missing")])
+    assert str(venv.relative_to("/tmp")) in python_dirs_under_tmp()
+    assert not [d for d in python_dirs_under_tmp() if d.startswith(str(venv.relative_to("/tmp"))
+                                                                   + "/")]
+
+
 def test_the_pod_runs_with_a_read_only_root_filesystem(tmp_path: Path) -> None:
     """readOnlyRootFilesystem for real: in a mount namespace of its own the whole root is
     remounted read-only, /tmp is an empty tmpfs and the ConfigMap's file a read-only bind,
-    as the kubelet lays them out. The LB starts, answers the probes' /healthz, and stops on
-    TERM with status 0, without one write refused."""
+    as the kubelet lays them out (a Python environment that lives under /tmp, as a venv made
+    there, stays visible in it read-only, as the image's /usr/local would be). The LB
+    starts, answers the probes' /healthz, and stops on TERM with status 0, without one
+    write refused."""
     import os
     import shutil
     import subprocess
@@ -352,6 +409,8 @@ def test_the_pod_runs_with_a_read_only_root_filesystem(tmp_path: Path) -> None:
 
     config_dir = tmp_path / "config"
     config_dir.mkdir()
+    stage = tmp_path / "pod-tmp"  # made before the root turns read-only
+    stage.mkdir()
     (config_dir / "lb.toml").write_text(config_toml())
     token = secrets.token_hex(16)
     port, admin_port = free_port(), free_port()
@@ -361,7 +420,8 @@ def test_the_pod_runs_with_a_read_only_root_filesystem(tmp_path: Path) -> None:
     env.update(PORT=str(port), GOL7LB_ADMIN_BIND=f"0.0.0.0:{admin_port}",
                WEB_CONCURRENCY="2", PYTHONDONTWRITEBYTECODE="1", CONFIG_DIR=str(config_dir),
                CONFIG_MOUNT=mount_point, APP_DIR=str(ROOT), APP_MOUNT=app_mount,
-               PYTHON=sys.executable)
+               PYTHON=sys.executable, STAGE=str(stage),
+               KEEP_UNDER_TMP=":".join(python_dirs_under_tmp()))
     log = tmp_path / "pod.log"
     with open(log, "wb") as out:
         proc = subprocess.Popen([unshare, "-m", "--propagation", "private", "bash", "-c",
@@ -376,18 +436,18 @@ def test_the_pod_runs_with_a_read_only_root_filesystem(tmp_path: Path) -> None:
                 answer = requests.get(f"http://127.0.0.1:{admin_port}/healthz", timeout=2)
                 if answer.status_code == 200:
                     break
-            except requests.ConnectionError:
+            except (requests.ConnectionError, requests.Timeout):  # the helpers still start
                 pass
             time.sleep(0.1)
         assert answer is not None, log.read_text()
         assert (answer.status_code, answer.text.strip()) == (200, "ok"), log.read_text()
         status = requests.get(f"http://127.0.0.1:{admin_port}/status", timeout=5).json()
         assert status["config"]["last_error"] is None
-        assert len(status["backends"]) == 3
-        # The proxy port answers too (503: the example backends do not resolve here).
+        assert list(status["pools"]) == ["default"]
+        # The proxy port answers too (503: the example's name does not resolve here).
         assert requests.get(f"http://127.0.0.1:{port}/", timeout=10).status_code == 503
         tree = psutil.Process(proc.pid).children(recursive=True)
-        assert len(tree) >= 4, "manager, supervisor, admin listener, workers"
+        assert len(tree) >= 5, "manager, supervisor, admin listener, discovery, workers"
         proc.terminate()
         assert proc.wait(timeout=60) == 0, log.read_text()
         _, alive = psutil.wait_procs(tree, timeout=10)
@@ -447,28 +507,25 @@ EXAMPLE = K8S / "examples" / "backend-headless-service.yaml"
 
 def test_example_headless_service_matches_its_statefulset_and_the_configmap(
         tmp_path: Path) -> None:
+    """The ConfigMap discovers the example's headless Service through DNS (so scaling the
+    StatefulSet is followed), by its full name on the Service's port, and lists no pod."""
     service = one("Service", EXAMPLE)
     sts = one("StatefulSet", EXAMPLE)
     assert service["spec"]["clusterIP"] == "None", "headless: one DNS record per pod"
     assert sts["spec"]["serviceName"] == service["metadata"]["name"]
     assert service["spec"]["selector"] == sts["spec"]["selector"]["matchLabels"]
     port = service["spec"]["ports"][0]["port"]
-    names = {f"{sts['metadata']['name']}-{i}.{service['metadata']['name']}"
-             for i in range(sts["spec"]["replicas"])}
+    namespace = service["metadata"].get("namespace", "default")
     settings = load_settings_from_configmap("t", tmp_path / "lb.toml")
-    assert {(b.host, b.port) for b in settings.backends} == {(n, port) for n in names}
+    assert settings.backends == () and list(settings.pools) == ["default"]
+    assert [(d.kind, d.name, d.port) for d in settings.pools["default"].discover] == [
+        ("dns", f"{service['metadata']['name']}.{namespace}.svc.cluster.local", port)]
     command = sts["spec"]["template"]["spec"]["containers"][0]["command"]
     assert command[:3] == ["python", "-m", "backend"] and command[3] == str(port)
 
 
-def test_example_shows_dns_discovery_settings_that_load(tmp_path: Path) -> None:
-    """The example's commented discovery settings are valid for the parser as it is."""
-    text = EXAMPLE.read_text()
-    assert 'discover = "dns"' in text
-    snippet = "\n".join(line.removeprefix("#   ") for line in text.splitlines()
-                        if line.startswith("#   ") and ("=" in line or "[[" in line))
-    path = tmp_path / "lb.toml"
-    path.write_text(snippet + "\n")
-    settings = load_settings({"GOL7LB_CONFIG": str(path)})
-    spec = settings.pools["default"].discover[0]
-    assert (spec.kind, spec.name, spec.port) == ("dns", "web.default.svc.cluster.local", 8080)
+def test_readme_kubernetes_section_describes_the_shipped_discovery() -> None:
+    readme = (ROOT / "README.md").read_text()
+    section = readme[readme.index("## Kubernetes"):]
+    section = section[:section.index("\n## ", 1)]
+    assert 'discover = "dns"' in section and "not in this version" not in section

@@ -48,7 +48,8 @@ def test_check_refuses_a_bad_file_with_the_start_s_one_line(tmp_path):
     assert result.returncode == 2 and "usage" in result.stderr
 
 
-def test_a_second_instance_on_a_served_port_refuses_to_start(lb_factory, backend_factory):
+def test_a_second_instance_on_a_served_port_or_admin_port_refuses_to_start(lb_factory,
+                                                                           backend_factory):
     backend = backend_factory()
     first = lb_factory({"GOL7LB_BACKENDS": backends_env([backend.port])})
     assert f"Listening at: http://0.0.0.0:{first.port}" in first.output()
@@ -61,5 +62,14 @@ def test_a_second_instance_on_a_served_port_refuses_to_start(lb_factory, backend
     assert output.splitlines() == [
         f"gol7lb: PORT {first.port} is already in use (Address already in use): another "
         "GoL7-LB instance or another server listens there; stop it or set another PORT"]
+    # Another PORT, but the first one's admin address: the same, naming GOL7LB_ADMIN_BIND.
+    third = lb_factory({"GOL7LB_BACKENDS": backends_env([backend.port]),
+                        "GOL7LB_ADMIN_BIND": f"127.0.0.1:{first.admin_port}"}, ready=False)
+    assert third.wait(timeout=30) == 2
+    assert third.output().strip().splitlines() == [
+        f"gol7lb: admin.bind '127.0.0.1:{first.admin_port}' (GOL7LB_ADMIN_BIND) cannot be "
+        "bound: Address already in use; another GoL7-LB instance or another server may listen "
+        "there: stop it, or set another address with GOL7LB_ADMIN_BIND (\"\" turns the admin "
+        "listener off)"]
     for _ in range(6):  # the first one keeps all the traffic
         assert requests.get(first.url + "/", timeout=5).status_code == 200

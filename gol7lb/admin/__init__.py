@@ -15,23 +15,44 @@ import threading
 
 from gol7lb.admin.server import AdminServer
 from gol7lb.children import configure_child_logging, init_helper_process
+from gol7lb.config import ConfigError
 from gol7lb.hosts import HostTable
 from gol7lb.state import ControlClient, SharedCounters
 
 
-def bind_listener(address: tuple[str, int]) -> socket.socket:
-    """Bind in the master; OSError reaches the caller so a busy port is a start-up error."""
+def bind_listener(address: tuple[str, int], backlog: int = 64) -> socket.socket:
+    """Bind in the master; OSError reaches the caller so a busy port is a start-up error.
+    With backlog 0 the socket is bound but not listening (a probe)."""
     host, port = address
     family = socket.AF_INET6 if ":" in host else socket.AF_INET
     sock = socket.socket(family, socket.SOCK_STREAM)
     sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
     try:
         sock.bind((host, port))
-        sock.listen(64)
+        if backlog:
+            sock.listen(backlog)
     except OSError:
         sock.close()
         raise
     return sock
+
+
+def check_bind(bind: str, address: tuple[str, int] | None) -> None:
+    """Refuse to start, before gunicorn does anything, when the admin address cannot be bound
+    (a second instance, mostly): one line and exit 2, like a PORT clash."""
+    if address is None:
+        return
+    try:
+        bind_listener(address, backlog=0).close()
+    except OSError as e:
+        raise bind_error(bind, e) from None
+
+
+def bind_error(bind: str, error: OSError) -> ConfigError:
+    return ConfigError(f"admin.bind {bind!r} (GOL7LB_ADMIN_BIND) cannot be bound: "
+                       f"{error.strerror or error}; another GoL7-LB instance or another server "
+                       "may listen there: stop it, or set another address with "
+                       "GOL7LB_ADMIN_BIND (\"\" turns the admin listener off)")
 
 
 def run(sock: socket.socket, address: str, authkey: bytes, counters: SharedCounters,

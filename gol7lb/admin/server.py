@@ -1,12 +1,13 @@
 """The admin listener's HTTP side: a table of routes, JSON in and out, bearer-token checks.
 
-Every answer is complete and small; errors are `{"error": "..."}` with 400, 401, 404, 405
-(with `Allow`), 409 or 503, never a traceback.
+Every answer is complete and small; errors are `{"error": "..."}` with 400, 401, 403, 404,
+405 (with `Allow`), 409 or 503, never a traceback.
 """
 
 from __future__ import annotations
 
 import hmac
+import ipaddress
 import json
 import logging
 import re
@@ -18,12 +19,12 @@ from dataclasses import dataclass
 from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 from pathlib import Path
 from typing import Any
-from urllib.parse import unquote
+from urllib.parse import unquote, urlsplit
 
 from gol7lb import logfmt, metrics
 from gol7lb.admin.status import backend_entries, status_document
 from gol7lb.backends import BackendError, check_weight, parse_backend_url
-from gol7lb.config import DEFAULT_POOL
+from gol7lb.config import DEFAULT_POOL, AdminSettings
 from gol7lb.hosts import HostTable
 from gol7lb.state import ControlClient, ControlError, SharedCounters, Snapshot
 
@@ -148,6 +149,49 @@ class AdminServer(ThreadingHTTPServer):
             raise ApiError(503, f"shared state unreachable: {e or type(e).__name__}") from None
 
 
+def _canonical_host(host: str) -> str:
+    """An IP address in one spelling (an IPv4-mapped IPv6 one as IPv4), a name lower-case."""
+    host = host.removeprefix("[").removesuffix("]")
+    try:
+        address = ipaddress.ip_address(host)
+    except ValueError:
+        return host.lower().removesuffix(".")
+    mapped = getattr(address, "ipv4_mapped", None)
+    return str(mapped or address)
+
+
+def _is_loopback(host: str) -> bool:
+    """127.0.0.0/8 or ::1 (as localhost, and what a port published on the host's loopback,
+    as docker-compose.admin.yml does, arrives with): no DNS name, so never rebinding."""
+    try:
+        return ipaddress.ip_address(host).is_loopback
+    except ValueError:
+        return False
+
+
+def _split_authority(authority: str, default_port: int = 0) -> tuple[str, int] | None:
+    """'Name:8404' -> ('name', 8404); None for what is not a host[:port]."""
+    try:
+        parts = urlsplit("//" + authority.strip())
+        host, port = parts.hostname, parts.port
+    except ValueError:
+        return None
+    if not host or parts.netloc != authority.strip() or parts.username is not None:
+        return None
+    return _canonical_host(host), port or default_port
+
+
+def _same_origin(origin: str, host: str) -> bool:
+    """Whether a browser's Origin is the page served under this Host (default ports
+    filled in from the Origin's scheme)."""
+    scheme, sep, authority = origin.strip().partition("://")
+    default = {"http": 80, "https": 443}.get(scheme.lower())
+    if not sep or default is None:
+        return False  # "null" (a sandboxed page, a file), or not a web origin at all
+    ours = _split_authority(host, default)
+    return ours is not None and _split_authority(authority, default) == ours
+
+
 class AdminHandler(BaseHTTPRequestHandler):
     server: AdminServer
     protocol_version = "HTTP/1.1"
@@ -187,7 +231,9 @@ class AdminHandler(BaseHTTPRequestHandler):
                     raise ApiError(405, f"{self.command} is not allowed on {path}: use "
                                         f"{allow}", {"Allow": allow})
                 if method in route.mutating:
-                    self._authorize()
+                    admin = self.server.snapshot().settings.admin
+                    self._refuse_cross_site(admin)
+                    self._authorize(admin.token)
                 args = {k: unquote(v) for k, v in match.groupdict().items()}
                 getattr(self, route.handlers[method])(**args)
                 return
@@ -204,8 +250,41 @@ class AdminHandler(BaseHTTPRequestHandler):
 
     do_GET = do_HEAD = do_POST = do_PUT = do_DELETE = do_PATCH = do_OPTIONS = _dispatch  # noqa: N815
 
-    def _authorize(self) -> None:
-        token = self.server.snapshot().settings.admin.token
+    def _refuse_cross_site(self, admin: AdminSettings) -> None:
+        """A web page must never drive the API, token or not (DESIGN, Admin listener): a
+        browser always names the page's Origin, a DNS-rebinding page still sends its own name
+        as Host, and a cross-site form or text/plain body needs no CORS preflight (which this
+        listener never grants), so refuse all three with 403."""
+        hosts = self.headers.get_all("Host") or []
+        host = _split_authority(hosts[0]) if len(hosts) == 1 else None
+        if host is None or not (host[0] in self._own_names(admin) or _is_loopback(host[0])):
+            raise ApiError(403, f"Host {', '.join(hosts) or '(none)'!r} is not this admin "
+                                "listener's address, localhost or a name in admin.hosts "
+                                "(GOL7LB_ADMIN_HOSTS): refused (DNS rebinding)")
+        origin = self.headers.get("Origin")
+        if origin is not None and not _same_origin(origin, hosts[0]):
+            raise ApiError(403, f"Origin {origin!r} is not this admin listener's own "
+                                f"(http://{hosts[0]}): a web page may not change the LB")
+        content_type = self.headers.get("Content-Type")
+        has_body = bool(self.headers.get("Transfer-Encoding")) or \
+            self.headers.get("Content-Length", "0").strip() not in ("", "0")
+        media = content_type.partition(";")[0].strip().lower() if content_type else None
+        if (media is None and has_body) or (media is not None and media != JSON_TYPE):
+            raise ApiError(403, f"Content-Type {content_type!r} refused: a mutating call "
+                                f"sends no body or a {JSON_TYPE} one (forms and text/plain "
+                                "could come from any web page)")
+
+    def _own_names(self, admin: AdminSettings) -> set[str]:
+        """What Host may name besides a loopback address: the bound address, the address this
+        connection reached, localhost and admin.hosts."""
+        names = {"localhost", _canonical_host(self.server.server_address[0]),
+                 _canonical_host(self.connection.getsockname()[0])}
+        if admin.address is not None:
+            names.add(_canonical_host(admin.address[0]))
+        names.update(_canonical_host(name) for name in admin.hosts)
+        return names - {"0.0.0.0", "::"}  # a wildcard bind is no address a client names
+
+    def _authorize(self, token: str) -> None:
         if not token:
             return
         given = self.headers.get("Authorization", "")
