@@ -6,6 +6,10 @@ imported anywhere (it reads `PROMETHEUS_MULTIPROC_DIR` at import), so every proc
 forks or spawns inherits the same directory. It is new and empty at each start, private to
 the instance (two LBs on one machine never mix their metrics or state), and removed when the
 master exits; a directory left by a master that was killed is removed by the next start.
+
+Unix socket paths are limited to 107 bytes, so it goes where its sockets fit: under
+`$XDG_RUNTIME_DIR`, else the temporary directory (`$TMPDIR`); when neither fits, the Manager
+listens on an abstract socket name and gunicorn's control socket is off.
 """
 
 from __future__ import annotations
