@@ -23,6 +23,7 @@ import struct
 import sys
 import threading
 import time
+import weakref
 from collections.abc import Callable
 from dataclasses import dataclass, field, replace
 from multiprocessing import AuthenticationError
@@ -548,6 +549,14 @@ class ControlClient:
         self.timeout = timeout
         self._idle: list[Connection] = []
         self._lock = threading.Lock()
+        _CLIENTS.add(self)
+
+    def _after_fork(self) -> None:
+        """In a forked child: the parent's connections are not ours to use (two processes on
+        one socket would mix their answers), nor its lock, which a thread may have held."""
+        idle, self._idle, self._lock = self._idle, [], threading.Lock()
+        for conn in idle:
+            self._drop(conn)  # the child's copy of the fd only
 
     def _connect(self, deadline: float) -> Connection:
         sock = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
@@ -611,6 +620,16 @@ class ControlClient:
             raise ConnectionError("the manager has no configuration yet")
         return snapshot
 
+
+_CLIENTS: weakref.WeakSet[ControlClient] = weakref.WeakSet()
+
+
+def _forget_connections_after_fork() -> None:
+    for client in list(_CLIENTS):
+        client._after_fork()
+
+
+os.register_at_fork(after_in_child=_forget_connections_after_fork)
 
 T = TypeVar("T")
 
