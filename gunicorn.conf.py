@@ -48,7 +48,11 @@ timeout = 30  # a worker that stops heart-beating (not a slow request) is replac
 forwarded_allow_ips = ""
 accesslog = None  # the proxy writes its own access log (log.access), with pool and backend
 logger_class = logfmt.GunicornLogger  # error lines as JSON too when log.format = "json"
-control_socket = rundir.path("gunicorn.ctl")  # one per instance, never shared
+_control_socket = rundir.socket_address("gunicorn.ctl", abstract=False)
+if _control_socket is None:  # its path would not fit in a Unix socket address (107 bytes)
+    control_socket_disable = True  # hooks.on_starting says so in the log
+else:
+    control_socket = _control_socket  # one per instance, never shared
 
 on_starting = hooks.on_starting
 pre_fork = hooks.pre_fork

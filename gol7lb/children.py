@@ -43,6 +43,7 @@ log = logging.getLogger("gunicorn.error")
 SPAWN = multiprocessing.get_context("spawn")
 PROJECT_ROOT = Path(__file__).resolve().parent.parent
 _PR_SET_PDEATHSIG = 1
+STOP_RESEND_SECONDS = 0.25
 
 
 class StartupError(Exception):
@@ -82,14 +83,28 @@ def set_process_title(role: str) -> None:
     setproctitle(f"gol7lb: {role}")
 
 
+# Signals a terminal or a process manager (honcho, a shell's Ctrl-C) sends to the master's
+# whole process group. They are blocked while a helper is spawned, so it inherits them blocked
+# and none can reach it before it has left that group.
+GROUP_SIGNALS = frozenset({signal.SIGINT, signal.SIGTERM, signal.SIGQUIT})
+
+
 def init_helper_process(role: str) -> None:
     """First thing in every helper the master spawns: its title, its own process group, and
-    death with the master."""
+    death with the master.
+
+    A group signal that arrived while it started is pending (blocked by the spawner): it was
+    meant for the master, so it is discarded (ignoring a pending signal drops it) before the
+    signals are unblocked. SIGINT stays ignored; TERM and QUIT get their default action back
+    until the helper sets its own handler."""
     set_process_title(role)
     with contextlib.suppress(OSError):
         os.setpgid(0, 0)
-    signal.signal(signal.SIGINT, signal.SIG_IGN)
-    signal.pthread_sigmask(signal.SIG_UNBLOCK, {signal.SIGINT})  # blocked by the spawner
+    for sig in GROUP_SIGNALS:
+        signal.signal(sig, signal.SIG_IGN)
+    signal.pthread_sigmask(signal.SIG_UNBLOCK, GROUP_SIGNALS)
+    signal.signal(signal.SIGTERM, signal.SIG_DFL)
+    signal.signal(signal.SIGQUIT, signal.SIG_DFL)
     die_with_parent()
 
 
@@ -150,10 +165,11 @@ class ManagedChild:
         self.process = SPAWN.Process(target=_run_with_log_format,
                                      args=(logfmt.current_format(), self.target, *self.args),
                                      name=f"gol7lb-{self.name}", daemon=True)
-        # SIGINT blocked in this thread while it spawns: the child inherits the mask, so a
-        # Ctrl-C to the group while it is still importing waits until init_helper_process()
-        # ignores it (the master's other threads still take the signal).
-        blocked = signal.pthread_sigmask(signal.SIG_BLOCK, {signal.SIGINT})
+        # Group signals blocked in this thread while it spawns: the child inherits the mask,
+        # so a Ctrl-C or a TERM to the group while it is still importing waits until
+        # init_helper_process() has left the group and drops it (the master's other threads
+        # still take the signal).
+        blocked = signal.pthread_sigmask(signal.SIG_BLOCK, GROUP_SIGNALS)
         try:
             self.process.start()
         finally:
@@ -195,13 +211,25 @@ class ManagedChild:
         return min(30.0, 0.25 * 2 ** self.quick_deaths) if self.quick_deaths else 0.0
 
     def stop(self, timeout: float) -> None:
+        """TERM, repeated every STOP_RESEND_SECONDS: a helper still starting holds it blocked
+        and drops it with any group signal pending (init_helper_process), so one TERM could
+        be lost. KILL when it is still there after `timeout`."""
         process = self.process
         if process is None or process.pid is None:
             return
-        signal_pid(process.pid, signal.SIGTERM)
-        if not multiprocessing.connection.wait([process.sentinel], timeout):
-            signal_pid(process.pid, signal.SIGKILL)
-            multiprocessing.connection.wait([process.sentinel], 2.0)
+        deadline = time.monotonic() + timeout
+        while True:
+            signal_pid(process.pid, signal.SIGTERM)
+            left = deadline - time.monotonic()
+            if multiprocessing.connection.wait([process.sentinel],
+                                               max(0.0, min(STOP_RESEND_SECONDS, left))):
+                break
+            if left <= STOP_RESEND_SECONDS:
+                log.warning("%s (pid %s) did not stop within %gs; killing it", self.name,
+                            process.pid, timeout)
+                signal_pid(process.pid, signal.SIGKILL)
+                multiprocessing.connection.wait([process.sentinel], 2.0)
+                break
         with contextlib.suppress(ChildProcessError, OSError):
             os.waitpid(process.pid, os.WNOHANG)  # reap it ourselves if gunicorn has not
 
@@ -223,6 +251,15 @@ class ChildWatcher:
         self.children = list(children)
         self._stopping = threading.Event()
         self._lock = threading.Lock()
+        self._shutting_down = False  # a plain flag: set from a signal handler
+
+    def shutting_down(self) -> None:
+        """The master got TERM, INT or QUIT: from now on a helper that ends is not restarted
+        (the master stops them all after its workers). Safe in a signal handler."""
+        self._shutting_down = True
+
+    def _restarts(self) -> bool:
+        return not (self._shutting_down or self._stopping.is_set())
 
     def start_child(self, child: ManagedChild) -> None:
         """Start one helper now (in start-up order) and watch it from then on."""
@@ -235,7 +272,10 @@ class ChildWatcher:
         while True:
             how = child.wait_exit()
             with self._lock:
-                if self._stopping.is_set():
+                if not self._restarts():
+                    if not self._stopping.is_set():
+                        log.info("%s (pid %s) ended while the master shuts down (%s)",
+                                 child.name, child.pid, how)
                     return
                 delay = child.restart_delay()
                 log.error("%s (pid %s) died (%s); restarting%s", child.name, child.pid, how,
@@ -243,7 +283,7 @@ class ChildWatcher:
             if self._stopping.wait(delay):
                 return
             with self._lock:
-                if self._stopping.is_set():
+                if not self._restarts():
                     return
                 child.start()
                 log.info("restarted %s (pid %s)", child.name, child.pid)

@@ -11,6 +11,7 @@ import contextlib
 import multiprocessing
 import multiprocessing.process
 import os
+import signal
 import socket
 import sys
 import time
@@ -124,6 +125,10 @@ def on_starting(server: Any) -> None:
         sys.stderr.write(f"gol7lb: cannot start: {e}\n")
         sys.exit(1)
     _runtime = rt
+    _note_shutdown(server, rt.watcher)
+    if rundir.socket_address("gunicorn.ctl", abstract=False) is None:
+        server.log.warning("gol7lb: gunicorn's control socket is off: a path in %s would be "
+                           "longer than %d bytes", rundir.path(""), rundir.UNIX_PATH_MAX)
     follower = ControlClient(rt.address, rt.authkey)  # its own connection, in its own thread
     logfmt.follow(lambda: rt.counters.generation,
                   lambda: follower.snapshot().settings.log.format)
@@ -141,7 +146,11 @@ def _start(rt: Runtime, log: Any) -> None:
     if settings.demo_backends:
         rt.demo = DemoBackends(DEMO_PORTS)
         rt.demo.start()
-    rt.address = rundir.path("manager.sock")
+    address = rundir.socket_address("manager.sock")
+    if address is None:
+        raise StartupError(f"no Unix socket path fits in {rundir.UNIX_PATH_MAX} bytes under "
+                           f"{rundir.path('')}: set TMPDIR to a shorter directory")
+    rt.address = address
     rt.authkey = bytes(multiprocessing.current_process().authkey)
     rt.watcher = ChildWatcher([])
     manager = ManagedChild("manager", run_manager, (rt.address, rt.authkey, rt.counters,
@@ -172,6 +181,34 @@ def _start(rt: Runtime, log: Any) -> None:
              sum(len(p.backends) for p in pools.values()), len(pools),
              ", ".join(b.url for p in pools.values() for b in p.backends), settings.source,
              f"on http://{settings.admin.bind}" if admin_address else "off")
+
+
+_STOP_SIGNALS = (signal.SIGTERM, signal.SIGINT, signal.SIGQUIT)
+_early_stop: list[int] = []  # in a new worker: a stop signal that came before its handlers
+
+
+def _note_shutdown(server: Any, watcher: ChildWatcher | None) -> None:
+    """From the master's TERM, INT or QUIT on, no helper is restarted: the master stops
+    them itself once its workers are gone. gunicorn installs `server.signal` as its handler
+    right after on_starting; it only queues the signal for its main loop, so this wraps it.
+
+    A worker runs this handler too until gunicorn installs the worker's own (a group TERM
+    right after a fork): it keeps the signal for post_worker_init, which raises it again,
+    instead of queueing it where nobody looks (the master would wait its graceful timeout).
+    """
+    queue_signal = server.signal
+    master = os.getpid()
+
+    def on_signal(sig: int, frame: Any) -> None:
+        if os.getpid() != master:
+            if sig in _STOP_SIGNALS:
+                _early_stop.append(sig)
+            return
+        if watcher is not None and sig in _STOP_SIGNALS:
+            watcher.shutting_down()
+        queue_signal(sig, frame)
+
+    server.signal = on_signal
 
 
 def _wait_for_manager(client: ControlClient, manager: ManagedChild) -> None:
@@ -218,6 +255,8 @@ def post_worker_init(worker: Any) -> None:
     from gol7lb import wsgi
 
     wsgi.build_app()
+    for sig in _early_stop:  # the worker's own handlers take it now
+        os.kill(os.getpid(), sig)
 
 
 def pin_to_cpu(index: int) -> int | None:

@@ -6,7 +6,9 @@ seen by the config watcher process.
 Nothing here may exit the process: a `sys.exit()` during gunicorn's reload goes through the
 arbiter and takes the master down. A configuration that does not validate is logged in one
 line, kept as `config.last_error` in /status, and counted in
-`gol7lb_config_reloads_total{result="error"}`.
+`gol7lb_config_reloads_total{result="error"}`. So is a reload the Manager does not answer
+within its bound (frozen, restarting): the running configuration stays; the config watcher
+tries again by itself, a SIGHUP must be sent again (the master never waits for the Manager).
 """
 
 from __future__ import annotations
@@ -25,7 +27,7 @@ from pathlib import Path
 from gol7lb import logfmt, metrics
 from gol7lb.children import configure_child_logging, init_helper_process
 from gol7lb.config import ConfigError, Settings, load_settings
-from gol7lb.state import ControlClient
+from gol7lb.state import ControlClient, ManagerUnavailable
 
 log = logging.getLogger("gunicorn.error")
 
@@ -69,15 +71,18 @@ def reload_config(client: ControlClient, trigger: str,
         except Exception as publish_error:
             log.error("cannot record the reload error in the shared state: %s", publish_error)
         return False
-    try:
-        previous = client.snapshot().settings
-    except Exception:
-        previous = None
-    try:
+    try:  # every call is bounded: a frozen Manager never holds the master's reload
+        try:
+            previous: Settings | None = client.snapshot().settings
+        except ManagerUnavailable:
+            raise
+        except Exception:  # a Manager restarted without its saved state: publish all the same
+            previous = None
         generation = client.call("publish_config", settings, time.time())
     except Exception as e:
         log.error("reload (%s) failed, the running configuration stays: shared state "
-                  "unreachable: %s", trigger, e or type(e).__name__)
+                  "unreachable: %s; send it again once /healthz says ok", trigger,
+                  e or type(e).__name__)
         metrics.CONFIG_RELOADS.labels("error").inc()
         return False
     metrics.CONFIG_RELOADS.labels("ok").inc()

@@ -18,12 +18,16 @@ import logging
 import os
 import pickle
 import signal
+import socket
+import struct
 import sys
 import threading
 import time
+import weakref
 from collections.abc import Callable
 from dataclasses import dataclass, field, replace
-from multiprocessing.managers import BaseManager
+from multiprocessing import AuthenticationError
+from multiprocessing.connection import Connection, Listener, answer_challenge, deliver_challenge
 from multiprocessing.sharedctypes import RawArray
 from typing import Any, Generic, TypeVar
 
@@ -42,6 +46,7 @@ ROTATIONS = 24  # then one rotation cell per pool slot: tickets drawn by every w
 POOL_SLOTS = 1024  # pools with a rotation at once (running ones, then those that left)
 _SLOTS = ROTATIONS + 8 * POOL_SLOTS
 MANAGER_RETRY_SECONDS = 0.1  # after a failed Manager read, serve the last snapshot this long
+MANAGER_RETRY_MAX_SECONDS = 2.0  # ... doubling while it keeps failing, up to this
 FIRST_READ_SECONDS = 5.0  # how long a new worker waits for its first state read
 REFRESH_WAIT_SECONDS = 0.1  # a request waits this long at most for a refresh under way
 
@@ -463,76 +468,186 @@ class ControlState:
 
 
 # --- the Manager -----------------------------------------------------------------------------
+#
+# A small request/answer protocol over multiprocessing connections rather than a
+# `BaseManager`: a Manager proxy reads its socket with no timeout (and its finaliser connects
+# again, unbounded, to drop its reference), so a frozen Manager froze every caller. Here every
+# socket operation has a kernel timeout and every answer is awaited with `Connection.poll`.
 
-_CONTROL: ControlState | None = None
+EXPOSED = frozenset({"publish_config", "record_error", "add_backend", "remove_backend",
+                     "set_drained", "publish_health", "eject", "expire_ejections",
+                     "set_discovered", "snapshot"})
+CALL_SECONDS = 2.0  # a call's default bound: connect, authenticate, ask, answer
+_BACKLOG = 128
 
 
-def _control() -> ControlState:
-    """Runs inside the Manager's server process: the one state every client shares."""
-    assert _CONTROL is not None
-    return _CONTROL
+class ManagerUnavailable(ConnectionError):
+    """The Manager did not answer in time, or cannot be reached (it is frozen or restarting)."""
 
 
-class StateManager(BaseManager):
-    """A Manager serving one ControlState."""
+class ManagerFailure(Exception):
+    """A call failed inside the Manager for a reason that is not a refused change."""
 
 
-StateManager.register("control", callable=_control, exposed=(
-    "publish_config", "record_error", "add_backend", "remove_backend", "set_drained",
-    "publish_health", "eject", "expire_ejections", "set_discovered", "snapshot"))
+def _set_socket_timeout(sock: socket.socket, seconds: float) -> None:
+    """SO_RCVTIMEO and SO_SNDTIMEO: a blocked read, write or connect gives up after `seconds`
+    (multiprocessing's Connection uses plain read/write on the fd, which honour them)."""
+    seconds = max(seconds, 0.001)
+    timeval = struct.pack("ll", int(seconds), int(seconds % 1 * 1_000_000))
+    sock.setsockopt(socket.SOL_SOCKET, socket.SO_RCVTIMEO, timeval)
+    sock.setsockopt(socket.SOL_SOCKET, socket.SO_SNDTIMEO, timeval)
+
+
+def _serve_connection(conn: Connection, authkey: bytes, control: ControlState) -> None:
+    """One client's connection, in its own thread of the Manager process."""
+    with conn, socket.socket(fileno=os.dup(conn.fileno())) as sock:
+        try:
+            _set_socket_timeout(sock, CALL_SECONDS)  # a client that stalls mid-handshake
+            deliver_challenge(conn, authkey)
+            answer_challenge(conn, authkey)
+            # then an idle connection waits for requests as long as its client lives
+            sock.setsockopt(socket.SOL_SOCKET, socket.SO_RCVTIMEO, struct.pack("ll", 0, 0))
+            while True:
+                method, args = conn.recv()
+                conn.send(_answer(control, method, args))
+        except (EOFError, OSError, AuthenticationError):
+            return  # the client went away (or was not one of ours)
+
+
+def _answer(control: ControlState, method: str, args: tuple[Any, ...]) -> tuple[bool, Any]:
+    if method not in EXPOSED:
+        return False, ManagerFailure(f"no manager call named {method!r}")
+    try:
+        return True, getattr(control, method)(*args)
+    except ControlError as e:
+        return False, e
+    except Exception as e:
+        log.error("manager: %s failed: %s: %s", method, type(e).__name__, e)
+        return False, ManagerFailure(f"{method} failed in the manager: {type(e).__name__}: {e}")
 
 
 def run_manager(address: str, authkey: bytes, counters: SharedCounters, hosts: HostTable,
                 state_path: str) -> None:
     """Entry point of the Manager process, started (and restarted) by the master.
 
-    It listens on a fixed Unix socket in the instance's private directory, so clients
-    reconnect to a restarted Manager at the same address.
+    It listens on a fixed Unix socket (a path in the instance's private directory, or an
+    abstract name when that path would be too long), so clients reconnect to a restarted
+    Manager at the same address.
     """
-    global _CONTROL
     init_helper_process("manager")
     configure_child_logging()
-    _CONTROL = ControlState(counters, hosts, state_path)
-    with contextlib.suppress(FileNotFoundError):
-        os.unlink(address)  # left behind by a Manager that was killed
-    server = StateManager(address=address, authkey=authkey).get_server()
+    control = ControlState(counters, hosts, state_path)
+    if not address.startswith("\0"):
+        with contextlib.suppress(FileNotFoundError):
+            os.unlink(address)  # left behind by a Manager that was killed
+    listener = Listener(address, "AF_UNIX", backlog=_BACKLOG)  # authenticated per connection
     signal.signal(signal.SIGTERM, lambda *_: sys.exit(0))
-    log.info("manager serving shared state on %s (pid %d)", address, os.getpid())
-    server.serve_forever()
+    log.info("manager serving shared state on %s (pid %d)",
+             address.replace("\0", "@", 1), os.getpid())
+    while True:
+        try:
+            conn = listener.accept()
+        except OSError as e:  # out of file descriptors, say: the callers time out and retry
+            log.error("manager: cannot accept a connection: %s", e)
+            time.sleep(0.1)
+            continue
+        threading.Thread(target=_serve_connection, args=(conn, authkey, control),
+                         daemon=True).start()
 
 
 class ControlClient:
-    """A process's handle on the control state: one connection per thread, re-made after the
-    Manager restarted (a broken proxy raises once, the next call reconnects)."""
+    """A process's handle on the control state. Every call is bounded (`timeout`, by default
+    the client's): it raises ManagerUnavailable when the Manager does not answer in time, and
+    the connection it used is dropped, so the next call connects afresh (to a restarted
+    Manager too). Idle connections are shared by the process's threads."""
 
-    def __init__(self, address: str, authkey: bytes) -> None:
+    def __init__(self, address: str, authkey: bytes, timeout: float = CALL_SECONDS) -> None:
         self.address = address
         self.authkey = authkey
-        self._local = threading.local()
+        self.timeout = timeout
+        self._idle: list[Connection] = []
+        self._lock = threading.Lock()
+        _CLIENTS.add(self)
 
-    def _proxy(self) -> Any:
-        proxy = getattr(self._local, "proxy", None)
-        if proxy is None:
-            manager = StateManager(address=self.address, authkey=self.authkey)
-            manager.connect()
-            proxy = self._local.proxy = manager.control()
-        return proxy
+    def _after_fork(self) -> None:
+        """In a forked child: the parent's connections are not ours to use (two processes on
+        one socket would mix their answers), nor its lock, which a thread may have held."""
+        idle, self._idle, self._lock = self._idle, [], threading.Lock()
+        for conn in idle:
+            self._drop(conn)  # the child's copy of the fd only
 
-    def call(self, method: str, *args: Any) -> Any:
+    def _connect(self, deadline: float) -> Connection:
+        sock = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
         try:
-            return getattr(self._proxy(), method)(*args)
-        except ControlError:
+            _set_socket_timeout(sock, deadline - time.monotonic())  # connect, handshake
+            sock.connect(self.address)
+            _set_socket_timeout(sock, deadline - time.monotonic())
+            # Connection(fd) as multiprocessing's own SocketClient builds it: Client() has no
+            # way to bound its connect or its handshake.
+            conn = Connection(sock.detach())
+        finally:
+            sock.close()
+        try:
+            answer_challenge(conn, self.authkey)
+            deliver_challenge(conn, self.authkey)
+            with socket.socket(fileno=os.dup(conn.fileno())) as dup:
+                _set_socket_timeout(dup, self.timeout)  # guards each read of a long answer
+        except BaseException:
+            conn.close()
             raise
-        except Exception:
-            self._local.proxy = None
-            raise
+        return conn
 
-    def snapshot(self) -> Snapshot:
-        snapshot = self.call("snapshot")
+    def call(self, method: str, *args: Any, timeout: float | None = None) -> Any:
+        bound = self.timeout if timeout is None else timeout
+        deadline = time.monotonic() + bound
+        with self._lock:
+            conn = self._idle.pop() if self._idle else None
+        try:
+            if conn is None:
+                conn = self._connect(deadline)
+            conn.send((method, args))
+            if not conn.poll(max(0.0, deadline - time.monotonic())):
+                raise ManagerUnavailable(f"no answer from the manager in {bound:.2g}s")
+            ok, result = conn.recv()
+        except ManagerUnavailable:
+            self._drop(conn)
+            raise
+        except (OSError, EOFError, AuthenticationError) as e:
+            self._drop(conn)
+            if isinstance(e, (BlockingIOError, TimeoutError)):
+                raise ManagerUnavailable(f"no answer from the manager in {bound:.2g}s") from None
+            raise ManagerUnavailable(f"manager unreachable: {e or type(e).__name__}") from None
+        except BaseException:
+            self._drop(conn)
+            raise
+        with self._lock:
+            self._idle.append(conn)
+        if ok:
+            return result
+        raise result
+
+    @staticmethod
+    def _drop(conn: Connection | None) -> None:
+        if conn is not None:
+            with contextlib.suppress(OSError):
+                conn.close()
+
+    def snapshot(self, timeout: float | None = None) -> Snapshot:
+        snapshot = self.call("snapshot", timeout=timeout)
         if snapshot is None:
             raise ConnectionError("the manager has no configuration yet")
         return snapshot
 
+
+_CLIENTS: weakref.WeakSet[ControlClient] = weakref.WeakSet()
+
+
+def _forget_connections_after_fork() -> None:
+    for client in list(_CLIENTS):
+        client._after_fork()
+
+
+os.register_at_fork(after_in_child=_forget_connections_after_fork)
 
 T = TypeVar("T")
 
@@ -551,12 +666,13 @@ class CachedView(Generic[T]):
         self._seen = -1
         self._refresh_lock = threading.Lock()
         self._next_retry = 0.0
+        self._retry_delay = 0.0
         self._failing = False
         self._current: T | None = None
         deadline = time.monotonic() + FIRST_READ_SECONDS
         while self._current is None and time.monotonic() < deadline:
-            if not self._read():
-                time.sleep(0.1)
+            if not self._read(timeout=max(0.05, deadline - time.monotonic())):
+                time.sleep(min(0.1, max(0.0, deadline - time.monotonic())))
         if self._current is None:  # the Manager is down: serve the configuration we started with
             log.error("no shared state after %gs; serving the start-up configuration with "
                       "every backend assumed up", FIRST_READ_SECONDS)
@@ -590,17 +706,21 @@ class CachedView(Generic[T]):
         finally:
             self._refresh_lock.release()
 
-    def _read(self) -> bool:
+    def _read(self, timeout: float | None = None) -> bool:
         generation = self.counters.array[GENERATION]  # read before the state: never skip one
         try:
-            snapshot = self.client.snapshot()
-        except Exception as e:  # the Manager is gone or restarting: keep the last snapshot
-            self._next_retry = time.monotonic() + MANAGER_RETRY_SECONDS
+            snapshot = self.client.snapshot(timeout)
+        except Exception as e:  # the Manager is gone, restarting or frozen: keep the last one
+            # a frozen Manager costs the reading thread a whole call bound: back off
+            self._retry_delay = min(MANAGER_RETRY_MAX_SECONDS,
+                                    max(MANAGER_RETRY_SECONDS, 2 * self._retry_delay))
+            self._next_retry = time.monotonic() + self._retry_delay
             if self._current is not None and not self._failing:
                 log.error("cannot read shared state from the manager (%s); serving from the "
                           "last known state until it is back", e or type(e).__name__)
             self._failing = True
             return False
+        self._retry_delay = 0.0
         if self._failing:
             log.info("shared state readable again")
             self._failing = False

@@ -17,6 +17,7 @@ from gol7lb.pooltable import PoolTable, build_table
 from gol7lb.proxy import ProxyApp
 from gol7lb.state import CachedView, ControlClient
 
+WORKER_CALL_SECONDS = 1.0
 _app: ProxyApp | None = None
 _lock = threading.Lock()
 
@@ -26,7 +27,8 @@ def build_app() -> ProxyApp:
     with _lock:
         if _app is None:
             rt = hooks.runtime()
-            client = ControlClient(rt.address, rt.authkey)
+            # a request thread may be the one that re-reads: keep its worst wait short
+            client = ControlClient(rt.address, rt.authkey, timeout=WORKER_CALL_SECONDS)
             view: CachedView[PoolTable] = CachedView(
                 rt.counters, client, build_table, lambda: build_table(rt.startup_snapshot(), None))
             _app = ProxyApp(view, rt.counters, rt.hosts.for_worker(rt.worker_slot), client,

@@ -61,7 +61,14 @@ def run(sock: socket.socket, address: str, authkey: bytes, counters: SharedCount
     init_helper_process("admin listener")
     configure_child_logging()
     server = AdminServer(sock, ControlClient(address, authkey), counters, hosts)
-    signal.signal(signal.SIGTERM, lambda *_: threading.Thread(target=server.shutdown).start())
+    stopping = threading.Event()
+
+    def on_term(*_: object) -> None:  # the master may send TERM more than once
+        if not stopping.is_set():
+            stopping.set()
+            threading.Thread(target=server.shutdown).start()
+
+    signal.signal(signal.SIGTERM, on_term)
     parent = os.getppid()
 
     def watch_parent() -> None:

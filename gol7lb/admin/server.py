@@ -15,7 +15,7 @@ import socket
 import sys
 import threading
 import time
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 from pathlib import Path
 from typing import Any
@@ -32,7 +32,11 @@ log = logging.getLogger("gol7lb.admin")
 DASHBOARD = Path(__file__).with_name("dashboard.html")
 MAX_BODY = 64 * 1024
 SUPERVISOR_STALE_SECONDS = 5.0  # no heartbeat for this long: the supervisor is not running
-STATE_CALL_SECONDS = 5.0  # a frozen Manager makes /healthz say so instead of hanging
+# Bounds on reading the control state (a frozen Manager gives an answer, never a hang): /healthz
+# answers within 1 s; /status, /metrics and the API within 2 s (from the last known state).
+HEALTHZ_STATE_SECONDS = 0.7
+STATE_CALL_SECONDS = 1.0
+STATE_REUSE_SECONDS = 0.25  # a read that ended this recently serves the next callers too
 JSON_TYPE = "application/json"
 LATENCY_CACHE_SECONDS = 1.0
 
@@ -69,6 +73,21 @@ ROUTES = (
 )
 
 
+@dataclass(frozen=True)
+class KnownState:
+    """The last control state read from the Manager, and whether it is still current."""
+
+    snapshot: Snapshot | None
+    read_at: float  # time.monotonic() of that read
+    error: str | None  # why the latest read failed: the snapshot is stale (None: current)
+    generation: int = -1  # the shared generation counter just before that read
+
+    def freshness(self) -> dict[str, Any]:
+        """/status's marks: `stale`, `stale_reason`, `state_age` (seconds since read)."""
+        return {"stale": self.error is not None, "stale_reason": self.error,
+                "state_age": round(time.monotonic() - self.read_at, 3)}
+
+
 class AdminServer(ThreadingHTTPServer):
     daemon_threads = True
 
@@ -85,6 +104,9 @@ class AdminServer(ThreadingHTTPServer):
         self._latency: dict[str, list[float]] = {}
         self._latency_at = -LATENCY_CACHE_SECONDS
         self._latency_lock = threading.Lock()
+        self._read_lock = threading.Lock()
+        self._known = KnownState(None, 0.0, "not read yet")
+        self._attempted_at = -STATE_REUSE_SECONDS
         try:
             self.dashboard = DASHBOARD.read_bytes()
         except OSError:
@@ -107,38 +129,52 @@ class AdminServer(ThreadingHTTPServer):
             log.error("admin request from %s failed: %s: %s", client_address[0],
                       type(error).__name__, error)
 
-    def snapshot(self) -> Snapshot:
-        """The control state, read within STATE_CALL_SECONDS or a 503."""
-        result: list[Any] = []
-        reader = threading.Thread(target=self._read_into, args=(result,), daemon=True)
-        reader.start()
-        reader.join(STATE_CALL_SECONDS)
-        if not result:
-            raise ApiError(503, f"shared state unreachable: no answer from the manager in "
-                                f"{STATE_CALL_SECONDS:g}s")
-        if isinstance(result[0], BaseException):
-            error = result[0]
-            raise ApiError(503, f"shared state unreachable: {error or type(error).__name__}")
-        snapshot = result[0]
-        logfmt.set_format(snapshot.settings.log.format)
-        return snapshot
+    def known(self, timeout: float = STATE_CALL_SECONDS) -> KnownState:
+        """The control state read now, within `timeout`; else the last one read, stale.
 
-    def _read_into(self, result: list[Any]) -> None:
+        One thread reads at a time; a read that ended while a caller waited (or just before
+        it came, if nothing changed since) serves it too, so a scrape or a burst of probes
+        costs one call (and an API call sees its own change), and a frozen
+        Manager costs each caller at most `timeout`, never a thread left waiting.
+        """
+        started = time.monotonic()
+        if not self._read_lock.acquire(timeout=timeout):
+            return replace(self._known, error=f"no answer from the manager in {timeout:g}s")
         try:
-            result.append(self.client.snapshot())
+            known = self._known
+            if self._attempted_at < started - STATE_REUSE_SECONDS or (
+                    known.error is None and known.generation != self.counters.generation):
+                self._read(max(0.05, started + timeout - time.monotonic()))
+            return self._known
+        finally:
+            self._read_lock.release()
+
+    def _read(self, timeout: float) -> None:
+        generation = self.counters.generation  # before the read: a change after it shows
+        try:
+            snapshot = self.client.snapshot(timeout)
         except Exception as e:
-            result.append(e)
+            self._known = replace(self._known, error=str(e) or type(e).__name__)
+        else:
+            self._known = KnownState(snapshot, time.monotonic(), None, generation)
+            logfmt.set_format(snapshot.settings.log.format)
+        self._attempted_at = time.monotonic()
+
+    def snapshot(self) -> Snapshot:
+        """The control state as it is now, or a 503 (for the API: never act on stale state)."""
+        known = self.known()
+        if known.error is not None or known.snapshot is None:
+            raise ApiError(503, f"shared state unreachable: {known.error}")
+        return known.snapshot
 
     def backend_ids(self) -> list[str]:
-        """The running backends' ids (none while the shared state is out of reach)."""
+        """The running backends' ids, as last known (none before the first read)."""
         snap = self.snapshot_or_none()
         return list(snap.backends()) if snap is not None else []
 
     def snapshot_or_none(self) -> Snapshot | None:
-        try:
-            return self.snapshot()
-        except ApiError:
-            return None
+        """For /metrics: the last known state, stale or not."""
+        return self.known().snapshot
 
     def control(self, method: str, *args: Any) -> None:
         try:
@@ -337,10 +373,9 @@ class AdminHandler(BaseHTTPRequestHandler):
 
     def get_healthz(self) -> None:
         reasons = []
-        try:
-            self.server.snapshot()
-        except ApiError as e:
-            reasons.append(e.message)
+        known = self.server.known(HEALTHZ_STATE_SECONDS)
+        if known.error is not None:
+            reasons.append(f"shared state unreachable: {known.error}")
         age = self.server.counters.heartbeat_age()
         if age is None or age > SUPERVISOR_STALE_SECONDS:
             reasons.append("supervisor not running" + (f" (last heartbeat {age:.1f}s ago)"
@@ -351,8 +386,11 @@ class AdminHandler(BaseHTTPRequestHandler):
             self._send(200, b"ok\n")
 
     def get_status(self) -> None:
-        snapshot = self.server.snapshot()
-        self._json(200, status_document(snapshot, self.server.hosts, self.server.latencies()))
+        known = self.server.known()
+        if known.snapshot is None:
+            raise ApiError(503, f"shared state unreachable: {known.error}")
+        document = status_document(known.snapshot, self.server.hosts, self.server.latencies())
+        self._json(200, {**document, **known.freshness()})
 
     def get_metrics(self) -> None:
         body, content_type = metrics.exposition(self.server.registry)
