@@ -27,7 +27,8 @@ import weakref
 from collections.abc import Callable
 from dataclasses import dataclass, field, replace
 from multiprocessing import AuthenticationError
-from multiprocessing.connection import Connection, Listener, answer_challenge, deliver_challenge
+from multiprocessing.connection import Connection, answer_challenge, deliver_challenge
+from multiprocessing.managers import BaseManager
 from multiprocessing.sharedctypes import RawArray
 from typing import Any, Generic, TypeVar
 
@@ -469,16 +470,18 @@ class ControlState:
 
 # --- the Manager -----------------------------------------------------------------------------
 #
-# A small request/answer protocol over multiprocessing connections rather than a
-# `BaseManager`: a Manager proxy reads its socket with no timeout (and its finaliser connects
-# again, unbounded, to drop its reference), so a frozen Manager froze every caller. Here every
-# socket operation has a kernel timeout and every answer is awaited with `Connection.poll`.
+# The control state is served by a `multiprocessing` Manager (a `BaseManager` server process).
+# Its own proxies cannot be used: a proxy reads its socket with no timeout (and its finaliser
+# connects again, unbounded, to drop its reference), so a frozen Manager froze every caller.
+# ControlClient speaks the Manager's wire protocol itself (`create` once, then
+# `accept_connection` and `(ident, method, args, kwds)` requests, as `BaseProxy` does) over a
+# socket on which every operation has a kernel timeout and every answer is awaited with
+# `Connection.poll`.
 
-EXPOSED = frozenset({"publish_config", "record_error", "add_backend", "remove_backend",
-                     "set_drained", "publish_health", "eject", "expire_ejections",
-                     "set_discovered", "snapshot"})
+EXPOSED = ("publish_config", "record_error", "add_backend", "remove_backend", "set_drained",
+           "publish_health", "eject", "expire_ejections", "set_discovered", "snapshot")
 CALL_SECONDS = 2.0  # a call's default bound: connect, authenticate, ask, answer
-_BACKLOG = 128
+_TYPEID = "control"
 
 
 class ManagerUnavailable(ConnectionError):
@@ -498,32 +501,20 @@ def _set_socket_timeout(sock: socket.socket, seconds: float) -> None:
     sock.setsockopt(socket.SOL_SOCKET, socket.SO_SNDTIMEO, timeval)
 
 
-def _serve_connection(conn: Connection, authkey: bytes, control: ControlState) -> None:
-    """One client's connection, in its own thread of the Manager process."""
-    with conn, socket.socket(fileno=os.dup(conn.fileno())) as sock:
-        try:
-            _set_socket_timeout(sock, CALL_SECONDS)  # a client that stalls mid-handshake
-            deliver_challenge(conn, authkey)
-            answer_challenge(conn, authkey)
-            # then an idle connection waits for requests as long as its client lives
-            sock.setsockopt(socket.SOL_SOCKET, socket.SO_RCVTIMEO, struct.pack("ll", 0, 0))
-            while True:
-                method, args = conn.recv()
-                conn.send(_answer(control, method, args))
-        except (EOFError, OSError, AuthenticationError):
-            return  # the client went away (or was not one of ours)
+_CONTROL: ControlState | None = None
 
 
-def _answer(control: ControlState, method: str, args: tuple[Any, ...]) -> tuple[bool, Any]:
-    if method not in EXPOSED:
-        return False, ManagerFailure(f"no manager call named {method!r}")
-    try:
-        return True, getattr(control, method)(*args)
-    except ControlError as e:
-        return False, e
-    except Exception as e:
-        log.error("manager: %s failed: %s: %s", method, type(e).__name__, e)
-        return False, ManagerFailure(f"{method} failed in the manager: {type(e).__name__}: {e}")
+def _control() -> ControlState:
+    """Runs inside the Manager's server process: the one state every client shares."""
+    assert _CONTROL is not None
+    return _CONTROL
+
+
+class StateManager(BaseManager):
+    """A Manager serving one ControlState."""
+
+
+StateManager.register(_TYPEID, callable=_control, exposed=EXPOSED)
 
 
 def run_manager(address: str, authkey: bytes, counters: SharedCounters, hosts: HostTable,
@@ -534,25 +525,18 @@ def run_manager(address: str, authkey: bytes, counters: SharedCounters, hosts: H
     abstract name when that path would be too long), so clients reconnect to a restarted
     Manager at the same address.
     """
+    global _CONTROL
     init_helper_process("manager")
     configure_child_logging()
-    control = ControlState(counters, hosts, state_path)
+    _CONTROL = ControlState(counters, hosts, state_path)
     if not address.startswith("\0"):
         with contextlib.suppress(FileNotFoundError):
             os.unlink(address)  # left behind by a Manager that was killed
-    listener = Listener(address, "AF_UNIX", backlog=_BACKLOG)  # authenticated per connection
+    server = StateManager(address=address, authkey=authkey).get_server()
     signal.signal(signal.SIGTERM, lambda *_: sys.exit(0))
     log.info("manager serving shared state on %s (pid %d)",
              address.replace("\0", "@", 1), os.getpid())
-    while True:
-        try:
-            conn = listener.accept()
-        except OSError as e:  # out of file descriptors, say: the callers time out and retry
-            log.error("manager: cannot accept a connection: %s", e)
-            time.sleep(0.1)
-            continue
-        threading.Thread(target=_serve_connection, args=(conn, authkey, control),
-                         daemon=True).start()
+    server.serve_forever()
 
 
 class ControlClient:
@@ -565,7 +549,7 @@ class ControlClient:
         self.address = address
         self.authkey = authkey
         self.timeout = timeout
-        self._idle: list[Connection] = []
+        self._idle: list[tuple[Connection, str]] = []  # with the control object's id
         self._lock = threading.Lock()
         _CLIENTS.add(self)
 
@@ -573,10 +557,11 @@ class ControlClient:
         """In a forked child: the parent's connections are not ours to use (two processes on
         one socket would mix their answers), nor its lock, which a thread may have held."""
         idle, self._idle, self._lock = self._idle, [], threading.Lock()
-        for conn in idle:
+        for conn, _ident in idle:
             self._drop(conn)  # the child's copy of the fd only
 
-    def _connect(self, deadline: float) -> Connection:
+    def _handshake(self, deadline: float) -> Connection:
+        """A new authenticated connection to the Manager's server, bounded by `deadline`."""
         sock = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
         try:
             _set_socket_timeout(sock, deadline - time.monotonic())  # connect, handshake
@@ -590,25 +575,57 @@ class ControlClient:
         try:
             answer_challenge(conn, self.authkey)
             deliver_challenge(conn, self.authkey)
-            with socket.socket(fileno=os.dup(conn.fileno())) as dup:
-                _set_socket_timeout(dup, self.timeout)  # guards each read of a long answer
         except BaseException:
             conn.close()
             raise
         return conn
 
+    def _request(self, conn: Connection, request: tuple[Any, ...], deadline: float,
+                 bound: float) -> Any:
+        """Send one Manager request and wait for its answer until `deadline`."""
+        conn.send(request)
+        if not conn.poll(max(0.0, deadline - time.monotonic())):
+            raise ManagerUnavailable(f"no answer from the manager in {bound:.2g}s")
+        kind, result = conn.recv()
+        if kind == "#RETURN":
+            return result
+        if kind == "#ERROR" and isinstance(result, ControlError):
+            raise result
+        raise ManagerFailure(f"{request[1]} failed in the manager: "
+                             f"{str(result).strip().splitlines()[-1:] or kind}")
+
+    def _connect(self, deadline: float, bound: float) -> tuple[Connection, str]:
+        """A connection the Manager serves calls on, and the control object's id there (as a
+        Manager proxy makes them: `create` on one connection, `accept_connection` on the
+        next). The id is asked for anew on every connection: a restarted Manager has a new
+        one."""
+        with self._handshake(deadline) as first:
+            ident, _exposed = self._request(first, (None, "create", (_TYPEID,), {}),
+                                            deadline, bound)
+        conn = self._handshake(deadline)
+        try:
+            self._request(conn, (None, "accept_connection", ("gol7lb-client",), {}),
+                          deadline, bound)
+            with socket.socket(fileno=os.dup(conn.fileno())) as dup:
+                _set_socket_timeout(dup, self.timeout)  # guards each read of a long answer
+        except BaseException:
+            conn.close()
+            raise
+        return conn, ident
+
     def call(self, method: str, *args: Any, timeout: float | None = None) -> Any:
         bound = self.timeout if timeout is None else timeout
         deadline = time.monotonic() + bound
         with self._lock:
-            conn = self._idle.pop() if self._idle else None
+            idle = self._idle.pop() if self._idle else None
+        conn: Connection | None = None
         try:
-            if conn is None:
-                conn = self._connect(deadline)
-            conn.send((method, args))
-            if not conn.poll(max(0.0, deadline - time.monotonic())):
-                raise ManagerUnavailable(f"no answer from the manager in {bound:.2g}s")
-            ok, result = conn.recv()
+            conn, ident = idle if idle is not None else self._connect(deadline, bound)
+            result = self._request(conn, (ident, method, args, {}), deadline, bound)
+        except ControlError:
+            with self._lock:
+                self._idle.append((conn, ident))  # a refused change: the connection is fine
+            raise
         except ManagerUnavailable:
             self._drop(conn)
             raise
@@ -621,10 +638,8 @@ class ControlClient:
             self._drop(conn)
             raise
         with self._lock:
-            self._idle.append(conn)
-        if ok:
-            return result
-        raise result
+            self._idle.append((conn, ident))
+        return result
 
     @staticmethod
     def _drop(conn: Connection | None) -> None:
