@@ -185,17 +185,23 @@ class FinishedBody(list):
     def __init__(self, data: bytes, sock: socket.socket, keep: bool, pool: UpstreamPool,
                  exchange: Exchange) -> None:
         super().__init__((data,) if data else ())
-        self.sock = sock
+        self.sock: socket.socket | None = sock
         self.keep = keep
         self.pool = pool
         self.exchange = exchange
         self.sent = len(data)
 
     def close(self) -> None:
+        """Once only: a second call would pool the same backend socket twice (two requests
+        would then share it) and count the request again."""
+        sock = self.sock
+        if sock is None:
+            return
+        self.sock = None
         if self.keep:
-            self.pool.release(self.sock)
+            self.pool.release(sock)
         else:
-            self.sock.close()
+            sock.close()
         self.exchange.finish(self.sent)
 
 

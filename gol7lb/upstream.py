@@ -224,10 +224,17 @@ class UpstreamResponse:
         data = self.sock.recv(BLOCK)
         if not data:
             raise UpstreamClosed("backend closed the connection without answering")
-        self._head_bytes += len(data)
-        if self._head_bytes > MAX_HEAD and not self._head_done:
-            raise UpstreamProtocolError(f"response head larger than {MAX_HEAD} bytes")
+        before = self._head_bytes
         self._feed(data)
+        # Only head bytes count: the read that ends the head may carry body bytes behind it.
+        if not self._head_done:
+            size = self._head_bytes = before + len(data)
+        elif before:  # the head came in several reads (one read cannot exceed the limit)
+            size = before + len(data) - len(self.leftover) - sum(map(len, self._pending))
+        else:
+            return
+        if size > MAX_HEAD:
+            raise UpstreamProtocolError(f"response head larger than {MAX_HEAD} bytes")
 
     def await_continue(self, timeout: float) -> None:
         """After a head with `Expect: 100-continue`: wait up to `timeout` for the backend's

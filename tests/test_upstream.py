@@ -3,10 +3,20 @@
 from __future__ import annotations
 
 import socket
+import threading
 
 import pytest
 
-from gol7lb.upstream import UpstreamProtocolError, UpstreamResponse, request_head, still_open
+from gol7lb.backends import Backend
+from gol7lb.proxy import FinishedBody, UpstreamBody
+from gol7lb.upstream import (
+    MAX_HEAD,
+    UpstreamPool,
+    UpstreamProtocolError,
+    UpstreamResponse,
+    request_head,
+    still_open,
+)
 
 
 def answer(raw: bytes, method: str = "GET", close: bool = True) -> tuple[UpstreamResponse, bytes]:
@@ -112,4 +122,82 @@ def test_a_complete_answer_hands_over_its_whole_body_at_once():
     assert response.take_body() == b"okabc"
     assert response.read_block() == b""  # nothing left, and no read from the socket
     ours.close()
+    theirs.close()
+
+
+def test_a_head_in_two_reads_with_a_large_body_behind_it_is_not_refused():
+    """Real networks split a head; the body bytes that come with its second part are not head
+    bytes and must not count against MAX_HEAD."""
+    ours, theirs = socket.socketpair()
+    ours.settimeout(5)
+    body = b"b" * 100_000
+    theirs.sendall(b"HTTP/1.1 200 OK\r\nContent-Le")
+    response = UpstreamResponse(ours, "GET")
+    response._read_more()  # the first part, alone
+    writer = threading.Thread(target=theirs.sendall,
+                              args=(b"ngth: 100000\r\n\r\n" + body,), daemon=True)
+    writer.start()
+    response.read_head()
+    got = b""
+    while block := response.read_block():
+        got += block
+    writer.join(5)
+    assert response.status == 200 and got == body
+    ours.close()
+    theirs.close()
+
+
+def test_a_head_larger_than_the_limit_is_still_refused():
+    ours, theirs = socket.socketpair()
+    ours.settimeout(5)
+    writer = threading.Thread(target=theirs.sendall, args=(
+        b"HTTP/1.1 200 OK\r\n" + b"X-Big: " + b"x" * (MAX_HEAD + 10) + b"\r\n\r\n",),
+        daemon=True)
+    writer.start()
+    with pytest.raises(UpstreamProtocolError, match="larger than"):
+        UpstreamResponse(ours, "GET").read_head()
+    ours.close()
+    writer.join(5)
+    theirs.close()
+
+
+class Finishes:
+    """What a response body tells when it ends (Exchange.finish), counted."""
+
+    rid = "r"
+
+    def __init__(self) -> None:
+        self.calls: list[tuple[int, bool]] = []
+
+    def finish(self, sent: int, failed: bool = False) -> None:
+        self.calls.append((sent, failed))
+
+
+def test_a_finished_body_closed_twice_pools_its_socket_once_and_counts_once():
+    ours, theirs = socket.socketpair()
+    pool = UpstreamPool(Backend("http://127.0.0.1:1", "127.0.0.1", 1), 1.0, 1.0)
+    exchange = Finishes()
+    body = FinishedBody(b"ok", ours, True, pool, exchange)  # type: ignore[arg-type]
+    body.close()
+    body.close()
+    assert list(pool._idle) == [ours]
+    assert exchange.calls == [(2, False)]
+    ours.close()
+    theirs.close()
+
+
+def test_a_streamed_body_closed_twice_is_counted_once():
+    ours, theirs = socket.socketpair()
+    ours.settimeout(5)
+    theirs.sendall(b"HTTP/1.1 200 OK\r\nContent-Length: 10\r\n\r\nabc")
+    response = UpstreamResponse(ours, "GET")
+    response.read_head()
+    pool = UpstreamPool(Backend("http://127.0.0.1:1", "127.0.0.1", 1), 1.0, 1.0)
+    exchange = Finishes()
+    body = UpstreamBody(response, ours, pool, None, exchange)  # type: ignore[arg-type]
+    assert next(body) == b"abc"
+    body.close()
+    body.close()
+    assert exchange.calls == [(3, False)] and not pool._idle
+    assert ours.fileno() == -1  # closed: the unread rest must not reach another request
     theirs.close()
