@@ -9,6 +9,7 @@ request target, which must go out byte for byte, and it adds headers the client 
 
 from __future__ import annotations
 
+import errno
 import select
 import socket
 import struct
@@ -30,6 +31,14 @@ class ConnectFailed(OSError):
     def __init__(self, reason: str, timed_out: bool) -> None:
         super().__init__(reason)
         self.timed_out = timed_out
+
+
+class LocalResourceError(OSError):
+    """The LB itself could not open a socket (out of descriptors, buffers or memory): not the
+    backend's failure, and another backend would fail the same way."""
+
+
+LOCAL_ERRNOS = frozenset({errno.EMFILE, errno.ENFILE, errno.ENOBUFS, errno.ENOMEM})
 
 
 # How a backend's read_timeout shows: EAGAIN from a socket opened by open_connection (kernel
@@ -107,6 +116,8 @@ def open_connection(backend: Backend, connect_timeout: float,
         raise ConnectFailed(f"connect timed out after {connect_timeout:g}s",
                             timed_out=True) from None
     except OSError as e:
+        if e.errno in LOCAL_ERRNOS:
+            raise LocalResourceError(e.errno, e.strerror) from None
         raise ConnectFailed(e.strerror or str(e), timed_out=False) from None
     sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
     # A blocking socket whose kernel enforces the timeout (SO_RCVTIMEO, SO_SNDTIMEO), not a
