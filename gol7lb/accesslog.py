@@ -24,6 +24,7 @@ MAX_PATH = 1024  # longer paths are cut in the log line (never in the request)
 PIPE_BUF = 4096  # a write up to this size to a pipe is never interleaved with another's
 FLUSH_SECONDS = 0.05
 BATCH_BYTES = 32 * 1024  # flush inline once this much is waiting
+_CLEAN = "attempts=1 flags=-"  # most requests: one attempt, nothing to flag
 
 
 class AccessLog:
@@ -64,10 +65,11 @@ class AccessLog:
                 path = _escaped(path)
             # "%.3f" rather than round(): the same milliseconds, a third of the cost
             upstream = "-" if upstream_s is None else "%.3fms" % (upstream_s * 1000)
+            outcome = _CLEAN if attempts == 1 and not flags else \
+                f"attempts={attempts} flags={flags or '-'}"
             line = (f'{self._stamp} {client} "{method} {path}" {status} {sent} '
                     f"pool={pool} backend={backend} upstream={upstream} "
-                    f"total={total_s * 1000:.3f}ms attempts={attempts} flags={flags or '-'} "
-                    f"rid={request_id}\n")
+                    f"total={total_s * 1000:.3f}ms {outcome} rid={request_id}\n")
         data = line.encode("utf-8", "replace")
         if not self._flusher.started:
             self._flusher.ensure_started()
