@@ -24,6 +24,7 @@ MAX_PATH = 1024  # longer paths are cut in the log line (never in the request)
 PIPE_BUF = 4096  # a write up to this size to a pipe is never interleaved with another's
 FLUSH_SECONDS = 0.05
 BATCH_BYTES = 32 * 1024  # flush inline once this much is waiting
+_CLEAN = "attempts=1 flags=-"  # most requests: one attempt, nothing to flag
 
 
 class AccessLog:
@@ -43,7 +44,9 @@ class AccessLog:
 
     def write(self, fmt: str, client: str, method: str, path: str, status: int, sent: int,
               pool: str, backend: str, upstream_s: float | None, total_s: float,
-              request_id: str) -> None:
+              request_id: str, attempts: int = 1, flags: str = "") -> None:
+        """`attempts`: backends tried; `flags`: Envoy-style response flags, comma-separated
+        (README, Access log), "-" when the request went through without a hitch."""
         if len(path) > MAX_PATH:
             path = path[:MAX_PATH] + "..."
         now = time.time()
@@ -55,15 +58,18 @@ class AccessLog:
                 "status": status, "bytes": sent, "pool": pool, "backend": backend,
                 "upstream_ms": None if upstream_s is None else round(upstream_s * 1000, 3),
                 "duration_ms": round(total_s * 1000, 3),
-                "request_id": request_id}, ensure_ascii=False) + "\n"
+                "request_id": request_id, "attempts": attempts, "flags": flags or "-"},
+                ensure_ascii=False) + "\n"
         else:
             if not path.isprintable() or '"' in path or "\\" in path:
                 path = _escaped(path)
             # "%.3f" rather than round(): the same milliseconds, a third of the cost
             upstream = "-" if upstream_s is None else "%.3fms" % (upstream_s * 1000)
+            outcome = _CLEAN if attempts == 1 and not flags else \
+                f"attempts={attempts} flags={flags or '-'}"
             line = (f'{self._stamp} {client} "{method} {path}" {status} {sent} '
                     f"pool={pool} backend={backend} upstream={upstream} "
-                    f"total={total_s * 1000:.3f}ms rid={request_id}\n")
+                    f"total={total_s * 1000:.3f}ms {outcome} rid={request_id}\n")
         data = line.encode("utf-8", "replace")
         if not self._flusher.started:
             self._flusher.ensure_started()

@@ -13,6 +13,7 @@ and the histogram maths are subtle, and it is what every Prometheus user already
 
 from __future__ import annotations
 
+import logging
 import math
 import threading
 from bisect import bisect_left
@@ -33,6 +34,9 @@ from prometheus_client.utils import floatToGoString
 
 from gol7lb.flushing import PeriodicFlush
 from gol7lb.hosts import HostTable
+from gol7lb.outcomes import Episode
+
+log = logging.getLogger("gunicorn.error")
 
 LATENCY_BUCKETS = (0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0,
                    10.0, 30.0, 60.0)
@@ -63,10 +67,13 @@ HELP = {
     "gol7lb_backend_ejections": "Passive-health ejections.",
     "gol7lb_config_reloads": "Configuration reloads, by result.",
     "gol7lb_websocket_connections": "Open upgraded tunnels.",
+    "gol7lb_local_errors": "Requests the LB answered 503 for lack of its own resources (no "
+                           "descriptor, buffer or memory for a backend socket), by errno.",
 }
 RETRIES = Counter("gol7lb_retries", HELP["gol7lb_retries"], ["backend"])
 EJECTIONS = Counter("gol7lb_backend_ejections", HELP["gol7lb_backend_ejections"], ["backend"])
 CONFIG_RELOADS = Counter("gol7lb_config_reloads", HELP["gol7lb_config_reloads"], ["result"])
+LOCAL_ERRORS = Counter("gol7lb_local_errors", HELP["gol7lb_local_errors"], ["reason"])
 WEBSOCKET_CONNECTIONS = Gauge("gol7lb_websocket_connections",
                               HELP["gol7lb_websocket_connections"], ["backend"],
                               multiprocess_mode="livesum")
@@ -78,17 +85,22 @@ class RequestRecorder:
     write to the memory-mapped file) when the process has no request open any more (so a
     scrape after the last answer sees every request, exactly) and otherwise at most
     `flush_seconds` later, from a thread. Under load that is one write per series per batch
-    instead of three per request."""
+    instead of three per request.
+
+    Writing never raises into a request: prometheus_client opens its files (and grows their
+    maps) on first use of a series, which fails when the process is out of descriptors;
+    what could not be written stays in the batch for the next flush, logged once."""
 
     def __init__(self, flush_seconds: float = 0.1) -> None:
         self._lock = threading.Lock()
         self._open = 0
         self._requests: dict[tuple[str, str, int, str], int] = {}
         self._durations: dict[tuple[str, str], list[float]] = {}
+        self._events: dict[tuple[Counter, str], int] = {}  # retries, local errors
         self._children: dict[tuple[str, str, int, str], Any] = {}
         self._hits: dict[tuple[str, str, int], Any] = {}
         self._sums: dict[tuple[str, str], Any] = {}
-        self._retries: dict[str, Any] = {}
+        self._failing = Episode()
         self._flusher = PeriodicFlush(self.flush, flush_seconds, "gol7lb-metrics")
 
     def begin(self) -> None:
@@ -116,11 +128,24 @@ class RequestRecorder:
     def flush(self) -> None:
         """Hand what was counted since the last flush to prometheus_client."""
         with self._lock:
-            if not self._requests:
+            if not self._requests and not self._events:
                 return
             requests, self._requests = self._requests, {}
             durations, self._durations = self._durations, {}
-        for key, count in requests.items():
+            events, self._events = self._events, {}
+        try:
+            self._write(requests, durations, events)
+        except Exception as e:  # EMFILE, ENOMEM...: keep the rest for the next flush
+            self._keep(requests, durations, events)
+            if self._failing.begins():
+                log.error("metrics: cannot write the multiprocess files (%s); counts are "
+                          "kept until they can be", e or type(e).__name__)
+
+    def _write(self, requests: dict[tuple[str, str, int, str], int],
+               durations: dict[tuple[str, str], list[float]],
+               events: dict[tuple[Counter, str], int]) -> None:
+        """Each count leaves its batch only once written, so a failure loses nothing."""
+        for key in list(requests):
             child = self._children.get(key)
             if child is None:
                 pool, backend, code, method = key
@@ -128,7 +153,7 @@ class RequestRecorder:
                 child = REQUESTS.labels(pool, backend, str(code), label)
                 if len(self._children) < 20000:
                     self._children[key] = child
-            child.inc(count)
+            child.inc(requests.pop(key))
         for (pool, backend), cells in durations.items():
             for bucket, hits in enumerate(cells[:-1]):
                 if hits:
@@ -138,16 +163,40 @@ class RequestRecorder:
                         child = self._hits[hit_key] = _DURATION_HITS.labels(
                             pool, backend, _BUCKET_LABELS[bucket])
                     child.inc(hits)
+                    cells[bucket] = 0
             child = self._sums.get((pool, backend))
             if child is None:
                 child = self._sums[(pool, backend)] = _DURATION_SUM.labels(pool, backend)
             child.inc(cells[-1])
+            cells[-1] = 0.0
+        for counter, label in list(events):
+            counter.labels(label).inc(events.pop((counter, label)))
+
+    def _keep(self, requests: dict[tuple[str, str, int, str], int],
+              durations: dict[tuple[str, str], list[float]],
+              events: dict[tuple[Counter, str], int]) -> None:
+        with self._lock:
+            for key, count in requests.items():
+                self._requests[key] = self._requests.get(key, 0) + count
+            for key, cells in durations.items():
+                mine = self._durations.setdefault(key, [0.0] * len(cells))
+                for i, value in enumerate(cells):
+                    mine[i] += value
+            for key, count in events.items():
+                self._events[key] = self._events.get(key, 0) + count
+
+    def _event(self, counter: Counter, label: str) -> None:
+        with self._lock:
+            key = (counter, label)
+            self._events[key] = self._events.get(key, 0) + 1
 
     def retry(self, backend: str) -> None:
-        child = self._retries.get(backend)
-        if child is None:
-            child = self._retries[backend] = RETRIES.labels(backend)
-        child.inc()
+        """An attempt on `backend` failed and the request goes to another one."""
+        self._event(RETRIES, backend)
+
+    def local_error(self, reason: str) -> None:
+        """The LB answered 503 for lack of its own resources (`reason`: the errno's name)."""
+        self._event(LOCAL_ERRORS, reason)
 
 
 def worker_exited(pid: int) -> None:
@@ -194,7 +243,9 @@ _ZERO_FILLED = {
                                  "backends"),
     "gol7lb_websocket_connections": ("gauge", "gol7lb_websocket_connections", "backend",
                                      "backends"),
+    "gol7lb_local_errors": ("counter", "gol7lb_local_errors_total", "reason", "reasons"),
 }
+LOCAL_ERROR_REASONS = ("emfile", "enfile", "enobufs", "enomem")  # upstream.LOCAL_ERRNOS
 
 
 class MergedCollector:
@@ -213,7 +264,8 @@ class MergedCollector:
                 found[metric.name] = metric
             else:
                 yield metric
-        values = {"results": ("ok", "error"), "backends": tuple(self._backend_ids())}
+        values = {"results": ("ok", "error"), "backends": tuple(self._backend_ids()),
+                  "reasons": LOCAL_ERROR_REASONS}
         for name, (kind, sample, label, source) in _ZERO_FILLED.items():
             family = found.get(name) or Metric(name, HELP[name], kind)
             present = {s.labels.get(label) for s in family.samples if s.name == sample}

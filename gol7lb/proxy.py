@@ -25,7 +25,7 @@ from gol7lb.config import LogSettings
 from gol7lb.headers import client_response_headers, request_id, upstream_request_headers
 from gol7lb.hosts import WorkerCells
 from gol7lb.metrics import RequestRecorder
-from gol7lb.outcomes import Outcome, classify_error, classify_status, may_retry
+from gol7lb.outcomes import Episode, Outcome, classify_error, classify_status, may_retry
 from gol7lb.pooltable import PoolRuntime, PoolTable
 from gol7lb.routing import strip_prefix
 from gol7lb.state import CachedView, ControlClient, SharedCounters
@@ -33,6 +33,7 @@ from gol7lb.target import AmbiguousTarget, normalise_path, valid_authority
 from gol7lb.upstream import (
     BLOCK,
     TIMED_OUT,
+    LocalResourceError,
     UpstreamClosed,
     UpstreamPool,
     UpstreamProtocolError,
@@ -83,7 +84,8 @@ class Exchange:
     per-host counters are told once it ends."""
 
     __slots__ = ("app", "started", "method", "path", "client", "rid", "pool", "backend_id",
-                 "slot", "detached", "status", "upstream_s", "answered", "log")
+                 "slot", "detached", "status", "upstream_s", "answered", "log", "attempts",
+                 "flags")
 
     def __init__(self, app: ProxyApp, method: str, path: str, client: str, rid: str,
                  log_settings: LogSettings) -> None:
@@ -101,7 +103,14 @@ class Exchange:
         self.status = 0
         self.upstream_s: float | None = None
         self.answered = False  # the status came from a backend (metrics label it by address)
+        self.attempts = 0  # backends tried
+        self.flags = ""  # the access log's response flags (README, Access log), comma-separated
         app.recorder.begin()
+
+    def flag(self, code: str) -> None:
+        """Note what happened (failures only: the hot path never calls this)."""
+        if code not in self.flags.split(","):
+            self.flags = f"{self.flags},{code}" if self.flags else code
 
     def finish(self, sent: int, failed: bool = False) -> None:
         app = self.app
@@ -110,12 +119,17 @@ class Exchange:
             self.slot = None
         total = time.perf_counter() - self.started
         metric_backend = self.backend_id if self.answered else "none"
-        app.recorder.record(self.pool, metric_backend, self.status, self.method, total)
-        log_settings = self.log
-        if log_settings.access:
-            app.access_log.write(log_settings.format, self.client, self.method, self.path,
-                                 self.status, sent, self.pool, self.backend_id,
-                                 self.upstream_s, total, self.rid)
+        try:  # counting and logging never fail a request (the recorder keeps its own counts)
+            app.recorder.record(self.pool, metric_backend, self.status, self.method, total)
+            log_settings = self.log
+            if log_settings.access:
+                app.access_log.write(log_settings.format, self.client, self.method, self.path,
+                                     self.status, sent, self.pool, self.backend_id,
+                                     self.upstream_s, total, self.rid, self.attempts,
+                                     self.flags)
+        except Exception as e:
+            if _BOOKKEEPING_FAILS.begins():
+                log.error("cannot count or log a request: %s", e or type(e).__name__)
 
 
 class UpstreamBody:
@@ -156,8 +170,9 @@ class UpstreamBody:
         Ending the iteration normally would tell the client the body was complete (a silent
         wrong answer); raising EPIPE makes gunicorn drop the connection without a traceback.
         """
-        reason = ("timed out" if isinstance(error, TIMED_OUT)
-                  else str(error) or type(error).__name__)
+        timed_out = isinstance(error, TIMED_OUT)
+        reason = "timed out" if timed_out else str(error) or type(error).__name__
+        self.exchange.flag("UT" if timed_out else "UC")
         log.error("backend %s failed mid-response (request %s): %s",
                   self.pool.backend.id, self.exchange.rid, reason)
         self._close(failed=True)
@@ -174,7 +189,10 @@ class UpstreamBody:
             self.exchange.finish(self.sent, failed)
 
     def close(self) -> None:
-        """Called by the server when the client went away or the body ended early."""
+        """Called by the server when the body was sent, or the client went away before (DC).
+        Safe to call twice."""
+        if not self.done:
+            self.exchange.flag("DC")
         self._close(failed=False)
 
 
@@ -188,17 +206,23 @@ class FinishedBody(list):
     def __init__(self, data: bytes, sock: socket.socket, keep: bool, pool: UpstreamPool,
                  exchange: Exchange) -> None:
         super().__init__((data,) if data else ())
-        self.sock = sock
+        self.sock: socket.socket | None = sock
         self.keep = keep
         self.pool = pool
         self.exchange = exchange
         self.sent = len(data)
 
     def close(self) -> None:
+        """Once only: a second call would pool the same backend socket twice (two requests
+        would then share it) and count the request again."""
+        sock = self.sock
+        if sock is None:
+            return
+        self.sock = None
         if self.keep:
-            self.pool.release(self.sock)
+            self.pool.release(sock)
         else:
-            self.sock.close()
+            sock.close()
         self.exchange.finish(self.sent)
 
 
@@ -303,6 +327,8 @@ class ProxyApp:
         self.threads = threads
         self.recorder = recorder or RequestRecorder()
         self.access_log = access_log or AccessLog()
+        self._outages: dict[str, PoolRuntime] = {}  # pool name -> the pool seen with none up
+        self._local_errors = Episode()
 
     def __call__(self, environ: dict[str, Any], start_response: StartResponse) -> Iterable[bytes]:
         rid = request_id(environ)
@@ -437,29 +463,38 @@ class ProxyApp:
     def _forward(self, environ: dict[str, Any], start_response: StartResponse,
                  table: PoolTable, pool: PoolRuntime, exchange: Exchange, target: str,
                  path: str, headers: dict[str, str], body: RequestBody,
-                 client_sock: socket.socket | None) -> Iterable[bytes]:
+                 client_sock: socket.socket | None, upgrade: bool = False) -> Iterable[bytes]:
+        """The one attempt loop, for plain and upgrade requests alike (pick, exchange,
+        classify, retry by `proxy.retry_on`, queue by `proxy.queue_timeout`); an upgrade's
+        `101` is one branch of it (tunnel.switch), as in Caddy's reverseproxy.go."""
         method = exchange.method
         settings = table.settings
         sticky = _cookie(environ, pool.pool.sticky_cookie) if pool.pool.sticky_cookie else None
         sticky_id = pool.sticky_values.get(sticky) if sticky else None
         idempotent_without_body = method in IDEMPOTENT and not body.present
+        # A tunnel gives its serving thread back (a new one is started), so an upgrade is
+        # not bounded by the per-worker thread share.
+        bounded = not upgrade
         tried: set[str] = set()
         last: Outcome | None = None
         queue_deadline = 0.0  # set when every candidate is first found at its limit
         head = request_head(method, target, headers)  # the same for every attempt
         for _attempt in range(1 + settings.proxy.retries):
-            backend, full = self._pick(table, pool, environ, path, tried, sticky_id)
+            backend, full = self._pick(table, pool, environ, path, tried, sticky_id, bounded)
             if backend is None and full and not tried:
                 queue_deadline = time.monotonic() + settings.proxy.queue_timeout
             while backend is None and full and not tried and \
                     time.monotonic() < queue_deadline:
                 time.sleep(QUEUE_POLL_SECONDS)  # every candidate is at max_connections
-                backend, full = self._pick(table, pool, environ, path, tried, sticky_id)
+                backend, full = self._pick(table, pool, environ, path, tried, sticky_id,
+                                           bounded)
             if backend is None:
                 break
             tried.add(backend.id)
             if last is not None:
                 self.recorder.retry(exchange.backend_id)
+                exchange.flag("URX")
+            exchange.attempts += 1
             exchange.backend_id = backend.id
             exchange.slot = table.slots.get(backend.id)
             upstream = table.upstreams[backend.id]
@@ -474,16 +509,23 @@ class ProxyApp:
                 log.info("client request body failed (request %s): %s", exchange.rid, e)
                 return self._error(start_response, exchange, 400, "incomplete request body",
                                    [("Connection", "close")])
+            except LocalResourceError as e:
+                _close(sock)
+                self._attempt_ended(exchange, table, failed=False)
+                return self._local_error(start_response, exchange, e, upgrade)
             except Exception as e:
                 _close(sock)
                 last = classify_error(e)
                 self._attempt_ended(exchange, table, failed=True)
-                log.error("backend %s failed (%s): %s (request %s)", backend.id, last.kind,
+                exchange.flag(last.flag)
+                # The access line says what happened: an error line per attempt floods.
+                log.debug("backend %s failed (%s): %s (request %s)", backend.id, last.kind,
                           _reason(e, settings.proxy.read_timeout), exchange.rid)
                 if may_retry(last, settings.proxy.retry_on, body.replayable,
                              idempotent_without_body):
                     continue
-                return self._error(start_response, exchange, last.status, last.message)
+                return self._error(start_response, exchange, last.status, last.message,
+                                   close=upgrade)
             exchange.upstream_s = time.perf_counter() - started
             failure = classify_status(response.status)
             if failure is not None:
@@ -492,13 +534,18 @@ class ProxyApp:
                 if may_retry(failure, settings.proxy.retry_on, body.replayable,
                              idempotent_without_body) and len(tried) <= settings.proxy.retries \
                         and len(tried) < len(pool.available):
+                    response.release()
                     sock.close()
                     self._attempt_ended(exchange, table, failed=True, noted=True)
-                    log.error("backend %s answered %d; trying another (request %s)",
+                    exchange.flag(failure.flag)
+                    log.debug("backend %s answered %d; trying another (request %s)",
                               backend.id, response.status, exchange.rid)
                     continue
             elif exchange.slot is not None:
                 self.cells.table.note_success(exchange.slot)
+            if upgrade and response.status == 101:
+                tunnel.switch(environ, response, sock, client_sock, backend, exchange,
+                              settings.proxy.client_idle_timeout)
             cookie = None
             if pool.pool.sticky_cookie and sticky != pool.sticky_by_id.get(backend.id):
                 cookie = (f"{pool.pool.sticky_cookie}={pool.sticky_by_id[backend.id]}; Path=/; "
@@ -508,13 +555,38 @@ class ProxyApp:
 
         if last is None:
             if tried or full:
+                exchange.flag("UO")
                 return self._error(start_response, exchange, 503, "every backend is at its "
-                                   "connection limit", [("Retry-After", "1")])
-            log.error("no healthy backend in pool %s for %s %s (request %s)", pool.name,
-                      method, path, exchange.rid)
+                                   "connection limit", [("Retry-After", "1")], close=upgrade)
+            exchange.flag("UH")
+            self._no_healthy_backend(pool)
             return self._error(start_response, exchange, 503, "no healthy backend",
-                               [("Retry-After", table.retry_after)])
-        return self._error(start_response, exchange, last.status, last.message)
+                               [("Retry-After", table.retry_after)], close=upgrade)
+        return self._error(start_response, exchange, last.status, last.message, close=upgrade)
+
+    def _no_healthy_backend(self, pool: PoolRuntime) -> None:
+        """Logged once per outage of a pool (per worker), not per request: a pool that gets
+        a backend back is a new PoolRuntime (the table is rebuilt when liveness flips)."""
+        if self._outages.get(pool.name) is not pool:
+            self._outages[pool.name] = pool
+            log.error("no healthy backend in pool %s: answering 503 until one is back "
+                      "(logged once per outage; the access log flags each request UH)",
+                      pool.name)
+
+    def _local_error(self, start_response: StartResponse, exchange: Exchange,
+                     error: LocalResourceError, upgrade: bool) -> list[bytes]:
+        """The LB could not open a backend socket for lack of its own resources (EMFILE...):
+        the backend is not at fault (no failure counted, no retry, which would fail the same
+        way), the client may come back soon. Logged once per episode, counted apart."""
+        exchange.flag("LR")
+        name = errno.errorcode.get(error.errno or 0, "other").lower()
+        self.recorder.local_error(name)
+        if self._local_errors.begins():
+            log.error("out of local resources opening backend connections (%s: %s); "
+                      "answering 503 meanwhile (logged once per episode; counted in "
+                      "gol7lb_local_errors_total)", name.upper(), error.strerror)
+        return self._error(start_response, exchange, 503, "the load balancer is out of "
+                           "resources", [("Retry-After", "1")], close=upgrade)
 
     def _attempt_ended(self, exchange: Exchange, table: PoolTable, failed: bool,
                        noted: bool = False) -> None:
@@ -626,8 +698,10 @@ class ProxyApp:
         try:
             headers = client_response_headers(response.headers, exchange.rid)
         except ValueError as e:
+            response.release()
             sock.close()
-            log.error("backend %s sent an invalid response header %s (request %s)",
+            exchange.flag("UPE")
+            log.debug("backend %s sent an invalid response header %s (request %s)",
                       upstream.backend.id, e, exchange.rid)
             if exchange.slot is not None:
                 self.cells.end(exchange.slot, True)
@@ -644,13 +718,17 @@ class ProxyApp:
         return UpstreamBody(response, sock, upstream, client_sock, exchange)
 
     def _error(self, start_response: StartResponse, exchange: Exchange, status: int,
-               message: str, extra: list[tuple[str, str]] | None = None) -> list[bytes]:
-        """An answer the LB makes itself (no backend's status): counted and logged now."""
+               message: str, extra: list[tuple[str, str]] | None = None,
+               close: bool = False) -> list[bytes]:
+        """An answer the LB makes itself (no backend's status): counted and logged now.
+        `close`: the client connection ends after it (an upgrade request's)."""
         phrase = HTTPStatus(status).phrase
         body = f"{status} {phrase}: {message}\n".encode()
         headers = [("Content-Type", "text/plain; charset=utf-8"),
                    ("Content-Length", str(len(body))), ("X-Request-ID", exchange.rid),
                    *(extra or [])]
+        if close:
+            headers.append(("Connection", "close"))
         exchange.status = status
         exchange.answered = False
         start_response(f"{status} {phrase}", headers)
@@ -659,6 +737,7 @@ class ProxyApp:
 
 
 NO_BODY = RequestBody(None, 0, False, 0)  # shared: a request without a body changes nothing in it
+_BOOKKEEPING_FAILS = Episode()
 QUEUE_POLL_SECONDS = 0.005
 EJECT_RETRY_SECONDS = 0.5  # telling the Manager of an ejection again while it is away
 EXPECT_WAIT_SECONDS = 1.0  # how long a backend may stay silent after Expect (curl waits 1 s)

@@ -1,10 +1,10 @@
 """Upgrade tunnelling (WebSocket, and any `Upgrade` with `Connection: upgrade`).
 
-The upgrade request goes to a backend like any other (Upgrade and Connection: upgrade kept,
-the rest of the hop-by-hop set removed). A `101` goes back to the client, then bytes are copied
-both ways until either side closes; a silent tunnel is closed after
-`proxy.client_idle_timeout`, never by `proxy.read_timeout`. Any other answer is relayed as a
-normal response and the client connection is closed after it.
+The upgrade request goes to a backend like any other, through the proxy's one attempt loop
+(Upgrade and Connection: upgrade kept, the rest of the hop-by-hop set removed). A `101` goes
+back to the client, then bytes are copied both ways until either side closes; a silent tunnel
+is closed after `proxy.client_idle_timeout`, never by `proxy.read_timeout`. Any other answer
+is relayed as a normal response and the client connection is closed after it.
 
 The tunnel holds the thread that served the request. Under ProxyWorker the thread tells the
 pool (`gol7lb.detach` in the environ) so a new thread takes its place; under gthread it holds
@@ -18,19 +18,12 @@ import logging
 import select
 import socket
 from collections.abc import Callable, Iterable
-from typing import TYPE_CHECKING, Any
+from typing import TYPE_CHECKING, Any, NoReturn
 
 from gol7lb import metrics
 from gol7lb.backends import Backend
 from gol7lb.headers import client_response_headers, connection_tokens
 from gol7lb.serve import TunnelClosed
-from gol7lb.upstream import (
-    TIMED_OUT,
-    ConnectFailed,
-    UpstreamProtocolError,
-    read_response_head,
-    request_head,
-)
 
 if TYPE_CHECKING:
     from gol7lb.pooltable import PoolRuntime, PoolTable
@@ -49,75 +42,35 @@ def is_upgrade(environ: dict[str, Any]) -> bool:
 def forward(app: ProxyApp, environ: dict[str, Any], start_response: Callable[..., Any],
             table: PoolTable, pool: PoolRuntime, exchange: Exchange, target: str,
             authority: str | None) -> Iterable[bytes]:
-    """Send the upgrade request to a backend the pool's policy picks (another one if the
-    connect fails); tunnel a 101, relay anything else as a normal answer."""
+    """Send the upgrade request through the proxy's one attempt loop (retry_on, retries,
+    queue_timeout and their counters as for any request); a `101` comes back to `switch`,
+    anything else is relayed as a normal answer."""
+    from gol7lb.proxy import NO_BODY  # proxy imports this module
+
     client_sock = environ.get("gunicorn.socket")
-    rid = exchange.rid
     if client_sock is None or environ.get("CONTENT_LENGTH") or environ.get(
             "HTTP_TRANSFER_ENCODING"):
         return app._error(start_response, exchange, 400, "upgrade request with a body",
-                          [("Connection", "close")])
-    headers = app.request_headers(environ, table, authority, client_sock, rid)
+                          close=True)
+    headers = app.request_headers(environ, table, authority, client_sock, exchange.rid)
     headers["Upgrade"] = environ["HTTP_UPGRADE"]
     headers["Connection"] = "upgrade"
-    head = request_head(exchange.method, target, headers)
     path = target.split("?", 1)[0]
-    tried: set[str] = set()
-    for _attempt in range(1 + table.settings.proxy.retries):
-        # Not bounded by the per-worker thread share: a tunnel gives its thread back to the
-        # pool (a new one is started), so it holds no serving thread.
-        backend, _full = app._pick(table, pool, environ, path, tried, None, bounded=False)
-        if backend is None:
-            break
-        tried.add(backend.id)
-        exchange.backend_id = backend.id
-        exchange.slot = table.slots.get(backend.id)
-        upstream = table.upstreams[backend.id]
-        try:
-            sock = upstream.connect()
-        except ConnectFailed as e:
-            log.error("backend %s failed (connect-failure): %s (request %s)", backend.id, e,
-                      rid)
-            app._attempt_ended(exchange, table, failed=True)
-            continue
-        try:
-            sock.sendall(head)
-            response = read_response_head(sock, exchange.method)
-        except TIMED_OUT:
-            sock.close()
-            app._attempt_ended(exchange, table, failed=True)
-            return app._error(start_response, exchange, 504, "backend timed out",
-                              [("Connection", "close")])
-        except (OSError, UpstreamProtocolError) as e:
-            sock.close()
-            app._attempt_ended(exchange, table, failed=True)
-            log.error("backend %s failed the upgrade: %s (request %s)", backend.id,
-                      str(e) or type(e).__name__, rid)
-            return app._error(start_response, exchange, 502, "bad gateway",
-                              [("Connection", "close")])
-        if response.status != 101:
-            return app._respond(start_response, response, sock, upstream, client_sock,
-                                exchange, None)
-        exchange.status = 101
-        exchange.answered = True
-        _switch(environ, response, sock, client_sock, backend, exchange,
-                table.settings.proxy.client_idle_timeout)
-    if not tried:
-        return app._error(start_response, exchange, 503, "no healthy backend",
-                          [("Retry-After", table.retry_after), ("Connection", "close")])
-    return app._error(start_response, exchange, 502, "no backend accepted the connection",
-                      [("Connection", "close")])
+    return app._forward(environ, start_response, table, pool, exchange, target, path, headers,
+                        NO_BODY, client_sock, upgrade=True)
 
 
-def _switch(environ: dict[str, Any], response: Any, sock: socket.socket,
-            client_sock: socket.socket, backend: Backend, exchange: Exchange,
-            idle: float) -> None:
+def switch(environ: dict[str, Any], response: Any, sock: socket.socket,
+           client_sock: socket.socket, backend: Backend, exchange: Exchange,
+           idle: float) -> NoReturn:
     """Send the 101 to the client, then copy bytes both ways; always ends in TunnelClosed.
 
     The tunnel counts as a request in flight to its backend until it closes (a drain waits
     for it), and in `gol7lb_websocket_connections`.
     """
     rid = exchange.rid
+    exchange.status = 101
+    exchange.answered = True
     try:
         kept = client_response_headers(response.headers, rid)
     except ValueError:
@@ -128,14 +81,18 @@ def _switch(environ: dict[str, Any], response: Any, sock: socket.socket,
              f"Upgrade: {upgrade}", "Connection: Upgrade"]
     lines += [f"{name}: {value}" for name, value in kept]
     head = ("\r\n".join(lines) + "\r\n\r\n").encode("latin-1")
+    response.release()
     detach = environ.get("gol7lb.detach")
     if detach is not None:
         detach()
         if exchange.slot is not None:
             exchange.app.cells.detach(exchange.slot)
             exchange.detached = True
-    gauge = metrics.WEBSOCKET_CONNECTIONS.labels(backend.id)
-    gauge.inc()
+    try:
+        gauge = metrics.WEBSOCKET_CONNECTIONS.labels(backend.id)
+        gauge.inc()
+    except OSError:  # no descriptor for prometheus_client's file: the tunnel still works
+        gauge = None
     sent = 0
     try:
         client_sock.settimeout(idle)
@@ -149,7 +106,8 @@ def _switch(environ: dict[str, Any], response: Any, sock: socket.socket,
         log.info("tunnel to %s ended: %s (request %s)", backend.id, str(e) or type(e).__name__,
                  rid)
     finally:
-        gauge.dec()
+        if gauge is not None:
+            gauge.dec()
         sock.close()
         with contextlib.suppress(OSError):
             client_sock.shutdown(socket.SHUT_RDWR)

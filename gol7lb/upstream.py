@@ -9,6 +9,7 @@ request target, which must go out byte for byte, and it adds headers the client 
 
 from __future__ import annotations
 
+import errno
 import select
 import socket
 import struct
@@ -30,6 +31,14 @@ class ConnectFailed(OSError):
     def __init__(self, reason: str, timed_out: bool) -> None:
         super().__init__(reason)
         self.timed_out = timed_out
+
+
+class LocalResourceError(OSError):
+    """The LB itself could not open a socket (out of descriptors, buffers or memory): not the
+    backend's failure, and another backend would fail the same way."""
+
+
+LOCAL_ERRNOS = frozenset({errno.EMFILE, errno.ENFILE, errno.ENOBUFS, errno.ENOMEM})
 
 
 # How a backend's read_timeout shows: EAGAIN from a socket opened by open_connection (kernel
@@ -107,6 +116,8 @@ def open_connection(backend: Backend, connect_timeout: float,
         raise ConnectFailed(f"connect timed out after {connect_timeout:g}s",
                             timed_out=True) from None
     except OSError as e:
+        if e.errno in LOCAL_ERRNOS:
+            raise LocalResourceError(e.errno, e.strerror) from None
         raise ConnectFailed(e.strerror or str(e), timed_out=False) from None
     sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
     # A blocking socket whose kernel enforces the timeout (SO_RCVTIMEO, SO_SNDTIMEO), not a
@@ -224,10 +235,17 @@ class UpstreamResponse:
         data = self.sock.recv(BLOCK)
         if not data:
             raise UpstreamClosed("backend closed the connection without answering")
-        self._head_bytes += len(data)
-        if self._head_bytes > MAX_HEAD and not self._head_done:
-            raise UpstreamProtocolError(f"response head larger than {MAX_HEAD} bytes")
+        before = self._head_bytes
         self._feed(data)
+        # Only head bytes count: the read that ends the head may carry body bytes behind it.
+        if not self._head_done:
+            size = self._head_bytes = before + len(data)
+        elif before:  # the head came in several reads (one read cannot exceed the limit)
+            size = before + len(data) - len(self.leftover) - sum(map(len, self._pending))
+        else:
+            return
+        if size > MAX_HEAD:
+            raise UpstreamProtocolError(f"response head larger than {MAX_HEAD} bytes")
 
     def await_continue(self, timeout: float) -> None:
         """After a head with `Expect: 100-continue`: wait up to `timeout` for the backend's

@@ -17,16 +17,18 @@ import requests
 
 from tests import procs
 from tests.conftest import FAST_HEALTH, backends_env
+from tests.test_failover import kill_once_checked
 
 # 2026-11-30T15:19:54+00:00 127.0.0.1 "GET /" 200 14 pool=default backend=127.0.0.1:4607
-# upstream=7.78ms total=8.352ms rid=d44e...
+# upstream=7.78ms total=8.352ms attempts=1 flags=- rid=d44e...
 TEXT_LINE = re.compile(
     r'^(?P<time>\d{4}-\d\d-\d\dT\d\d:\d\d:\d\d[+-]\d\d:\d\d) (?P<client>\S+) '
     r'"(?P<method>[A-Z]+) (?P<path>(?:[^"\\]|\\.)*)" (?P<status>\d{3}) (?P<bytes>\d+) '
     r"pool=(?P<pool>\S+) backend=(?P<backend>\S+) upstream=(?P<upstream>-|[\d.]+ms) "
-    r"total=(?P<total>[\d.]+)ms rid=(?P<rid>.+)$")
+    r"total=(?P<total>[\d.]+)ms attempts=(?P<attempts>\d+) flags=(?P<flags>\S+) "
+    r"rid=(?P<rid>.+)$")
 JSON_KEYS = {"time", "client", "method", "path", "status", "bytes", "pool", "backend",
-             "upstream_ms", "duration_ms", "request_id"}
+             "upstream_ms", "duration_ms", "request_id", "attempts", "flags"}
 
 
 # Helper processes are spawned (a fresh interpreter each): on a busy machine they have been
@@ -134,6 +136,7 @@ def test_text_line_per_request_has_every_field(text_lb):
         assert line["backend"] == f"127.0.0.1:{answer.headers['X-Backend-Port']}"
         upstream = float(line["upstream"].removesuffix("ms"))
         assert 0 < upstream <= float(line["total"])
+        assert (line["attempts"], line["flags"]) == ("1", "-")
     # nothing else was logged as an access line for these requests
     assert sum(1 for line in lines(lb) if TEXT_LINE.match(line)) == before + len(sent)
 
@@ -150,6 +153,7 @@ def test_lb_made_503_is_logged_with_no_backend(lb_factory, backend_factory):
     assert (line["path"], line["status"], line["backend"], line["upstream"]) == (
         "/gone", "503", "-", "-")
     assert line["pool"] == "default" and int(line["bytes"]) == len(answer.content)
+    assert (line["attempts"], line["flags"]) == ("0", "UH")  # no healthy upstream
 
 
 def test_json_access_and_error_lines_are_all_json_objects(json_lb):
@@ -167,6 +171,7 @@ def test_json_access_and_error_lines_are_all_json_objects(json_lb):
         assert entry["backend"] == f"127.0.0.1:{answer.headers['X-Backend-Port']}"
         assert entry["bytes"] == len(answer.content)
         assert 0 < entry["upstream_ms"] <= entry["duration_ms"]
+        assert (entry["attempts"], entry["flags"]) == (1, "-")
         assert re.match(r"\d{4}-\d\d-\d\dT\d\d:\d\d:\d\d", entry["time"])
     assert json_lines_for(lb, big.headers["X-Request-ID"])[0]["bytes"] == 12345
     assert json_lines_for(lb, big.headers["X-Request-ID"])[0]["path"] == "/bytes/12345"
@@ -279,3 +284,26 @@ def test_reload_switches_the_format_and_turns_the_access_log_off(lb_factory, thr
              .headers["X-Request-ID"] for _ in range(10)]
     time.sleep(0.5)  # a line would be written as the response ends; give a late one a chance
     assert not any(rid in lb.output() for rid in quiet)
+
+
+@pytest.mark.parametrize("fmt", ["text", "json"])
+def test_a_retried_request_says_how_many_attempts_and_why(lb_factory, backend_factory, fmt):
+    live, doomed = backend_factory(), backend_factory()
+    lb = lb_factory({"GOL7LB_BACKENDS": backends_env([doomed.port, live.port]),
+                     "GOL7LB_HEALTH_INTERVAL": "60", "GOL7LB_LOG_FORMAT": fmt})
+    kill_once_checked(lb, doomed)
+    answers = [requests.get(lb.url + "/", timeout=10) for _ in range(4)]
+    assert [a.status_code for a in answers] == [200] * 4
+    found = set()
+    for answer in answers:
+        rid = answer.headers["X-Request-ID"]
+        if fmt == "json":
+            entry = one_line(json_lines_for, lb, rid)
+            found.add((entry["attempts"], entry["flags"], entry["backend"]))
+        else:
+            line = one_line(text_lines_for, lb, rid)
+            found.add((int(line["attempts"]), line["flags"], line["backend"]))
+    # the dead one's turns: its connect failed (UF) and the request was retried (URX)
+    assert (2, "UF,URX", f"127.0.0.1:{live.port}") in found
+    assert found <= {(1, "-", f"127.0.0.1:{live.port}"),
+                     (2, "UF,URX", f"127.0.0.1:{live.port}")}, found

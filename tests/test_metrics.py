@@ -39,6 +39,7 @@ DOCUMENTED = {
     "gol7lb_config_reloads": ("counter", {"result"}),
     "gol7lb_backend_ejections": ("counter", {"backend"}),
     "gol7lb_websocket_connections": ("gauge", {"backend"}),
+    "gol7lb_local_errors": ("counter", {"reason"}),  # issue 14: the LB's own EMFILE and kin
 }
 
 
@@ -156,6 +157,8 @@ def test_documented_metrics_have_their_types_and_labels(lb3):
     for name in ("gol7lb_retries", "gol7lb_backend_ejections", "gol7lb_websocket_connections"):
         assert {(s.labels["backend"], s.value) for s in found[name].samples} == {
             (backend_id(p), 0.0) for p in ports}, name
+    assert {(s.labels["reason"], s.value) for s in found["gol7lb_local_errors"].samples} == {
+        ("emfile", 0.0), ("enfile", 0.0), ("enobufs", 0.0), ("enomem", 0.0)}
     # the counters the duration histogram is built from stay internal
     assert sorted(n for n in found if n.startswith("gol7lb_request_duration")) == [
         "gol7lb_request_duration_seconds"]

@@ -9,11 +9,13 @@ import socket
 import threading
 import time
 from collections import Counter
+from collections.abc import Callable
 
 import psutil
 import pytest
 import requests
 
+from tests.conftest import backends_env
 from tests.procs import free_port
 
 pytestmark = pytest.mark.usefixtures("shared_lb")
@@ -48,6 +50,41 @@ def echo(shared_lb, method="GET", path="/echo", **kwargs) -> dict:
 
 def header(doc: dict, name: str) -> list[str]:
     return [v for k, v in doc["headers"] if k.lower() == name.lower()]
+
+
+class RawBackend:
+    """A 'backend' on a loopback port that answers each request with `answer(conn)`, written
+    byte by byte as a test needs it (split heads, resets); health checks only connect."""
+
+    def __init__(self, answer: Callable[[socket.socket], None]) -> None:
+        self.answer = answer
+        self.sock = socket.socket()
+        self.sock.bind(("127.0.0.1", 0))
+        self.sock.listen(64)
+        self.port = self.sock.getsockname()[1]
+        self.requests = 0
+        threading.Thread(target=self._accept, daemon=True).start()
+
+    def _accept(self) -> None:
+        while True:
+            try:
+                conn, _ = self.sock.accept()
+            except OSError:
+                return
+            threading.Thread(target=self._serve, args=(conn,), daemon=True).start()
+
+    def _serve(self, conn: socket.socket) -> None:
+        with conn:
+            conn.settimeout(10)
+            try:
+                while conn.recv(65536):
+                    self.requests += 1
+                    self.answer(conn)
+            except OSError:
+                pass
+
+    def close(self) -> None:
+        self.sock.close()
 
 
 def lb_workers(lb) -> list[psutil.Process]:
@@ -303,3 +340,25 @@ def test_free_port_helper_gives_unused_ports():
     port = free_port()
     with socket.socket() as s:
         s.bind(("127.0.0.1", port))
+
+
+def test_a_head_split_over_two_reads_with_a_large_body_behind_it_is_relayed(lb_factory):
+    """Loopback delivers a head in one read; a real network may not. The second part of the
+    head comes with 100 KB of body in the same write: only head bytes count against the
+    64 KiB head limit."""
+    body = bytes(range(256)) * 400
+
+    def answer(conn: socket.socket) -> None:
+        conn.sendall(b"HTTP/1.1 200 OK\r\nContent-Type: application/octet-stream\r\nConte")
+        time.sleep(0.2)  # the LB reads the first part alone
+        conn.sendall(b"nt-Length: %d\r\n\r\n%b" % (len(body), body))
+
+    backend = RawBackend(answer)
+    try:
+        lb = lb_factory({"GOL7LB_BACKENDS": backends_env([backend.port])})
+        response = requests.get(lb.url + "/", timeout=10)
+        assert response.status_code == 200, response.text
+        assert response.content == body
+        assert "larger than" not in lb.output()
+    finally:
+        backend.close()

@@ -8,6 +8,7 @@ from __future__ import annotations
 import contextlib
 import logging
 import signal
+import socket
 import threading
 import time
 from collections.abc import Iterator
@@ -17,8 +18,11 @@ from websockets.exceptions import ConnectionClosed, ConnectionClosedOK
 from websockets.sync.client import connect
 from websockets.sync.server import Server, ServerConnection, serve
 
-from tests.conftest import FAST_HEALTH, _stop_and_check
+from tests.conftest import FAST_HEALTH, _stop_and_check, backends_env
 from tests.procs import LB, port_closed
+from tests.test_edge import read_head
+from tests.test_failover import kill_once_checked
+from tests.test_metrics import per_label
 from tests.test_proxy import raw_request, split_response
 
 READ_TIMEOUT = 1.0
@@ -151,3 +155,50 @@ def test_term_gives_open_tunnels_the_graceful_timeout(ws_server, lb_factory):
         assert ws.recv(timeout=10) == "during drain"
     assert lb.wait(timeout=20) == 0
     assert lb.leftovers() == []
+
+
+def upgrade_status(port: int, timeout: float = 10.0) -> int:
+    """The status a WebSocket handshake through the LB gets (the connection then closes)."""
+    with socket.create_connection(("127.0.0.1", port), timeout=timeout) as s:
+        s.sendall(b"GET /ws HTTP/1.1\r\nHost: x\r\nUpgrade: websocket\r\nConnection: Upgrade\r\n"
+                  b"Sec-WebSocket-Key: dGhlIHNhbXBsZSBub25jZQ==\r\n"
+                  b"Sec-WebSocket-Version: 13\r\n\r\n")
+        head = read_head(s)
+    return int(head.split(b" ", 2)[1]) if head else 0
+
+
+@pytest.mark.parametrize("retry_on", ["timeout", "connect-failure"])
+def test_upgrades_follow_retry_on_and_count_retries(ws_server, lb_factory, backend_factory,
+                                                    retry_on):
+    doomed = backend_factory()
+    live = ws_server.socket.getsockname()[1]
+    lb = lb_factory({**lb_env(ws_server), "GOL7LB_BACKENDS": backends_env([doomed.port, live]),
+                     "GOL7LB_HEALTH_INTERVAL": "60", "GOL7LB_PROXY_RETRY_ON": retry_on})
+    dead = kill_once_checked(lb, doomed)
+    statuses = [upgrade_status(lb.port) for _ in range(6)]
+    retries = per_label(lb, "gol7lb_retries_total", "backend")
+    if retry_on == "timeout":  # the dead one's turns fail, and nothing else is tried
+        assert sorted(set(statuses)) == [101, 502], statuses
+        assert retries.get(f"127.0.0.1:{dead}", 0) == 0
+    else:
+        assert statuses == [101] * 6
+        assert retries[f"127.0.0.1:{dead}"] >= 1, retries
+
+
+def test_an_upgrade_waits_queue_timeout_for_a_backend_at_max_connections(ws_server, lb_factory):
+    lb = lb_factory({**lb_env(ws_server), "GOL7LB_PROXY_MAX_CONNECTIONS": "1",
+                     "GOL7LB_PROXY_QUEUE_TIMEOUT": "10"})
+    answer: list[tuple[int, float]] = []
+    with client(lb) as first:
+        first.send("hold")
+        assert first.recv(timeout=10) == "hold"
+        started = time.monotonic()
+        waiter = threading.Thread(
+            target=lambda: answer.append((upgrade_status(lb.port, 20), time.monotonic())))
+        waiter.start()
+        time.sleep(0.5)  # the second upgrade is queued meanwhile
+        assert not answer, answer
+    waiter.join(20)
+    status, at = answer[0]
+    assert status == 101
+    assert at - started >= 0.5
