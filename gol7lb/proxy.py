@@ -374,9 +374,7 @@ class ProxyApp:
         try:
             body = self._request_body(environ, table)
         except ClientBodyError as e:
-            log.info("client request body failed (request %s): %s", rid, e)
-            return self._error(start_response, exchange, 400, "incomplete request body",
-                               [("Connection", "close")])
+            return self._body_error(start_response, exchange, e)
         client_sock = environ.get("gunicorn.socket")
         headers = self.request_headers(environ, table, authority, client_sock, rid)
         body.framing(headers)
@@ -506,9 +504,7 @@ class ProxyApp:
             except ClientBodyError as e:
                 _close(sock)
                 self._attempt_ended(exchange, table, failed=False)
-                log.info("client request body failed (request %s): %s", exchange.rid, e)
-                return self._error(start_response, exchange, 400, "incomplete request body",
-                                   [("Connection", "close")])
+                return self._body_error(start_response, exchange, e)
             except LocalResourceError as e:
                 _close(sock)
                 self._attempt_ended(exchange, table, failed=False)
@@ -716,6 +712,16 @@ class ProxyApp:
             return FinishedBody(response.take_body(), sock, response.keep_alive, upstream,
                                 exchange)
         return UpstreamBody(response, sock, upstream, client_sock, exchange)
+
+    def _body_error(self, start_response: StartResponse, exchange: Exchange,
+                    error: ClientBodyError) -> list[bytes]:
+        """The client's body broke off (400) or stalled past its timeout (408): its fault, not
+        the backend's; the connection closes."""
+        log.info("client request body failed (request %s): %s", exchange.rid, error)
+        if isinstance(error.__cause__, TimeoutError):
+            return self._error(start_response, exchange, 408, "request body not received in "
+                               "time", _CLOSE)
+        return self._error(start_response, exchange, 400, "incomplete request body", _CLOSE)
 
     def _error(self, start_response: StartResponse, exchange: Exchange, status: int,
                message: str, extra: list[tuple[str, str]] | None = None,

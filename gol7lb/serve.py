@@ -34,8 +34,9 @@ class ClientGone(ConnectionError):
     """The client closed or reset the connection, or stayed silent past its deadline."""
 
 
-class BodyStalled(ClientGone):
-    """The client sent no more of its request body within `proxy.client_body_timeout`."""
+class BodyStalled(ClientGone, TimeoutError):
+    """The client sent no more of its request body within `proxy.client_body_timeout` (a
+    TimeoutError too, so the app can tell a stalled body from a broken one: 408, not 400)."""
 
 
 class TunnelClosed(BrokenPipeError):

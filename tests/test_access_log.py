@@ -211,23 +211,26 @@ def test_odd_paths_give_one_parseable_line(lb_factory, three_backends, fmt):
                      "GOL7LB_LOG_FORMAT": fmt, **FAST_HEALTH})
     for target in ODD_PATHS:
         status, headers, _ = raw_get(lb, target)
-        assert status == 404, target  # the demo backend answered (it knows no such path)
+        # the demo backend answered (it knows no such path), or the LB refused an ambiguous
+        # path (a backslash or an encoded NUL in the path, not in the query: 400)
+        expected = 400 if b"\\" in target.partition(b"?")[0] or b"%00" in target else 404
+        assert status == expected, target
         rid = headers["x-request-id"]
         if fmt == "json":
             entry = one_line(json_lines_for, lb, rid)
             assert entry["path"] == target.decode("latin-1")
-            assert entry["status"] == 404
+            assert entry["status"] == expected
         else:
             line = one_line(text_lines_for, lb, rid)
             assert unescape(line["path"]) == target.decode("latin-1")
-            assert line["status"] == "404"
+            assert line["status"] == str(expected)
     if fmt == "json":
         for line in lines(lb):
             json.loads(line)  # and nothing else broke a line
     # A long path of characters that escaping doubles: still one line, short enough for one
     # atomic write to a pipe shared by every worker (PIPE_BUF), with the path cut.
     status, headers, _ = raw_get(lb, b"/" + b'"\\' * 2000)
-    assert status == 404
+    assert status == 400  # a backslash in the path
     rid = headers["x-request-id"]
     finder = json_lines_for if fmt == "json" else text_lines_for
     one_line(finder, lb, rid)
