@@ -165,7 +165,11 @@ class WorkerCells:
         self._offset = (worker_slot or 0) * _FIELDS
         self._row = table._row
         self._lock = threading.Lock()
+        # Opened now, not on the first capped request: a worker out of file descriptors
+        # must still be able to take its locks (an EMFILE there would fail the request).
         self._lock_fd: int | None = None
+        if table.lock_path and self.enabled:
+            self._lock_file()
         # This worker's own requests in flight per host slot (the per-worker share bound).
         self.local = [0] * table.host_slots
 

@@ -20,6 +20,7 @@ from gol7lb.backends import (
     check_weight,
     parse_backend_url,
 )
+from gol7lb.target import AmbiguousTarget, normalise_path
 
 DEFAULT_POOL = "default"
 ALGORITHMS = ("round_robin", "random", "least_connections", "power_of_two", "consistent_hash")
@@ -251,6 +252,12 @@ def routes_from_toml(items: Any, origin: str) -> list[Route]:
                                                       or not prefix.isprintable()
                                                       or " " in prefix or "?" in prefix)):
             raise bad(f"{at}.path_prefix", prefix, origin, 'a path starting with "/"')
+        if prefix:
+            try:
+                normalise_path(prefix)
+            except AmbiguousTarget as e:  # no request could ever match it: say so now
+                raise bad(f"{at}.path_prefix", prefix, origin, "an unambiguous path, which "
+                          f"requests can match (this one has: {e})") from None
         methods = item.get("methods", [])
         if not isinstance(methods, list) or not all(
                 isinstance(m, str) and _TOKEN.fullmatch(m) for m in methods):

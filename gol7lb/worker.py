@@ -141,6 +141,7 @@ class ProxyWorker(Worker):
         self.capped = False  # at worker_connections: not accepting
         self.proxy_app: ProxyApp | None = None
         self.spread: Spread | None = None
+        self.accept_failures = 0  # accepts failed in a row (out of descriptors): logged once
 
     @classmethod
     def check_config(cls, cfg: Any, log: Any) -> None:
@@ -387,8 +388,14 @@ class ProxyWorker(Worker):
             except (BlockingIOError, InterruptedError, ConnectionAbortedError):
                 return True
             except OSError as e:  # EMFILE and friends: keep serving who is there, retry later
-                self.log.error("accept failed: %s; not accepting for %gs", e, RESOURCE_PAUSE)
+                if not self.accept_failures:  # once per episode, not every pause
+                    self.log.error("accept failed: %s; pausing accepts (%gs at a time) until "
+                                   "it works again", e, RESOURCE_PAUSE)
+                self.accept_failures += 1
                 return False
+            if self.accept_failures:
+                self.log.info("accepting again after %d failed attempts", self.accept_failures)
+                self.accept_failures = 0
             sock.setblocking(False)
             try:
                 sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)

@@ -180,6 +180,7 @@ def test_running_out_of_descriptors_pauses_accepting_instead_of_spinning(lb_fact
         time.sleep(1.0)  # measuring a spin needs a duration
         after = worker.cpu_times()
         assert (after.user + after.system) - (cpu.user + cpu.system) < 0.3  # no busy loop
+        assert lb.output().count("accept failed") == 1  # once per episode, not every pause
     finally:
         for s in socks:
             s.close()
@@ -192,6 +193,7 @@ def test_running_out_of_descriptors_pauses_accepting_instead_of_spinning(lb_fact
             pass
         assert time.monotonic() < deadline, "the worker did not recover"
         time.sleep(0.1)
+    assert "accepting again after" in lb.output()
 
 
 def post_head(length: int, path: str = "/echo") -> bytes:
