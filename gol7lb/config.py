@@ -15,10 +15,10 @@ from dataclasses import dataclass, field
 from typing import Any
 
 from gol7lb.backends import Backend, BackendError, parse_backend_list, parse_backend_url
+from gol7lb.balancer import ALGORITHMS
+from gol7lb.errors import ConfigError
 from gol7lb.pools import (
-    ALGORITHMS,
     DEFAULT_POOL,
-    ConfigError,
     DiscoverySpec,
     Pool,
     Route,
