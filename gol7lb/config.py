@@ -2,8 +2,8 @@
 
 Every setting is declared once, as a field of the settings dataclasses made with `setting()`
 (its type, default, allowed values, meaning and check); `SETTINGS` is derived from those
-fields, and the TOML reader, the environment reader and the validation messages all come
-from that one list.
+fields, and the TOML reader, the environment reader, the validation messages and
+docs/settings.md (`python -m gol7lb.docs > docs/settings.md`) all come from that one list.
 """
 
 from __future__ import annotations
@@ -280,8 +280,8 @@ class Settings:
         "The default pool's policy (see Balancing); every one honours weights.")
     hash_key: str = setting(
         Pool.hash_key, "client_ip, path, header:NAME or cookie:NAME",
-        "What `consistent_hash` hashes, for the default pool (and pools without their own); a "
-        "request without it hashes its client address.", check_hash_key)
+        "What `consistent_hash` hashes, for the default pool; a request without it hashes its "
+        "client address.", check_hash_key)
     sticky_cookie: str = setting(
         Pool.sticky_cookie, "a cookie name, or \"\" for off",
         "A cookie name turns sticky sessions on for the default pool (any policy).",

@@ -239,3 +239,15 @@ def test_each_setting_is_typed_as_its_default_converts():
         if typing.get_origin(hint) is typing.Literal:
             hint = type(typing.get_args(hint)[0])
         assert hint == types[setting.kind], setting.name
+
+
+def test_the_settings_reference_is_generated_from_the_declarations():
+    """docs/settings.md is what `python -m gol7lb.docs` writes from config.py, nothing else."""
+    from gol7lb.docs import COMMAND
+    generated = subprocess.run([sys.executable, "-m", "gol7lb.docs"], cwd=ROOT, check=True,
+                               capture_output=True, text=True).stdout
+    committed = (ROOT / "docs" / "settings.md").read_text()
+    assert committed == generated, f"docs/settings.md is stale; regenerate it: {COMMAND}"
+    for setting in SETTINGS:
+        assert f"| `{setting.name}` | `{setting.env}` |" in committed, setting.name
+    assert "| `backends` | `GOL7LB_BACKENDS` |" in committed
