@@ -1,7 +1,9 @@
 """Settings: defaults < TOML file (GOL7LB_CONFIG) < environment, validated before anything starts.
 
-Every setting is declared once in `SETTINGS`; the TOML reader, the environment reader, the
-validation messages and the README's settings table all come from that one list.
+Every setting is declared once, as a field of the settings dataclasses made with `setting()`
+(its type, default, allowed values, meaning and check); `SETTINGS` is derived from those
+fields, and the TOML reader, the environment reader, the validation messages and
+docs/settings.md (`python -m gol7lb.docs > docs/settings.md`) all come from that one list.
 """
 
 from __future__ import annotations
@@ -11,14 +13,14 @@ import ipaddress
 import os
 import tomllib
 from collections.abc import Callable, Mapping
-from dataclasses import dataclass, field
-from typing import Any
+from dataclasses import dataclass, field, fields
+from typing import Any, TypeVar
 
 from gol7lb.backends import Backend, BackendError, parse_backend_list, parse_backend_url
+from gol7lb.balancer import ALGORITHMS
+from gol7lb.errors import ConfigError
 from gol7lb.pools import (
-    ALGORITHMS,
     DEFAULT_POOL,
-    ConfigError,
     DiscoverySpec,
     Pool,
     Route,
@@ -63,6 +65,13 @@ class Setting:
         return ENV_PREFIX + "_".join(parts).upper()
 
 
+_T = TypeVar("_T")
+
+
+def _anything(value: Any) -> bool:
+    return True
+
+
 def _positive(value: float) -> bool:
     return 0 < value <= 86400
 
@@ -89,149 +98,73 @@ def _parses(parser: Callable[[str], Any]) -> Callable[[str], bool]:
     return check
 
 
-SETTINGS: tuple[Setting, ...] = (
-    Setting("", "algorithm", "round_robin", "str", "one of " + ", ".join(ALGORITHMS),
-            "The default pool's policy (see Balancing); every one honours weights.",
-            lambda v: v in ALGORITHMS),
-    Setting("", "hash_key", "client_ip", "str",
-            "client_ip, path, header:NAME or cookie:NAME",
-            "What consistent_hash hashes, for the default pool (and pools without their own).",
-            check_hash_key),
-    Setting("", "sticky_cookie", "", "str", "a cookie name, or \"\" for off",
-            "A cookie name turns sticky sessions on for the default pool.", check_cookie_name),
-    Setting("", "sticky_secret", "", "str", "a string",
-            "Key of the sticky cookie's keyed hash, for all pools; set it the same on every "
-            "instance (unset: derived from each pool's configuration)."),
-    Setting("", "cpu_affinity", "auto", "str", "one of " + ", ".join(CPU_AFFINITY),
-            "auto: pin worker i to CPU i mod n of the CPUs the LB may use, so a worker's "
-            "threads hand the GIL over on one core (README, Worker class). off: no pinning.",
-            lambda v: v in CPU_AFFINITY),
-    Setting("health", "type", "tcp", "str", "one of " + ", ".join(HEALTH_TYPES),
-            "tcp: a connect succeeds. http: GET `health.path` answers a status in "
-            "`health.expect_status`.", lambda v: v in HEALTH_TYPES),
-    Setting("health", "interval", 10.0, "float", "a number of seconds > 0",
-            "Seconds between two checks of one backend.", _positive),
-    Setting("health", "timeout", 2.0, "float", "a number of seconds > 0",
-            "Seconds one check may take before it counts as failed.", _positive),
-    Setting("health", "rise", 2, "int", "a whole number from 1 to 1000",
-            "Consecutive successes that bring a down backend back.", lambda v: 1 <= v <= 1000),
-    Setting("health", "fall", 3, "int", "a whole number from 1 to 1000",
-            "Consecutive failures that take an up backend out.", lambda v: 1 <= v <= 1000),
-    Setting("health", "path", "/healthz", "str", "a path starting with /",
-            "Path requested by http checks.",
-            lambda v: v.startswith("/") and v.isprintable() and " " not in v),
-    Setting("health", "expect_status", "200-399", "str",
-            "status codes or ranges like 200-399 or 200,204", "Statuses that pass an http check.",
-            _parses(lambda v: parse_status_ranges(v))),
-    Setting("health", "host", "", "str", "a host name (or host:port), or \"\"",
-            "Host header of http checks (\"\": the backend's host:port).",
-            lambda v: v == "" or (v.isascii() and v.isprintable() and " " not in v)),
-    Setting("health", "expect_body", "", "str", "a string",
-            "http checks pass only if the body contains this (\"\": not checked)."),
-    Setting("health", "passive_fails", 0, "int", "a whole number from 0 to 1000",
-            "> 0: this many consecutive proxy failures (connect failure, timeout, reset, "
-            "502/503/504) eject a backend from every worker.", lambda v: 0 <= v <= 1000),
-    Setting("health", "passive_window", 10.0, "float", "a number of seconds > 0",
-            "...within this many seconds.", _positive),
-    Setting("health", "passive_cooldown", 30.0, "float", "a number of seconds > 0",
-            "First ejection; then 2x, 4x... of it, capped at 10x.", _positive),
-    Setting("health", "max_ejected_percent", 50, "int", "a whole number from 0 to 100",
-            "Never eject more than this share of a pool (and never its last backend).",
-            lambda v: 0 <= v <= 100),
-    Setting("health", "slow_start", 0.0, "float", "a number of seconds >= 0",
-            "A backend that comes back ramps to full weight over this many seconds.",
-            _seconds_or_zero),
-    Setting("proxy", "connect_timeout", 3.0, "float", "a number of seconds > 0",
-            "Seconds to open a connection to a backend before trying the next one.", _positive),
-    Setting("proxy", "read_timeout", 60.0, "float", "a number of seconds > 0",
-            "Seconds a backend may stay silent (before or during its answer); then 504.",
-            _positive),
-    Setting("proxy", "retries", 2, "int", "a whole number from 0 to 100",
-            "Further backends tried when connecting fails, or when a backend drops an "
-            "idempotent request without a body before answering.", lambda v: 0 <= v <= 100),
-    Setting("proxy", "retry_on", ("connect-failure",), "list",
-            "a list of " + ", ".join(RETRY_CONDITIONS),
-            "Failed attempts that go to another backend (at most proxy.retries more).",
-            lambda v: all(c in RETRY_CONDITIONS for c in v)),
-    Setting("proxy", "retry_buffer", 65536, "int", "a whole number of bytes from 0 to 67108864",
-            "Request bodies up to this size are buffered so they can be retried.",
-            lambda v: 0 <= v <= 64 * 1024 * 1024),
-    Setting("proxy", "queue_timeout", 0.0, "float", "a number of seconds >= 0",
-            "Seconds a request waits when every backend is at max_connections; then 503.",
-            _seconds_or_zero),
-    Setting("proxy", "max_connections", 0, "int", "a whole number from 0 to 1000000",
-            "Default in-flight cap per backend (over all workers) for backends without their "
-            "own; 0: no cap.", lambda v: 0 <= v <= 1_000_000),
-    Setting("admin", "bind", "127.0.0.1:8404", "str", "host:port, or \"\" for off",
-            "Admin listener (`/healthz`, `/status`, `/metrics`, the API and the dashboard); "
-            "empty turns it off. Beyond loopback it needs `admin.token`. Restart to change.",
-            _parses(lambda v: parse_bind(v))),
-    Setting("admin", "token", "", "str", "a string without spaces or control characters",
-            "When set, every mutating admin call needs `Authorization: Bearer <token>`; "
-            "reads stay open.", lambda v: v == "" or (v.isprintable() and " " not in v)),
-    Setting("admin", "hosts", (), "list", 'a list of host names like "gol7lb-admin.internal"',
-            "Names besides the bound address and localhost that a mutating admin call's Host "
-            "may carry (a Service or reverse-proxy name); others get 403 (DNS rebinding).",
-            lambda v: all(is_host_name(x) for x in v)),
-    Setting("discovery", "resolvers", (), "list", "a list of DNS servers as host:port",
-            "DNS servers for `discover` backends (none: the system's).",
-            lambda v: all(_is_host_port(x) for x in v)),
-    Setting("discovery", "interval", 0.0, "float", "a number of seconds >= 0",
-            "Seconds between two resolutions of a name; 0: the record's TTL, clamped to "
-            "1-300 s.", _seconds_or_zero),
-    Setting("log", "access", True, "bool", "true or false",
-            "One access-log line per proxied request on standard output."),
-    Setting("log", "format", "text", "str", "one of " + ", ".join(LOG_FORMATS),
-            "text, or json: access and error lines become one JSON object each.",
-            lambda v: v in LOG_FORMATS),
-    Setting("reload", "watch", True, "bool", "true or false",
-            "Re-read `GOL7LB_CONFIG` within 2 s of a change (SIGHUP to the master always "
-            "does)."),
-    # The worker that owns the client connection (issue 9).
-    Setting("proxy", "client_header_timeout", 10.0, "float", "a number of seconds > 0",
-            "Seconds a client has to send a whole request head (from the connection's start, "
-            "or from the end of the previous response); then 408 and close.", _positive),
-    Setting("proxy", "client_body_timeout", 30.0, "float", "a number of seconds > 0",
-            "Seconds between two reads of a request body; then 408 and close.", _positive),
-    Setting("proxy", "client_idle_timeout", 60.0, "float", "a number of seconds > 0",
-            "Seconds an idle keep-alive client connection (or a silent tunnel) is kept open.",
-            _positive),
-    Setting("proxy", "max_header_bytes", 16384, "int", "a whole number from 1024 to 1048576",
-            "Largest request head (request line and header lines) in bytes; larger: 431.",
-            lambda v: 1024 <= v <= 1048576),
-    Setting("proxy", "max_headers", 100, "int", "a whole number from 1 to 10000",
-            "Most header lines in a request; more: 431.", lambda v: 1 <= v <= 10000),
-    Setting("proxy", "forwarded", "x-forwarded", "str", "one of " + ", ".join(FORWARDED_MODES),
-            "x-forwarded: set X-Forwarded-For/Proto/Host/Port. rfc7239: append a Forwarded "
-            "element instead. both: both.", lambda v: v in FORWARDED_MODES),
-    Setting("proxy", "trusted_proxies", (), "list", "a list of CIDRs like 10.0.0.0/8",
-            "Addresses whose Forwarded, X-Real-IP and X-Forwarded-Proto/Host/Port are kept; "
-            "from anyone else they are removed (comma-separated in the environment).",
-            _parses(lambda v: parse_networks(v))),
-)
-SETTINGS_BY_NAME = {s.name: s for s in SETTINGS}
-# A named pool without its own policy settings gets the built-in defaults (the top-level
-# algorithm, hash_key and sticky_cookie belong to the default pool).
-POOL_DEFAULTS = {"algorithm": "round_robin", "hash_key": "client_ip", "sticky_cookie": ""}
-BACKENDS_ENV = ENV_PREFIX + "BACKENDS"
+def setting(default: _T, allowed: str, meaning: str,
+            check: Callable[[Any], bool] = _anything) -> _T:
+    """A field of a settings dataclass that is a setting: its default, what a refusal says is
+    allowed, its meaning (docs/settings.md) and its check. Its section, key, kind and
+    environment variable come from where it is declared, so each is written once."""
+    return field(default=default, metadata={"allowed": allowed, "meaning": meaning,
+                                            "check": check})
+
+
+def _seconds(default: float, meaning: str, zero: bool = False) -> float:
+    """A duration in seconds up to a day: > 0, or >= 0 with `zero`."""
+    if zero:
+        return setting(float(default), "a number of seconds >= 0", meaning, _seconds_or_zero)
+    return setting(float(default), "a number of seconds > 0", meaning, _positive)
+
+
+def _whole(default: int, lo: int, hi: int, meaning: str) -> int:
+    return setting(default, f"a whole number from {lo} to {hi}", meaning,
+                   lambda v: lo <= v <= hi)
+
+
+def _one_of(default: _T, choices: tuple[_T, ...], meaning: str) -> _T:
+    return setting(default, "one of " + ", ".join(map(str, choices)), meaning,
+                   lambda v: v in choices)
 
 
 @dataclass(frozen=True)
 class HealthSettings:
-    type: str = "tcp"
-    interval: float = 10.0
-    timeout: float = 2.0
-    rise: int = 2
-    fall: int = 3
-    path: str = "/healthz"
-    expect_status: str = "200-399"
-    host: str = ""
-    expect_body: str = ""
-    passive_fails: int = 0
-    passive_window: float = 10.0
-    passive_cooldown: float = 30.0
-    max_ejected_percent: int = 50
-    slow_start: float = 0.0
+    type: str = _one_of(
+        "tcp", HEALTH_TYPES,
+        "tcp: a connect succeeds. http: GET `health.path` answers a status in "
+        "`health.expect_status`.")
+    interval: float = _seconds(10.0, "Seconds between two checks of one backend.")
+    timeout: float = _seconds(2.0, "Seconds one check may take before it counts as failed.")
+    rise: int = _whole(2, 1, 1000, "Consecutive successes that bring a down backend back.")
+    fall: int = _whole(
+        3, 1, 1000,
+        "Consecutive failures that take an up backend out. A backend starts up but "
+        "unconfirmed: its first failed check takes it out, like HAProxy.")
+    path: str = setting("/healthz", "a path starting with /", "Path requested by http checks.",
+                        lambda v: v.startswith("/") and v.isprintable() and " " not in v)
+    expect_status: str = setting(
+        "200-399", "status codes or ranges like 200-399 or 200,204",
+        "Statuses that pass an http check.", _parses(lambda v: parse_status_ranges(v)))
+    host: str = setting(
+        "", "a host name (or host:port), or \"\"",
+        "Host header of http checks (`\"\"`: the backend's `host:port`).",
+        lambda v: v == "" or (v.isascii() and v.isprintable() and " " not in v))
+    expect_body: str = setting(
+        "", "a string",
+        "http checks pass only if the body (first 64 KiB) contains this text (`\"\"`: not "
+        "checked).")
+    passive_fails: int = _whole(
+        0, 0, 1000,
+        "Passive health (Envoy's outlier detection): this many consecutive proxy failures of a "
+        "backend (connect failure, timeout, reset, 502/503/504 from it), counted over all "
+        "workers, eject it from every worker. 0: off.")
+    passive_window: float = _seconds(10.0, "...within this many seconds.")
+    passive_cooldown: float = _seconds(
+        30.0, "Seconds of the first ejection; each repeat doubles it, up to 10x. An active "
+        "check success does not end it early.")
+    max_ejected_percent: int = _whole(
+        50, 0, 100,
+        "Never eject more than this share of a pool, and never its last available backend.")
+    slow_start: float = _seconds(
+        0.0, "A backend that comes back (up again, ejection over, newly added) ramps its weight "
+        "up linearly over this many seconds. 0: off.", zero=True)
 
     @property
     def status_ranges(self) -> tuple[tuple[int, int], ...]:
@@ -240,27 +173,73 @@ class HealthSettings:
 
 @dataclass(frozen=True)
 class ProxySettings:
-    connect_timeout: float = 3.0
-    read_timeout: float = 60.0
-    retries: int = 2
-    retry_on: tuple[str, ...] = ("connect-failure",)
-    retry_buffer: int = 65536
-    queue_timeout: float = 0.0
-    max_connections: int = 0
-    client_header_timeout: float = 10.0
-    client_idle_timeout: float = 60.0
-    client_body_timeout: float = 30.0
-    max_header_bytes: int = 16384
-    max_headers: int = 100
-    forwarded: str = "x-forwarded"
-    trusted_proxies: tuple[str, ...] = ()
+    connect_timeout: float = _seconds(
+        3.0, "Seconds to open a connection to a backend before trying the next one.")
+    read_timeout: float = _seconds(
+        60.0, "Seconds a backend may stay silent (before or during its answer); then 504.")
+    retries: int = _whole(
+        2, 0, 100,
+        "Further backends tried when connecting fails, or when a backend closes the connection "
+        "before answering a request that can be sent again (idempotent method, no body).")
+    retry_on: tuple[str, ...] = setting(
+        ("connect-failure",), "a list of " + ", ".join(RETRY_CONDITIONS),
+        "Failed attempts that go to another backend (at most `proxy.retries` more), picked "
+        "afresh by the pool's policy.", lambda v: all(c in RETRY_CONDITIONS for c in v))
+    retry_buffer: int = setting(
+        65536, "a whole number of bytes from 0 to 67108864",
+        "Request bodies up to this many bytes are buffered so the request can be retried; a "
+        "larger body is streamed and never retried.", lambda v: 0 <= v <= 64 * 1024 * 1024)
+    queue_timeout: float = _seconds(
+        0.0, "Seconds a request waits for a free slot when every candidate backend is at its "
+        "`max_connections`; then `503`.", zero=True)
+    max_connections: int = _whole(
+        0, 0, 1_000_000,
+        "In-flight cap per backend, over all workers, for backends without their own "
+        "`max_connections`. 0: none.")
+    # The worker that owns the client connection (issue 9).
+    client_header_timeout: float = _seconds(
+        10.0, "Seconds a client has to send a whole request head (from the connection's start, "
+        "or from the end of the previous response on a kept-alive connection); then `408` and "
+        "close.")
+    client_body_timeout: float = _seconds(
+        30.0, "Seconds between two reads of a request body; then `408` and close.")
+    client_idle_timeout: float = _seconds(
+        60.0, "Seconds an idle keep-alive client connection is kept open; also closes a tunnel "
+        "when both sides stay silent this long.")
+    max_header_bytes: int = _whole(
+        16384, 1024, 1048576,
+        "Largest request head (request line and header lines) in bytes; larger gets `431`. A "
+        "request line over 8 KiB gets `414`.")
+    max_headers: int = _whole(100, 1, 10000, "Most header lines in a request; more get `431`.")
+    forwarded: str = _one_of(
+        "x-forwarded", FORWARDED_MODES,
+        "x-forwarded: X-Forwarded-For/Proto/Host/Port. rfc7239: one RFC 7239 "
+        "`Forwarded: for=...;proto=...;host=...` element instead. both: both.")
+    trusted_proxies: tuple[str, ...] = setting(
+        (), "a list of CIDRs like 10.0.0.0/8",
+        "CIDRs (or addresses) of proxies in front of the LB. From them, incoming `Forwarded`, "
+        "`X-Real-IP` and `X-Forwarded-Proto/Host/Port` are kept (ours appended to "
+        "`Forwarded`); from anyone else they are removed. `X-Forwarded-For` is always appended "
+        "to.", _parses(lambda v: parse_networks(v)))
 
 
 @dataclass(frozen=True)
 class AdminSettings:
-    bind: str = "127.0.0.1:8404"
-    token: str = ""
-    hosts: tuple[str, ...] = ()
+    bind: str = setting(
+        "127.0.0.1:8404", "host:port, or \"\" for off",
+        "Admin listener (`/healthz`, `/status`, `/metrics`, the API, the dashboard); `\"\"` "
+        "turns it off. Beyond loopback the LB refuses to start without `admin.token`. Needs a "
+        "restart to change.", _parses(lambda v: parse_bind(v)))
+    token: str = setting(
+        "", "a string without spaces or control characters",
+        "When set, every mutating admin call (`POST`, `DELETE`) needs `Authorization: Bearer "
+        "<token>` (else 401); reads stay open.",
+        lambda v: v == "" or (v.isprintable() and " " not in v))
+    hosts: tuple[str, ...] = setting(
+        (), 'a list of host names like "gol7lb-admin.internal"',
+        "Host names, besides the bound address and `localhost`, that a mutating admin call's "
+        "`Host` may carry, such as a Kubernetes Service or a reverse proxy's name; any other "
+        "`Host` gets `403` (DNS rebinding).", lambda v: all(is_host_name(x) for x in v))
 
     @property
     def address(self) -> tuple[str, int] | None:
@@ -269,28 +248,54 @@ class AdminSettings:
 
 @dataclass(frozen=True)
 class DiscoverySettings:
-    resolvers: tuple[str, ...] = ()
-    interval: float = 0.0
+    resolvers: tuple[str, ...] = setting(
+        (), "a list of DNS servers as host:port",
+        "DNS servers for backends with `discover`; none: the system's resolver.",
+        lambda v: all(_is_host_port(x) for x in v))
+    interval: float = _seconds(
+        0.0, "Seconds between two resolutions of a name; `0`: the record's TTL, clamped to "
+        "1-300 s.", zero=True)
 
 
 @dataclass(frozen=True)
 class LogSettings:
-    access: bool = True
-    format: str = "text"
+    access: bool = setting(True, "true or false",
+                           "One access-log line per proxied request on standard output.")
+    format: str = _one_of(
+        "text", LOG_FORMATS, "text, or json: access and error lines become one JSON object each.")
 
 
 @dataclass(frozen=True)
 class ReloadSettings:
-    watch: bool = True
+    watch: bool = setting(
+        True, "true or false",
+        "Re-read `GOL7LB_CONFIG` within 2 s of a change to the file (SIGHUP to the master "
+        "always does).")
 
 
 @dataclass(frozen=True)
 class Settings:
-    algorithm: str = "round_robin"
-    hash_key: str = "client_ip"
-    sticky_cookie: str = ""
-    sticky_secret: str = ""
-    cpu_affinity: str = "auto"
+    algorithm: str = _one_of(
+        "round_robin", ALGORITHMS,
+        "The default pool's policy (see Balancing); every one honours weights.")
+    hash_key: str = setting(
+        Pool.hash_key, "client_ip, path, header:NAME or cookie:NAME",
+        "What `consistent_hash` hashes, for the default pool; a request without it hashes its "
+        "client address.", check_hash_key)
+    sticky_cookie: str = setting(
+        Pool.sticky_cookie, "a cookie name, or \"\" for off",
+        "A cookie name turns sticky sessions on for the default pool (any policy).",
+        check_cookie_name)
+    sticky_secret: str = setting(
+        "", "a string",
+        "Key of the sticky cookie's keyed hash, for all pools. Set it the same on every "
+        "instance; unset, each pool's key is derived from its configuration (same value after "
+        "a restart and on every instance with the same file).")
+    cpu_affinity: str = _one_of(
+        "auto", CPU_AFFINITY,
+        "auto: pin worker i to CPU i mod n of the CPUs the LB may use, so each worker's threads "
+        "hand the GIL over on one core. off: let the kernel move workers, for hosts where other "
+        "busy processes share the CPUs.")
     backends: tuple[Backend, ...] = ()  # the default pool; empty: there is none
     discover: tuple[DiscoverySpec, ...] = ()  # the default pool's DNS-discovered entries
     named_pools: tuple[Pool, ...] = ()
@@ -315,6 +320,36 @@ class Settings:
                                        self.hash_key, self.sticky_cookie, self.discover)
         pools.update((pool.name, pool) for pool in self.named_pools)
         return pools
+
+
+# A setting's kind follows from its default: how the environment's text converts to it.
+_KINDS = {str: "str", float: "float", int: "int", bool: "bool", tuple: "list"}
+
+
+def _declared(cls: type, section: str) -> tuple[Setting, ...]:
+    return tuple(Setting(section, f.name, f.default, _KINDS[type(f.default)], **f.metadata)
+                 for f in fields(cls) if "allowed" in f.metadata)
+
+
+def _sections() -> dict[str, type]:
+    """The Settings fields that hold a settings dataclass, by name (the section's name)."""
+    found: dict[str, type] = {}
+    for f in fields(Settings):
+        factory = f.default_factory
+        if isinstance(factory, type):
+            found[f.name] = factory
+    return found
+
+
+SECTIONS = _sections()
+SETTINGS: tuple[Setting, ...] = _declared(Settings, "") + tuple(
+    s for name, cls in SECTIONS.items() for s in _declared(cls, name))
+SETTINGS_BY_NAME = {s.name: s for s in SETTINGS}
+# A named pool without its own policy settings gets the built-in defaults (the top-level
+# algorithm, hash_key and sticky_cookie belong to the default pool).
+POOL_DEFAULTS = {key: SETTINGS_BY_NAME[key].default
+                 for key in ("algorithm", "hash_key", "sticky_cookie")}
+BACKENDS_ENV = ENV_PREFIX + "BACKENDS"
 
 
 def parse_status_ranges(text: str) -> tuple[tuple[int, int], ...]:
@@ -535,21 +570,12 @@ def load_settings(env: Mapping[str, str] | None = None) -> Settings:
         return {s.key: values[s.name] for s in SETTINGS if s.section == name}
 
     settings = Settings(
-        algorithm=values["algorithm"],
-        hash_key=values["hash_key"],
-        sticky_cookie=values["sticky_cookie"],
-        sticky_secret=values["sticky_secret"],
-        cpu_affinity=values["cpu_affinity"],
+        **section(""),
+        **{name: cls(**section(name)) for name, cls in SECTIONS.items()},
         backends=tuple(backends or ()),
         discover=tuple(found.discover) if env_backends is None else (),
         named_pools=tuple(found.pools),
         routes=tuple(found.routes),
-        health=HealthSettings(**section("health")),
-        proxy=ProxySettings(**section("proxy")),
-        admin=AdminSettings(**section("admin")),
-        discovery=DiscoverySettings(**section("discovery")),
-        log=LogSettings(**section("log")),
-        reload=ReloadSettings(**section("reload")),
         demo_backends=demo,
         source=" < ".join(sources),
         path=path,

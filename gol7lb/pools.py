@@ -20,10 +20,10 @@ from gol7lb.backends import (
     check_weight,
     parse_backend_url,
 )
+from gol7lb.errors import ConfigError
 from gol7lb.target import AmbiguousTarget, normalise_path
 
 DEFAULT_POOL = "default"
-ALGORITHMS = ("round_robin", "random", "least_connections", "power_of_two", "consistent_hash")
 MAX_CONNECTIONS = 1_000_000
 _POOL_NAME = re.compile(r"[A-Za-z0-9][A-Za-z0-9_.-]{0,63}")
 _TOKEN = re.compile(r"[!#$%&'*+\-.^_`|~0-9A-Za-z]+")
@@ -33,10 +33,6 @@ BACKEND_KEYS = ("url", "weight", "max_connections", "discover", "name")
 DISCOVERY_KINDS = ("dns", "srv")
 POOL_KEYS = ("algorithm", "hash_key", "sticky_cookie", "backends")
 ROUTE_KEYS = ("host", "path_prefix", "methods", "headers", "pool", "strip_prefix")
-
-
-class ConfigError(Exception):
-    """A setting that stops the start; str() is the one line shown to the operator."""
 
 
 @dataclass(frozen=True)

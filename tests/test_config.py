@@ -224,3 +224,30 @@ def test_readme_settings_table_names_every_setting_and_variable():
     for setting in SETTINGS:
         assert f"| `{setting.name}` | `{setting.env}` |" in readme, setting.name
     assert "| `backends` | `GOL7LB_BACKENDS` |" in readme
+
+
+def test_each_setting_is_typed_as_its_default_converts():
+    """A setting's kind (how the environment's text converts) follows from its default; the
+    field's annotation, which the rest of the code type-checks against, must say the same."""
+    import typing
+
+    from gol7lb.config import SECTIONS, Settings
+    types = {"str": str, "float": float, "int": int, "bool": bool, "list": tuple[str, ...]}
+    for setting in SETTINGS:
+        cls = SECTIONS[setting.section] if setting.section else Settings
+        hint = typing.get_type_hints(cls)[setting.key]
+        if typing.get_origin(hint) is typing.Literal:
+            hint = type(typing.get_args(hint)[0])
+        assert hint == types[setting.kind], setting.name
+
+
+def test_the_settings_reference_is_generated_from_the_declarations():
+    """docs/settings.md is what `python -m gol7lb.docs` writes from config.py, nothing else."""
+    from gol7lb.docs import COMMAND
+    generated = subprocess.run([sys.executable, "-m", "gol7lb.docs"], cwd=ROOT, check=True,
+                               capture_output=True, text=True).stdout
+    committed = (ROOT / "docs" / "settings.md").read_text()
+    assert committed == generated, f"docs/settings.md is stale; regenerate it: {COMMAND}"
+    for setting in SETTINGS:
+        assert f"| `{setting.name}` | `{setting.env}` |" in committed, setting.name
+    assert "| `backends` | `GOL7LB_BACKENDS` |" in committed
