@@ -219,8 +219,8 @@ def test_a_busy_admin_port_stops_the_start_with_one_line_naming_the_variable(tmp
                                     "already in use", "another address"])
 
 
-def test_readme_settings_table_names_every_setting_and_variable():
-    readme = (ROOT / "README.md").read_text()
+def test_configuration_docs_settings_table_names_every_setting_and_variable():
+    docs = (ROOT / "docs" / "configuration.md").read_text()
     for setting in SETTINGS:
-        assert f"| `{setting.name}` | `{setting.env}` |" in readme, setting.name
-    assert "| `backends` | `GOL7LB_BACKENDS` |" in readme
+        assert f"| `{setting.name}` | `{setting.env}` |" in docs, setting.name
+    assert "| `backends` | `GOL7LB_BACKENDS` |" in docs
