@@ -45,8 +45,8 @@ STOPSIGNAL SIGTERM
 
 # The admin listener (127.0.0.1:8404 inside the container) answers 200 while the LB serves.
 # It stays on loopback unless GOL7LB_ADMIN_BIND moves it, and the LB refuses to bind it
-# beyond loopback without GOL7LB_ADMIN_TOKEN (README, Run). The slim image has no curl:
-# the standard library does the request.
+# beyond loopback without GOL7LB_ADMIN_TOKEN (docs/deployment.md, Docker and compose).
+# The slim image has no curl: the standard library does the request.
 HEALTHCHECK --interval=10s --timeout=3s --start-period=10s --retries=3 \
     CMD ["python", "-c", "import urllib.request; urllib.request.urlopen('http://127.0.0.1:8404/healthz', timeout=2)"]
 

@@ -5,8 +5,8 @@ Run: python benchmarks/routing_cost.py [--routes 20] [--backends 10]
 What a request pays in the proxy for (a) matching the routes of a configuration with N routes
 (the request matching the LAST route, the worst case), and (b) one pick by each policy,
 including building its PickContext. Compare with the whole per-request CPU of the LB in the
-benchmark report (`benchmarks/run.py`, "CPU us per request"); the README's Performance
-section has the figures.
+benchmark report (`benchmarks/run.py`, "CPU us per request"); docs/performance.md has the
+figures.
 """
 
 from __future__ import annotations

@@ -46,7 +46,7 @@ class AccessLog:
               pool: str, backend: str, upstream_s: float | None, total_s: float,
               request_id: str, attempts: int = 1, flags: str = "") -> None:
         """`attempts`: backends tried; `flags`: Envoy-style response flags, comma-separated
-        (README, Access log), "-" when the request went through without a hitch."""
+        (docs/operations.md, Access log), "-" when the request went through without a hitch."""
         if len(path) > MAX_PATH:
             path = path[:MAX_PATH] + "..."
         now = time.time()

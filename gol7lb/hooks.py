@@ -261,8 +261,8 @@ def post_worker_init(worker: Any) -> None:
 
 def pin_to_cpu(index: int) -> int | None:
     """Keep this worker on one CPU of those allowed: its threads then hand the GIL over on one
-    core instead of across cores (measured: +21% req/s, p99 halved, README). None if the
-    platform cannot pin."""
+    core instead of across cores (measured: +21% req/s, p99 halved, docs/performance.md).
+    None if the platform cannot pin."""
     if not hasattr(os, "sched_setaffinity"):
         return None
     cpus = sorted(os.sched_getaffinity(0))

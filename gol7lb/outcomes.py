@@ -4,8 +4,8 @@ counts for passive health (Envoy's outlier detection: connect failure, timeout, 
 502/503/504 from it); a client's broken body never becomes one, and neither does the LB's own
 lack of resources (LocalResourceError: no descriptor for a backend socket).
 
-Each failure also names its access-log response flag (Envoy's short codes, README's Access
-log): UF connect failure, UT timeout, UR reset/closed before answering, UPE invalid answer,
+Each failure also names its access-log response flag (Envoy's short codes; docs/operations.md,
+Access log): UF connect failure, UT timeout, UR reset/closed before answering, UPE invalid answer,
 U5 a 502/503/504 from the backend.
 """
 

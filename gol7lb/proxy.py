@@ -104,7 +104,7 @@ class Exchange:
         self.upstream_s: float | None = None
         self.answered = False  # the status came from a backend (metrics label it by address)
         self.attempts = 0  # backends tried
-        self.flags = ""  # the access log's response flags (README, Access log), comma-separated
+        self.flags = ""  # access-log response flags, comma-separated (docs/operations.md)
         app.recorder.begin()
 
     def flag(self, code: str) -> None:

@@ -219,13 +219,6 @@ def test_a_busy_admin_port_stops_the_start_with_one_line_naming_the_variable(tmp
                                     "already in use", "another address"])
 
 
-def test_readme_settings_table_names_every_setting_and_variable():
-    readme = (ROOT / "README.md").read_text()
-    for setting in SETTINGS:
-        assert f"| `{setting.name}` | `{setting.env}` |" in readme, setting.name
-    assert "| `backends` | `GOL7LB_BACKENDS` |" in readme
-
-
 def test_each_setting_is_typed_as_its_default_converts():
     """A setting's kind (how the environment's text converts) follows from its default; the
     field's annotation, which the rest of the code type-checks against, must say the same."""

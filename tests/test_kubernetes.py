@@ -524,8 +524,9 @@ def test_example_headless_service_matches_its_statefulset_and_the_configmap(
     assert command[:3] == ["python", "-m", "backend"] and command[3] == str(port)
 
 
-def test_readme_kubernetes_section_describes_the_shipped_discovery() -> None:
-    readme = (ROOT / "README.md").read_text()
-    section = readme[readme.index("## Kubernetes"):]
-    section = section[:section.index("\n## ", 1)]
+def test_deployment_docs_kubernetes_section_describes_the_shipped_discovery() -> None:
+    docs = (ROOT / "docs" / "deployment.md").read_text()
+    section = docs[docs.index("\n## Kubernetes\n"):]
+    end = section.find("\n## ", 1)  # the next section, or the end of the page
+    section = section if end < 0 else section[:end]
     assert 'discover = "dns"' in section and "not in this version" not in section
