@@ -12,7 +12,7 @@ import os
 import tomllib
 from collections.abc import Callable, Mapping
 from dataclasses import dataclass, field
-from typing import Any
+from typing import Any, Literal
 
 from gol7lb.backends import Backend, BackendError, parse_backend_list, parse_backend_url
 from gol7lb.pools import (
@@ -48,7 +48,7 @@ class Setting:
     section: str  # "" for top-level keys
     key: str
     default: Any
-    kind: str  # "str" | "float" | "int" | "bool" | "list" (of strings; comma-separated in env)
+    kind: Literal["str", "float", "int", "bool", "list"]  # list: strings (env: comma-separated)
     allowed: str  # what the error message says is allowed
     meaning: str
     check: Callable[[Any], bool] = lambda value: True
