@@ -29,8 +29,9 @@ import time
 from collections.abc import Callable, Iterator, Sequence
 from http import HTTPStatus
 from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
+from io import BufferedIOBase
 from types import FrameType
-from typing import BinaryIO, NoReturn
+from typing import NoReturn
 from urllib.parse import parse_qs, urlsplit
 
 BLOCK_SIZE = 64 * 1024
@@ -69,7 +70,7 @@ class BadNumber(ValueError):
     """A number in the path is malformed or out of range: answered with 400."""
 
 
-def _read_line(rfile: BinaryIO) -> bytes:
+def _read_line(rfile: BufferedIOBase) -> bytes:
     """One CRLF- (or LF-) terminated line without its terminator; bounded in length."""
     line = rfile.readline(MAX_LINE + 1)
     if not line.endswith(b"\n"):
@@ -77,7 +78,7 @@ def _read_line(rfile: BinaryIO) -> bytes:
     return line[:-2] if line.endswith(b"\r\n") else line[:-1]
 
 
-def read_fixed(rfile: BinaryIO, length: int) -> Iterator[bytes]:
+def read_fixed(rfile: BufferedIOBase, length: int) -> Iterator[bytes]:
     """A Content-Length body, in pieces of at most BLOCK_SIZE bytes."""
     remaining = length
     while remaining:
@@ -88,7 +89,7 @@ def read_fixed(rfile: BinaryIO, length: int) -> Iterator[bytes]:
         yield data
 
 
-def read_chunked(rfile: BinaryIO) -> Iterator[bytes]:
+def read_chunked(rfile: BufferedIOBase) -> Iterator[bytes]:
     """A chunked body (RFC 9112 section 7.1), decoded; extensions and trailers are skipped."""
     while True:
         size_field = _read_line(rfile).split(b";", 1)[0].strip()
@@ -316,7 +317,7 @@ class BackendHandler(BaseHTTPRequestHandler):
         while remaining:
             size = min(remaining, BLOCK_SIZE)
             if chunked:
-                self.wfile.write(b"%x\r\n%b\r\n" % (size, block[:size]))
+                self.wfile.write(b"%x\r\n" % size + block[:size] + b"\r\n")
             else:
                 self.wfile.write(block[:size])
             self.wfile.flush()
@@ -362,6 +363,8 @@ class BackendServer(ThreadingHTTPServer):
     def __init__(self, host: str, port: int, *, log_requests: bool = False) -> None:
         family, _, _, _, address = socket.getaddrinfo(
             host, port, type=socket.SOCK_STREAM, flags=socket.AI_PASSIVE)[0]
+        if isinstance(address[0], int):  # (family, raw bytes): a Python built without IPv6
+            raise OSError(f"cannot bind {host!r}: this Python has no support for its family")
         self.address_family = family
         self.log_requests = log_requests
         super().__init__(address, BackendHandler)

@@ -53,6 +53,14 @@ class Policy(Protocol):
 ROTATIONS_PRECOMPUTED = 128  # up to this many backends, every rotation is a ready tuple
 
 
+class Rotations(Protocol):
+    """What a policy reads of its rotations: rotation i by index (0 <= i < len), and len."""
+
+    def __getitem__(self, i: int, /) -> tuple[Backend, ...]: ...
+
+    def __len__(self) -> int: ...
+
+
 class _SlicedRotations:
     """Rotation i of a large pool as one slice of the doubled tuple: n allocations of n
     references per request beat n*n references held per policy when n is in the hundreds."""
@@ -70,7 +78,7 @@ class _SlicedRotations:
         return self._n
 
 
-def _rotations(backends: tuple[Backend, ...]) -> Sequence[tuple[Backend, ...]]:
+def _rotations(backends: tuple[Backend, ...]) -> Rotations:
     """For each backend, itself followed by the others in configured order after it."""
     n = len(backends)
     if n > ROTATIONS_PRECOMPUTED:
@@ -258,7 +266,7 @@ def _backend_points(backend_id: str, count: int) -> list[int]:
 
 
 @functools.lru_cache(maxsize=16)
-def _ring(members: tuple[tuple[str, int], ...]) -> tuple[array, array]:
+def _ring(members: tuple[tuple[str, int], ...]) -> tuple[array[int], array[int]]:
     """(sorted positions, owner index per position) for (backend id, weight) members.
 
     Cached: liveness flips do not change the ring, only which owners may take a request.

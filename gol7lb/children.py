@@ -144,7 +144,8 @@ def pidfd_exit_status(pidfd: int) -> int | None:
     (mask,) = struct.unpack_from("=Q", info, 0)
     if not mask & _PIDFD_INFO_EXIT:
         return None
-    return struct.unpack_from("=i", info, 60)[0]
+    code: int = struct.unpack_from("=i", info, 60)[0]
+    return code
 
 
 class ManagedChild:

@@ -14,7 +14,7 @@ import os
 import tomllib
 from collections.abc import Callable, Mapping
 from dataclasses import dataclass, field, fields
-from typing import Any, TypeVar
+from typing import Any, Literal, TypeVar
 
 from gol7lb.backends import Backend, BackendError, parse_backend_list, parse_backend_url
 from gol7lb.balancer import ALGORITHMS
@@ -50,7 +50,7 @@ class Setting:
     section: str  # "" for top-level keys
     key: str
     default: Any
-    kind: str  # "str" | "float" | "int" | "bool" | "list" (of strings; comma-separated in env)
+    kind: SettingKind  # list: strings (env: comma-separated)
     allowed: str  # what the error message says is allowed
     meaning: str
     check: Callable[[Any], bool] = lambda value: True
@@ -323,7 +323,9 @@ class Settings:
 
 
 # A setting's kind follows from its default: how the environment's text converts to it.
-_KINDS = {str: "str", float: "float", int: "int", bool: "bool", tuple: "list"}
+SettingKind = Literal["str", "float", "int", "bool", "list"]
+_KINDS: dict[type, SettingKind] = {str: "str", float: "float", int: "int", bool: "bool",
+                                   tuple: "list"}
 
 
 def _declared(cls: type, section: str) -> tuple[Setting, ...]:

@@ -8,6 +8,7 @@ import ipaddress
 import random
 import re
 from collections.abc import Iterable, Mapping, Sequence
+from typing import Any
 
 # RFC 9110 section 7.6.1, plus the non-standard ones that are hop-by-hop in practice.
 HOP_BY_HOP = frozenset({
@@ -126,19 +127,19 @@ def _classify(environ_key: str) -> tuple[str, str, int]:
 
 
 def upstream_request_headers(
-    environ: Mapping[str, object], host: str, forwarded_port: str, rid: str,
+    environ: Mapping[str, Any], host: str, forwarded_port: str, rid: str,
     policy: ForwardedPolicy = DEFAULT_POLICY,
 ) -> dict[str, str]:
     """The header section to send upstream (the worker has already joined repeated fields)."""
-    listed = connection_tokens(environ.get("HTTP_CONNECTION"))  # type: ignore[arg-type]
+    listed = connection_tokens(environ.get("HTTP_CONNECTION"))
     client = environ.get("REMOTE_ADDR")
-    trusted = policy.trusts(client)  # type: ignore[arg-type]
+    trusted = policy.trusts(client)
     headers: dict[str, str] = {"Host": host}
     forwarded_for = ""
     kept: dict[str, str] = {}  # forwarding headers a trusted proxy sent
     known = _KEY_CACHE.get
     # gol7lb's worker lists the HTTP_* keys it set; under another server, scan the environ.
-    keys: Iterable[str] = environ.get("gol7lb.fields") or environ  # type: ignore[assignment]
+    keys: Iterable[str] = environ.get("gol7lb.fields") or environ
     for key in keys:
         name, lower, action = known(key) or _classify(key)
         if action == _SKIP:
@@ -146,20 +147,20 @@ def upstream_request_headers(
         value = environ[key]
         if action == _PASS:
             if lower not in listed:
-                headers[name] = value  # type: ignore[assignment]
+                headers[name] = value
         elif action == _FORWARDED_FOR:
             if lower not in listed:
-                forwarded_for = value  # type: ignore[assignment]
+                forwarded_for = value
         elif action == _SPOOFABLE and trusted and lower not in listed:
-            kept[lower] = value  # type: ignore[assignment]
-            headers[name] = value  # type: ignore[assignment]
+            kept[lower] = value
+            headers[name] = value
     content_type = environ.get("CONTENT_TYPE")
     if content_type:
-        headers["Content-Type"] = content_type  # type: ignore[assignment]
-    proto: str = environ.get("wsgi.url_scheme", "http")  # type: ignore[assignment]
+        headers["Content-Type"] = content_type
+    proto: str = environ.get("wsgi.url_scheme", "http")
     if policy.x_forwarded or (trusted and forwarded_for):
         if policy.x_forwarded and client:
-            forwarded_for = f"{forwarded_for}, {client}" if forwarded_for else client  # type: ignore[assignment]
+            forwarded_for = f"{forwarded_for}, {client}" if forwarded_for else client
         if forwarded_for:
             headers["X-Forwarded-For"] = forwarded_for
     if policy.x_forwarded:

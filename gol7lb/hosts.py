@@ -123,7 +123,7 @@ class HostTable:
         times = shared[base + EJECTIONS]
         if now * 1000 - shared[base + EJECTED_UNTIL] > MAX_COOLDOWN_FACTOR * cooldown * 1000:
             times = 0  # healthy for long enough since the last one: forget earlier ejections
-        until = now + cooldown * min(MAX_COOLDOWN_FACTOR, 2 ** times)
+        until: float = now + cooldown * min(MAX_COOLDOWN_FACTOR, 2 ** times)
         shared[base + EJECTED_UNTIL] = int(until * 1000)
         shared[base + EJECTIONS] = min(times + 1, 8)  # 2**4 is past the cap already
         shared[base + STREAK] = 0  # the next streak starts after the ejection

@@ -176,14 +176,14 @@ class RequestRecorder:
               durations: dict[tuple[str, str], list[float]],
               events: dict[tuple[Counter, str], int]) -> None:
         with self._lock:
-            for key, count in requests.items():
-                self._requests[key] = self._requests.get(key, 0) + count
-            for key, cells in durations.items():
-                mine = self._durations.setdefault(key, [0.0] * len(cells))
+            for request, count in requests.items():
+                self._requests[request] = self._requests.get(request, 0) + count
+            for pair, cells in durations.items():
+                mine = self._durations.setdefault(pair, [0.0] * len(cells))
                 for i, value in enumerate(cells):
                     mine[i] += value
-            for key, count in events.items():
-                self._events[key] = self._events.get(key, 0) + count
+            for event, count in events.items():
+                self._events[event] = self._events.get(event, 0) + count
 
     def _event(self, counter: Counter, label: str) -> None:
         with self._lock:

@@ -15,13 +15,17 @@ import threading
 import time
 from collections.abc import Collection
 from dataclasses import dataclass
+from typing import Literal
 
 from gol7lb.upstream import TIMED_OUT, ConnectFailed, UpstreamClosed, UpstreamProtocolError
+
+# What failed: each kind but bad-response is also a `proxy.retry_on` condition.
+OutcomeKind = Literal["connect-failure", "timeout", "reset", "502", "503", "504", "bad-response"]
 
 
 @dataclass(frozen=True, slots=True)
 class Outcome:
-    kind: str  # "connect-failure" | "timeout" | "reset" | "502" | "503" | "504" | "bad-response"
+    kind: OutcomeKind
     status: int  # what the client gets when no other backend takes the request
     message: str  # the client's error body (and the log's reason)
     flag: str  # the access log's response flag
@@ -42,14 +46,16 @@ def classify_error(error: BaseException) -> Outcome:
     raise error
 
 
-RETRY_STATUSES = frozenset({502, 503, 504})
+_STATUS_KINDS: dict[int, OutcomeKind] = {502: "502", 503: "503", 504: "504"}
+RETRY_STATUSES = frozenset(_STATUS_KINDS)
 
 
 def classify_status(status: int) -> Outcome | None:
     """A backend's own 502/503/504 is a failure for retry_on and passive health; the client
     gets the backend's answer when no other backend takes the request."""
-    if status in RETRY_STATUSES:
-        return Outcome(str(status), status, f"backend answered {status}", "U5")
+    kind = _STATUS_KINDS.get(status)
+    if kind is not None:
+        return Outcome(kind, status, f"backend answered {status}", "U5")
     return None
 
 

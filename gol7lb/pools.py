@@ -11,7 +11,7 @@ import ipaddress
 import re
 from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass, field
-from typing import Any
+from typing import Any, Literal, get_args
 
 from gol7lb.backends import (
     WEIGHT_ALLOWED,
@@ -30,7 +30,8 @@ _TOKEN = re.compile(r"[!#$%&'*+\-.^_`|~0-9A-Za-z]+")
 _HOST_LABEL = re.compile(r"[a-z0-9]([a-z0-9-]{0,61}[a-z0-9])?")
 _SRV_NAME = re.compile(r"_[a-z0-9-]+\._(tcp|udp)(\.[a-z0-9]([a-z0-9-]{0,61}[a-z0-9])?)+\.?")
 BACKEND_KEYS = ("url", "weight", "max_connections", "discover", "name")
-DISCOVERY_KINDS = ("dns", "srv")
+DiscoveryKind = Literal["dns", "srv"]
+DISCOVERY_KINDS: tuple[DiscoveryKind, ...] = get_args(DiscoveryKind)
 POOL_KEYS = ("algorithm", "hash_key", "sticky_cookie", "backends")
 ROUTE_KEYS = ("host", "path_prefix", "methods", "headers", "pool", "strip_prefix")
 
@@ -40,7 +41,7 @@ class DiscoverySpec:
     """A backend entry whose addresses come from DNS: every A/AAAA address of `name` on
     `port` (kind "dns"), or the targets, ports and weights of an SRV name (kind "srv")."""
 
-    kind: str
+    kind: DiscoveryKind
     name: str
     port: int = 0  # dns only
     weight: int = 1  # dns only (srv records carry their own)

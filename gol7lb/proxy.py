@@ -196,7 +196,7 @@ class UpstreamBody:
         self._close(failed=False)
 
 
-class FinishedBody(list):
+class FinishedBody(list[bytes]):
     """An answer whose body the backend already sent whole (most small ones come with their
     head): a plain list to the server, and the backend socket goes back to the pool, and the
     request is counted and logged, when the server closes it after writing."""
@@ -540,6 +540,7 @@ class ProxyApp:
             elif exchange.slot is not None:
                 self.cells.table.note_success(exchange.slot)
             if upgrade and response.status == 101:
+                assert client_sock is not None  # tunnel.forward answers 400 without one
                 tunnel.switch(environ, response, sock, client_sock, backend, exchange,
                               settings.proxy.client_idle_timeout)
             cookie = None
@@ -771,7 +772,7 @@ def request_key(hash_key: str, environ: dict[str, Any], path: str) -> bytes:
 
 def _cookie(environ: dict[str, Any], name: str) -> str | None:
     """One cookie's value from the Cookie header (RFC 6265 pairs; the first one wins)."""
-    header = environ.get("HTTP_COOKIE")
+    header: str | None = environ.get("HTTP_COOKIE")
     if not header:
         return None
     for pair in header.split(";"):

@@ -253,7 +253,7 @@ EMPTY_BODY = EmptyBody()
 
 _ENV_KEYS: dict[str, str | None] = {"Content-Type": "CONTENT_TYPE",
                                     "Content-Length": "CONTENT_LENGTH"}
-_BASE_ENVIRON = {
+_BASE_ENVIRON: dict[str, Any] = {
     "wsgi.version": (1, 0), "wsgi.url_scheme": "http", "wsgi.errors": sys.stderr,
     "wsgi.multithread": True, "wsgi.multiprocess": True, "wsgi.run_once": False,
     "wsgi.input_terminated": True, "SCRIPT_NAME": "", "SERVER_SOFTWARE": "gol7lb",

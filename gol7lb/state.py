@@ -24,7 +24,7 @@ import sys
 import threading
 import time
 import weakref
-from collections.abc import Callable
+from collections.abc import Callable, Collection
 from dataclasses import dataclass, field, replace
 from multiprocessing import AuthenticationError
 from multiprocessing.connection import Connection, answer_challenge, deliver_challenge
@@ -272,15 +272,16 @@ class ControlState:
                                     f"{self._hosts.host_slots} at once)")
         self.slots[backend_id] = free
 
-    def _assign_pool_slot(self, name: str) -> None:
+    def _assign_pool_slot(self, name: str, running: Collection[str]) -> None:
         """A pool keeps its rotation cell for its name (across reloads, like a host slot); a
-        new name gets a free one, else that of a pool which left, its rotation restarted."""
+        new name gets a free one, else that of a pool which left (not in `running`), its
+        rotation restarted."""
         if name in self.pool_slots:
             return
         used = set(self.pool_slots.values())
         free = next((i for i in range(POOL_SLOTS) if i not in used), None)
         if free is None:
-            gone = next(old for old in self.pool_slots if old not in self.settings.pools)
+            gone = next(old for old in self.pool_slots if old not in running)
             free = self.pool_slots.pop(gone)
             self._counters.reset_rotation(free)
         self.pool_slots[name] = free
@@ -325,7 +326,7 @@ class ControlState:
             self.discovered = {k: v for k, v in self.discovered.items() if k in keys}
             self.discovery = {k: v for k, v in self.discovery.items() if k in keys}
             for name in settings.pools:
-                self._assign_pool_slot(name)
+                self._assign_pool_slot(name, settings.pools)
             for backend_id in self._running_ids():
                 self._adopt(backend_id, alive=first)
             self._forget_gone()
@@ -623,8 +624,9 @@ class ControlClient:
             conn, ident = idle if idle is not None else self._connect(deadline, bound)
             result = self._request(conn, (ident, method, args, {}), deadline, bound)
         except ControlError:
-            with self._lock:
-                self._idle.append((conn, ident))  # a refused change: the connection is fine
+            if conn is not None:  # a refused change: the connection is fine
+                with self._lock:
+                    self._idle.append((conn, ident))
             raise
         except ManagerUnavailable:
             self._drop(conn)
@@ -648,7 +650,7 @@ class ControlClient:
                 conn.close()
 
     def snapshot(self, timeout: float | None = None) -> Snapshot:
-        snapshot = self.call("snapshot", timeout=timeout)
+        snapshot: Snapshot | None = self.call("snapshot", timeout=timeout)
         if snapshot is None:
             raise ConnectionError("the manager has no configuration yet")
         return snapshot

@@ -487,9 +487,9 @@ class ProxyWorker(Worker):
             if (not self.active and not pending) or now >= deadline:
                 break
             for fd, _events in epoll.poll(0.05):
-                conn = self.conns.get(fd)
-                if conn is not None:
-                    self._readable(conn)  # a head that completes goes to a thread
+                ready = self.conns.get(fd)
+                if ready is not None:
+                    self._readable(ready)  # a head that completes goes to a thread
             self._sweep(time.monotonic())  # a head that never comes gets its 408
             self.notify()
         if self.active:

@@ -567,3 +567,18 @@ def test_procfile_web_line() -> None:
     entries = dict(line.split(":", 1) for line in text.splitlines() if line.strip())
     assert list(entries) == ["web"]
     assert shlex.split(entries["web"]) == GUNICORN_CMD
+
+
+def test_every_source_folder_is_a_listed_package_and_gol7lb_ships_its_typed_marker() -> None:
+    """A folder of modules without __init__.py would be a namespace package (mypy then sees
+    gol7lb/admin/server.py as two modules) and one missing from [tool.setuptools] packages
+    would be left out of the wheel; py.typed tells type checkers gol7lb has inline types."""
+    setuptools = tomllib.loads((ROOT / "pyproject.toml").read_text())["tool"]["setuptools"]
+    found = {".".join(folder.relative_to(ROOT).parts)
+             for top in ("gol7lb", "backend") for folder in [ROOT / top, *(ROOT / top).rglob("*")]
+             if folder.is_dir() and any(folder.glob("*.py"))}
+    assert set(setuptools["packages"]) == found
+    for package in found:
+        assert (ROOT / package.replace(".", "/") / "__init__.py").is_file(), package
+    assert (ROOT / "gol7lb" / "py.typed").is_file()
+    assert "py.typed" in setuptools["package-data"]["gol7lb"]

@@ -93,6 +93,7 @@ class AdminServer(ThreadingHTTPServer):
 
     def __init__(self, sock: socket.socket, client: ControlClient, counters: SharedCounters,
                  hosts: HostTable) -> None:
+        self.bound_host: str = sock.getsockname()[0]  # an IPv4 or IPv6 address
         super().__init__(sock.getsockname()[:2], AdminHandler, bind_and_activate=False)
         self.socket.close()
         self.socket = sock  # bound by the master, so bind errors stop the start, not this child
@@ -107,6 +108,7 @@ class AdminServer(ThreadingHTTPServer):
         self._read_lock = threading.Lock()
         self._known = KnownState(None, 0.0, "not read yet")
         self._attempted_at = -STATE_REUSE_SECONDS
+        self.dashboard: bytes | None
         try:
             self.dashboard = DASHBOARD.read_bytes()
         except OSError:
@@ -313,7 +315,7 @@ class AdminHandler(BaseHTTPRequestHandler):
     def _own_names(self, admin: AdminSettings) -> set[str]:
         """What Host may name besides a loopback address: the bound address, the address this
         connection reached, localhost and admin.hosts."""
-        names = {"localhost", _canonical_host(self.server.server_address[0]),
+        names = {"localhost", _canonical_host(self.server.bound_host),
                  _canonical_host(self.connection.getsockname()[0])}
         if admin.address is not None:
             names.add(_canonical_host(admin.address[0]))

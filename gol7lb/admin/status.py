@@ -3,16 +3,18 @@ snapshot of the control state plus the shared per-host counters."""
 
 from __future__ import annotations
 
-from typing import Any
+from typing import Any, Literal
 
 from gol7lb.hosts import HostTable, HostTotals
 from gol7lb.state import Snapshot
 
 _ZERO = HostTotals(0, 0, 0)
+BackendState = Literal["up", "down", "draining", "drained", "ejected"]  # as the dashboard's STATES
 
 
-def backend_state(alive: bool, drained: bool, in_flight: int, ejected: bool = False) -> str:
-    """up | down | draining | drained | ejected; an operator's drain outranks health."""
+def backend_state(alive: bool, drained: bool, in_flight: int,
+                  ejected: bool = False) -> BackendState:
+    """An operator's drain outranks health, an ejection outranks a passing check."""
     if drained:
         return "draining" if in_flight > 0 else "drained"
     if ejected:
