@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-from collections.abc import Callable, Iterator
+from collections.abc import Callable, Iterator, Sequence
 from pathlib import Path
 
 import pytest
@@ -42,7 +42,7 @@ def backends_env(ports: list[int]) -> str:
     return ", ".join(f"http://127.0.0.1:{p}" for p in ports)
 
 
-def _stop_and_check(procs: list[Proc]) -> None:
+def _stop_and_check(procs: Sequence[Proc]) -> None:
     for proc in procs:
         proc.stop()
     left = [pid for proc in procs for pid in proc.leftovers()]

@@ -55,22 +55,22 @@ class Proc:
 
     def __init__(self, argv: Sequence[str], env: dict[str, str] | None = None,
                  cwd: Path | None = None, log: Path | None = None,
-                 new_session: bool = False) -> None:
+                 new_session: bool = False, port: int = 0) -> None:
         full_env = dict(os.environ)
         full_env.update(env or {})
         full_env.setdefault("PYTHONUNBUFFERED", "1")
         self.log_path = log
-        out = open(log, "wb") if log else subprocess.DEVNULL  # noqa: SIM115
+        out = open(log, "wb") if log else None  # noqa: SIM115
         self.popen = subprocess.Popen(
             list(argv), env=full_env, cwd=str(cwd or ROOT),
-            stdout=out, stderr=subprocess.STDOUT, stdin=subprocess.DEVNULL,
+            stdout=out or subprocess.DEVNULL, stderr=subprocess.STDOUT, stdin=subprocess.DEVNULL,
             start_new_session=new_session,  # its own process group, as a terminal gives it
         )
-        if log:
+        if out:
             out.close()
         self.pid = self.popen.pid
         self.seen: set[int] = {self.pid}
-        self.port: int | None = None
+        self.port = port  # what it listens on (0: no port the tests use)
 
     def tree(self) -> list[psutil.Process]:
         """The live process and its descendants; also remembers their PIDs for later checks."""
@@ -132,8 +132,8 @@ def kill_pids(pids: set[int]) -> None:
 def start_backend(port: int, tmp_path: Path | None = None, host: str = "127.0.0.1") -> Proc:
     """The demo backend as a real process, waited for until it listens."""
     log = tmp_path / f"backend-{port}.log" if tmp_path else None
-    proc = Proc([sys.executable, "-m", "backend", str(port), "--host", host], log=log)
-    proc.port = port
+    proc = Proc([sys.executable, "-m", "backend", str(port), "--host", host], log=log,
+                port=port)
     wait_for_port(port, host)
     return proc
 
@@ -149,9 +149,7 @@ class LB(Proc):
         worker = WORKER_ARGS[WORKER_CLASS]
         super().__init__([sys.executable, "-m", "gunicorn", "-c", "gunicorn.conf.py",
                           "gol7lb.wsgi", "--no-control-socket", *worker, *extra_args],
-                         env=env, log=log,
-                         new_session=new_session)
-        self.port = port
+                         env=env, log=log, new_session=new_session, port=port)
         self.admin_port = int(admin.rpartition(":")[2]) if admin else None
 
     @property

@@ -72,6 +72,7 @@ def test_every_setting_has_its_environment_variable():
     for setting in SETTINGS:
         if setting.kind == "str":
             continue
+        expected: object  # of the setting's kind
         if setting.kind == "list":
             value, expected = lists[setting.name]
         elif setting.kind == "bool":

@@ -376,7 +376,9 @@ def test_running_out_of_descriptors_is_the_lbs_error_not_the_backends(lb_factory
             assert head.endswith(b"\r\n\r\n"), f"closed without an answer after {head!r}"
             assert head.startswith(b"HTTP/1.1 503 "), head
             assert b"\r\nRetry-After: " in head
-            length = int(re.search(rb"Content-Length: (\d+)", head)[1])
+            length_field = re.search(rb"Content-Length: (\d+)", head)
+            assert length_field, head
+            length = int(length_field[1])
             assert len(read_exactly(client, length)) == length
     finally:
         for sock in held:

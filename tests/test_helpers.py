@@ -87,7 +87,7 @@ def test_a_helper_killed_under_load_is_restarted_and_no_request_is_lost(lb_with_
 def test_healthz_says_503_with_the_reason_while_a_helper_is_frozen(lb_with_config):
     lb = lb_with_config
     assert healthz(lb).status_code == 200
-    supervisor = helper_pid(lb, "supervisor")
+    supervisor = wait_until(lambda: helper_pid(lb, "supervisor"))
     os.kill(supervisor, signal.SIGSTOP)
     try:
         answer = wait_until(lambda: (r := healthz(lb)).status_code == 503 and [r], timeout=30)[0]
@@ -95,7 +95,7 @@ def test_healthz_says_503_with_the_reason_while_a_helper_is_frozen(lb_with_confi
     finally:
         os.kill(supervisor, signal.SIGCONT)
     wait_until(lambda: healthz(lb).status_code == 200, timeout=10)
-    manager = helper_pid(lb, "manager")
+    manager = wait_until(lambda: helper_pid(lb, "manager"))
     os.kill(manager, signal.SIGSTOP)
     try:
         answer = wait_until(lambda: (r := healthz(lb)).status_code == 503 and [r], timeout=30)[0]

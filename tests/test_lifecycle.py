@@ -7,6 +7,7 @@ import signal
 import sys
 import threading
 import time
+from typing import Any
 
 import psutil
 import pytest
@@ -31,7 +32,7 @@ def test_term_drains_in_flight_requests_refuses_new_ones_and_leaves_nothing(lb_f
     lb = lb_factory({"GOL7LB_BACKENDS": backends_env([backend.port])})
     tree = lb.tree()
     assert len(tree) >= 5  # master, 2 workers, manager, supervisor, admin (+ resource tracker)
-    result: dict[str, object] = {}
+    result: dict[str, Any] = {}
 
     def slow_request() -> None:
         started = time.monotonic()

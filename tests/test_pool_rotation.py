@@ -42,7 +42,7 @@ def test_interleaved_pools_each_keep_an_even_rotation_across_workers(
     rng = random.Random(14)
     for pattern in ("alternate", "random"):
         served: Counter[int] = Counter()
-        counts = Counter()
+        counts: Counter[bool] = Counter()
         for i in range(120):
             to_b = i % 2 == 1 if pattern == "alternate" else rng.random() < 0.5
             path = "/b/" if to_b else "/"
@@ -57,7 +57,9 @@ def test_interleaved_pools_each_keep_an_even_rotation_across_workers(
 def publish(state: ControlState, tmp_path: Path, text: str) -> dict[str, int]:
     """A reload with this configuration; the pool slots it gives."""
     state.publish_config(load_settings(config(tmp_path, text)), 0.0)
-    return state.snapshot().pool_slots
+    snapshot = state.snapshot()
+    assert snapshot is not None
+    return snapshot.pool_slots
 
 
 def test_a_pool_keeps_its_rotation_cell_across_reloads_and_a_new_one_gets_a_free_cell(

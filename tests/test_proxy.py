@@ -98,7 +98,7 @@ def test_sequential_requests_rotate_globally_across_workers(shared_lb):
         time.sleep(0.05)
     assert len(workers) == 2
     cpu_before = [sum(w.cpu_times()[:2]) for w in workers]
-    ports = Counter()
+    ports: Counter[int] = Counter()
     for _ in range(150):  # a new connection each time, so the kernel spreads them over workers
         response = requests.get(shared_lb.url + "/", headers={"Connection": "close"}, timeout=10)
         assert response.status_code == 200

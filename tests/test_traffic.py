@@ -125,6 +125,7 @@ def test_sticky_cookie_pins_a_client_and_resticks_when_its_backend_drains(lb_fac
     assert cookie.startswith("lb=") and "Path=/" in cookie and "HttpOnly" in cookie
     assert "SameSite=Lax" in cookie
     value = session.cookies["lb"]
+    assert value is not None
     assert str(port_of(first)) not in value and "127.0.0.1" not in value  # opaque
     pinned = port_of(first)
     for _ in range(10):
