@@ -621,8 +621,19 @@ class ControlClient:
             idle = self._idle.pop() if self._idle else None
         conn: Connection | None = None
         try:
-            conn, ident = idle if idle is not None else self._connect(deadline, bound)
-            result = self._request(conn, (ident, method, args, {}), deadline, bound)
+            try:
+                conn, ident = idle if idle is not None else self._connect(deadline, bound)
+                result = self._request(conn, (ident, method, args, {}), deadline, bound)
+            except (BrokenPipeError, ConnectionResetError):
+                if idle is None or conn is not idle[0]:
+                    raise
+                # A kept connection to a Manager that has since died (and was restarted): the
+                # request never left, so it goes once more on a new connection, and every other
+                # kept connection, to the same dead process, goes too.
+                self._drop(conn)
+                self._drop_idle()
+                conn, ident = self._connect(deadline, bound)
+                result = self._request(conn, (ident, method, args, {}), deadline, bound)
         except ControlError:
             if conn is not None:  # a refused change: the connection is fine
                 with self._lock:
@@ -633,6 +644,8 @@ class ControlClient:
             raise
         except (OSError, EOFError, AuthenticationError) as e:
             self._drop(conn)
+            if not isinstance(e, (BlockingIOError, TimeoutError)):
+                self._drop_idle()  # the Manager went away: its other connections are dead too
             if isinstance(e, (BlockingIOError, TimeoutError)):
                 raise ManagerUnavailable(f"no answer from the manager in {bound:.2g}s") from None
             raise ManagerUnavailable(f"manager unreachable: {e or type(e).__name__}") from None
@@ -642,6 +655,12 @@ class ControlClient:
         with self._lock:
             self._idle.append((conn, ident))
         return result
+
+    def _drop_idle(self) -> None:
+        with self._lock:
+            idle, self._idle = self._idle, []
+        for conn, _ident in idle:
+            self._drop(conn)
 
     @staticmethod
     def _drop(conn: Connection | None) -> None:

@@ -83,3 +83,49 @@ def test_a_frozen_manager_bounds_every_wait_and_everything_recovers(lb_factory, 
     assert 'gol7lb_config_reloads_total{result="error"} 1.0' in metrics
     assert requests.get(lb.url + "/", timeout=5).status_code == 200
     lb.tree()
+
+
+def test_a_client_reaches_a_restarted_manager_on_its_first_call(tmp_path):
+    """A kept connection to a Manager that died is noticed when the request cannot be sent,
+    and the request goes on a new connection to its replacement: no failed read (each one
+    would serve a worker's requests from stale state for a back-off)."""
+    import multiprocessing
+    import os
+
+    from gol7lb.hosts import HostTable
+    from gol7lb.state import ControlClient, SharedCounters, run_manager
+
+    spawn = multiprocessing.get_context("spawn")
+    address, authkey = str(tmp_path / "manager.sock"), os.urandom(32)
+    args = (address, authkey, SharedCounters(), HostTable(worker_slots=2),
+            str(tmp_path / "state.pickle"))
+    managers = []
+
+    def start() -> None:
+        process = spawn.Process(target=run_manager, args=args, daemon=True)
+        process.start()
+        managers.append(process)
+        probe = ControlClient(address, authkey, timeout=1.0)
+        wait_until(lambda: _answers(probe), timeout=20)
+
+    client = ControlClient(address, authkey, timeout=2.0)
+    try:
+        start()
+        assert client.call("snapshot") is None  # no configuration published: None, but an answer
+        managers[0].kill()
+        managers[0].join(10)
+        start()
+        assert client.call("snapshot") is None  # through its kept, now dead, connection first
+    finally:
+        for process in managers:
+            process.kill()  # by its PID (SIGKILL); a no-op for one already gone
+            process.join(10)
+    assert not any(process.is_alive() for process in managers)
+
+
+def _answers(client) -> bool:  # noqa: ANN001
+    try:
+        client.call("snapshot")
+    except ConnectionError:
+        return False
+    return True
