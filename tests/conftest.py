@@ -72,9 +72,10 @@ def lb_factory(tmp_path: Path) -> Iterator[Callable[..., LB]]:
     started: list[LB] = []
 
     def start(env: dict[str, str] | None = None, ready: bool = True,
-              extra_args: tuple[str, ...] = (), new_session: bool = False) -> LB:
+              extra_args: tuple[str, ...] = (), new_session: bool = False,
+              unset: tuple[str, ...] = ()) -> LB:
         lb = LB(dict(env or {}), log=tmp_path / f"lb-{len(started)}.log", extra_args=extra_args,
-                new_session=new_session)
+                new_session=new_session, unset=unset)
         started.append(lb)
         return lb.wait_ready() if ready else lb
 

@@ -55,9 +55,11 @@ class Proc:
 
     def __init__(self, argv: Sequence[str], env: dict[str, str] | None = None,
                  cwd: Path | None = None, log: Path | None = None,
-                 new_session: bool = False, port: int = 0) -> None:
+                 new_session: bool = False, port: int = 0, unset: Sequence[str] = ()) -> None:
         full_env = dict(os.environ)
         full_env.update(env or {})
+        for name in unset:  # not set at all, as opposed to set to ""
+            full_env.pop(name, None)
         full_env.setdefault("PYTHONUNBUFFERED", "1")
         self.log_path = log
         out = open(log, "wb") if log else None  # noqa: SIM115
@@ -142,14 +144,15 @@ class LB(Proc):
     """A real `gunicorn -c gunicorn.conf.py gol7lb.wsgi`, on free ports, control socket off."""
 
     def __init__(self, env: dict[str, str], log: Path, extra_args: Sequence[str] = (),
-                 new_session: bool = False) -> None:
+                 new_session: bool = False, unset: Sequence[str] = ()) -> None:
         port = int(env.setdefault("PORT", str(free_port())))
         admin = env.setdefault("GOL7LB_ADMIN_BIND", f"127.0.0.1:{free_port()}")
-        env.setdefault("WEB_CONCURRENCY", "2")
+        if "WEB_CONCURRENCY" not in unset:
+            env.setdefault("WEB_CONCURRENCY", "2")
         worker = WORKER_ARGS[WORKER_CLASS]
         super().__init__([sys.executable, "-m", "gunicorn", "-c", "gunicorn.conf.py",
                           "gol7lb.wsgi", "--no-control-socket", *worker, *extra_args],
-                         env=env, log=log, new_session=new_session, port=port)
+                         env=env, log=log, new_session=new_session, port=port, unset=unset)
         self.admin_port = int(admin.rpartition(":")[2]) if admin else None
 
     @property

@@ -6,7 +6,6 @@ module is pointed at them; the last tests ask this machine and gunicorn itself.
 
 from __future__ import annotations
 
-import math
 import os
 import re
 import shutil
@@ -16,7 +15,7 @@ from pathlib import Path
 import pytest
 
 from gol7lb import cpus
-from tests.procs import ROOT, free_port
+from tests.procs import ROOT, free_port, workers_of
 
 
 def v2_tree(tmp_path: Path, self_path: str = "/", **cpu_max: str) -> tuple[Path, Path]:
@@ -140,14 +139,35 @@ def test_no_cgroup_at_all(tmp_path: Path) -> None:
 
 # -- this machine ------------------------------------------------------------------------------
 
-def test_this_machine_is_sane() -> None:
-    allowed = len(os.sched_getaffinity(0))
+def test_this_machine_counts_the_cpus_nproc_counts() -> None:
+    """coreutils' nproc counts the CPUs this process may run on (its affinity mask): an
+    independent count to compare with; `OMP_NUM_THREADS` would change what nproc says."""
+    nproc = shutil.which("nproc") or pytest.skip("nproc is not installed")
+    env = {k: v for k, v in os.environ.items() if not k.startswith("OMP_")}
+    out = subprocess.run([nproc], capture_output=True, text=True, timeout=30, check=True,
+                         env=env)
+    allowed = int(out.stdout)
     assert cpus.affinity_cpus() == allowed
-    assert 1 <= cpus.available_cpus() <= allowed
-    limit = cpus.cgroup_cpu_limit()
-    if limit is not None:
-        assert cpus.available_cpus() == max(1, min(allowed, math.ceil(limit)))
-    assert cpus.default_workers() == max(2, cpus.available_cpus())
+    if cpus.cgroup_cpu_limit() is None:  # no quota here: every CPU nproc counts is usable
+        assert cpus.available_cpus() == allowed
+    else:
+        assert 1 <= cpus.available_cpus() <= allowed
+
+
+def test_an_lb_on_one_cpu_runs_two_workers(lb_factory, backend_factory) -> None:
+    """A real LB started on one CPU (its affinity mask, what taskset sets) and no
+    WEB_CONCURRENCY runs two workers: one per usable CPU, at least two."""
+    backend = backend_factory()
+    allowed = os.sched_getaffinity(0)
+    os.sched_setaffinity(0, {min(allowed)})  # this thread's mask, which the LB inherits
+    try:
+        lb = lb_factory({"GOL7LB_BACKENDS": f"http://127.0.0.1:{backend.port}"},
+                        unset=("WEB_CONCURRENCY",), ready=False)
+    finally:
+        os.sched_setaffinity(0, allowed)
+    lb.wait_ready()
+    assert os.sched_getaffinity(lb.pid) == {min(allowed)}
+    assert len(workers_of(lb)) == 2
 
 
 def test_taskset_narrows_the_default(tmp_path: Path) -> None:

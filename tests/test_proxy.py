@@ -16,7 +16,6 @@ import pytest
 import requests
 
 from tests.conftest import backends_env
-from tests.procs import free_port
 
 pytestmark = pytest.mark.usefixtures("shared_lb")
 
@@ -334,12 +333,6 @@ def test_256_mib_upload_does_not_grow_lb_memory(shared_lb):
     assert doc["body_length"] == size
     growth = (lb_rss(shared_lb) - before) / 2**20
     assert growth < 10, f"LB grew by {growth:.1f} MiB while streaming 256 MiB up"
-
-
-def test_free_port_helper_gives_unused_ports():
-    port = free_port()
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", port))
 
 
 def test_a_head_split_over_two_reads_with_a_large_body_behind_it_is_relayed(lb_factory):
