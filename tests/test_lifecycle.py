@@ -15,7 +15,7 @@ import requests
 
 from tests import procs
 from tests.conftest import FAST_HEALTH, backends_env
-from tests.procs import ROOT, Proc, free_port, port_closed, wait_for_port
+from tests.procs import ROOT, Proc, backend_entry, free_port, port_closed, wait_for_port, wait_until
 
 DEMO_PORTS = (8081, 8082, 8083)
 
@@ -50,7 +50,7 @@ def test_term_drains_in_flight_requests_refuses_new_ones_and_leaves_nothing(lb_f
 
     client = threading.Thread(target=slow_request)
     client.start()
-    time.sleep(0.5)
+    wait_until(lambda: backend_entry(lb, backend.port)["in_flight"] == 1)  # TERM finds it there
     lb.signal(signal.SIGTERM)
     refused_after = None
     started = time.monotonic()
@@ -84,7 +84,8 @@ def test_int_and_quit_stop_quickly_and_leave_nothing(lb_factory, backend_factory
 
     client = threading.Thread(target=in_flight)
     client.start()
-    time.sleep(0.3)
+    # In flight for real: a request the stop refused would be "cut" too.
+    wait_until(lambda: backend_entry(lb, backend.port)["in_flight"] == 1)
     lb.tree()
     started = time.monotonic()
     lb.signal(sig)
