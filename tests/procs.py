@@ -195,6 +195,11 @@ class LB(Proc):
             return False
 
 
+# Helper processes are spawned (a fresh interpreter each): on a busy machine they have been
+# seen to take 15 s to log their first line after the LB already serves.
+HELPERS_START = 60.0
+
+
 def wait_until(condition, timeout: float = 10.0, interval: float = 0.05):  # noqa: ANN001, ANN201
     """Poll `condition()` until it returns something truthy, and return that; fail the test
     after `timeout` seconds."""
@@ -205,6 +210,14 @@ def wait_until(condition, timeout: float = 10.0, interval: float = 0.05):  # noq
             return value
         assert time.monotonic() < deadline, "condition not met in time"
         time.sleep(interval)
+
+
+def seconds_until(condition, timeout: float, interval: float = 0.05) -> float:  # noqa: ANN001
+    """Seconds it took for `condition()` to hold (for tests that bound it); fails the test
+    after `timeout` seconds."""
+    started = time.monotonic()
+    wait_until(condition, timeout, interval)
+    return time.monotonic() - started
 
 
 def lb_status(lb: LB) -> dict:
@@ -219,7 +232,7 @@ def backend_entry(lb: LB, port: int) -> dict:
     return next(b for b in lb_status(lb)["backends"] if b["id"] == f"127.0.0.1:{port}")
 
 
-def workers_of(lb: LB) -> list[psutil.Process]:
+def workers_of(lb: Proc) -> list[psutil.Process]:
     """The LB master's gunicorn worker processes (not its helpers)."""
     workers = []
     for proc in psutil.Process(lb.pid).children():
@@ -229,3 +242,12 @@ def workers_of(lb: LB) -> list[psutil.Process]:
         except psutil.Error:  # a worker that just exited
             continue
     return workers
+
+
+def kill_once_checked(lb: LB, backend: Proc) -> int:
+    """Kill a backend once its first health check passed, so it stays "up" until the next
+    (tests set a long interval): the LB meets it dead on the request path. Its port."""
+    wait_until(lambda: backend_entry(lb, backend.port)["last_check"] is not None, timeout=30)
+    backend.popen.kill()
+    backend.popen.wait()
+    return backend.port

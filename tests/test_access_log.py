@@ -11,13 +11,11 @@ import signal
 import socket
 import time
 
-import psutil
 import pytest
 import requests
 
-from tests import procs
 from tests.conftest import FAST_HEALTH, backends_env
-from tests.test_failover import kill_once_checked
+from tests.procs import HELPERS_START, kill_once_checked, wait_until, workers_of
 
 # 2026-11-30T15:19:54+00:00 127.0.0.1 "GET /" 200 14 pool=default backend=127.0.0.1:4607
 # upstream=7.78ms total=8.352ms attempts=1 flags=- rid=d44e...
@@ -31,13 +29,7 @@ JSON_KEYS = {"time", "client", "method", "path", "status", "bytes", "pool", "bac
              "upstream_ms", "duration_ms", "request_id", "attempts", "flags"}
 
 
-# Helper processes are spawned (a fresh interpreter each): on a busy machine they have been
-# seen to take 15 s to log their first line after the LB already serves.
-HELPERS_START = 60.0
 
-
-def wait_until(condition, timeout: float = HELPERS_START, interval: float = 0.05):
-    return procs.wait_until(condition, timeout, interval)
 
 
 def lines(lb) -> list[str]:
@@ -86,13 +78,9 @@ def raw_get(lb, target: bytes) -> tuple[int, dict[str, str], bytes]:
 
 def worker_pid(lb) -> int:
     """One of the LB's gunicorn workers (its forked children; the helpers are spawned)."""
-    for proc in psutil.Process(lb.pid).children():
-        try:
-            if "gunicorn" in " ".join(proc.cmdline()):
-                return proc.pid
-        except psutil.Error:
-            continue
-    raise AssertionError("no worker found")
+    workers = workers_of(lb)
+    assert workers, "no worker found"
+    return workers[0].pid
 
 
 def unescape(path: str) -> str:
@@ -146,7 +134,7 @@ def test_lb_made_503_is_logged_with_no_backend(lb_factory, backend_factory):
     lb = lb_factory({"GOL7LB_BACKENDS": backends_env([only.port]), **FAST_HEALTH})
     only.stop()
     wait_until(lambda: requests.get(lb.admin_url + "/status", timeout=5)
-               .json()["backends"][0]["alive"] is False)
+               .json()["backends"][0]["alive"] is False, timeout=HELPERS_START)
     answer = requests.get(lb.url + "/gone", timeout=10)
     assert answer.status_code == 503
     line = one_line(text_lines_for, lb, answer.headers["X-Request-ID"])
@@ -253,12 +241,12 @@ def test_reload_switches_the_format_and_turns_the_access_log_off(lb_factory, thr
 
     staged.write_text('[log]\nformat = "json"\n')
     staged.replace(config)  # as editors save: write, then rename
-    wait_until(lambda: reloaded in lb.output())
+    wait_until(lambda: reloaded in lb.output(), timeout=HELPERS_START)
     after_switch = len(lb.output())
     # fresh connections, so both workers serve some: each must log JSON now
     rids = [requests.get(lb.url + "/", headers={"Connection": "close"}, timeout=10)
             .headers["X-Request-ID"] for _ in range(20)]
-    wait_until(lambda: all(json_lines_for(lb, rid) for rid in rids))
+    wait_until(lambda: all(json_lines_for(lb, rid) for rid in rids), timeout=HELPERS_START)
     time.sleep(0.2)  # a duplicate would be written right after the first
     for rid in rids:
         found = json_lines_for(lb, rid)
@@ -272,7 +260,7 @@ def test_reload_switches_the_format_and_turns_the_access_log_off(lb_factory, thr
     for _ in range(10):
         booted = lb.output().count("Booting worker")
         os.kill(worker_pid(lb), signal.SIGKILL)
-        wait_until(lambda b=booted: lb.output().count("Booting worker") > b)
+        wait_until(lambda b=booted: lb.output().count("Booting worker") > b, timeout=HELPERS_START)
         if master_json in lb.output():
             break
     assert master_json in lb.output(), "the master still logs text after the switch"
@@ -282,7 +270,7 @@ def test_reload_switches_the_format_and_turns_the_access_log_off(lb_factory, thr
 
     staged.write_text('[log]\nformat = "json"\naccess = false\n')
     staged.replace(config)
-    wait_until(lambda: lb.output().count(reloaded) == 2)
+    wait_until(lambda: lb.output().count(reloaded) == 2, timeout=HELPERS_START)
     quiet = [requests.get(lb.url + "/", headers={"Connection": "close"}, timeout=10)
              .headers["X-Request-ID"] for _ in range(10)]
     time.sleep(0.5)  # a line would be written as the response ends; give a late one a chance

@@ -11,10 +11,10 @@ from collections.abc import Iterator
 import pytest
 
 from tests.conftest import FAST_HEALTH, _stop_and_check, backends_env
+from tests.helpers import raw_request, read_exactly, read_head, split_response
 from tests.procs import LB, free_port, start_backend
 from tests.recorder import Recorder
 from tests.smuggling import CASES
-from tests.test_proxy import raw_request, split_response
 
 pytestmark = pytest.mark.lean_worker
 
@@ -248,26 +248,6 @@ def test_a_body_the_client_never_finishes_is_cut_and_no_thread_is_kept(echo_lb):
 
 
 # helpers -------------------------------------------------------------------------------------
-
-def read_head(s: socket.socket) -> bytes:
-    data = b""
-    while b"\r\n\r\n" not in data:
-        chunk = s.recv(1)
-        if not chunk:
-            break
-        data += chunk
-    return data
-
-
-def read_exactly(s: socket.socket, n: int) -> bytes:
-    data = b""
-    while len(data) < n:
-        chunk = s.recv(n - len(data))
-        if not chunk:
-            break
-        data += chunk
-    return data
-
 
 def read_all(s: socket.socket) -> bytes:
     data = b""

@@ -15,24 +15,17 @@ import pytest
 import requests
 
 from tests.conftest import FAST_HEALTH, backends_env
+from tests.helpers import per_label, read_exactly, read_head
 from tests.load import Load
-from tests.procs import free_port, start_backend, workers_of
-from tests.test_edge import read_exactly, read_head
-from tests.test_metrics import per_label
-
-
-def status(lb) -> dict:
-    return requests.get(lb.admin_url + "/status", timeout=5).json()
-
-
-def wait_until(predicate, timeout: float, step: float = 0.05) -> float:
-    """Seconds it took for predicate() to hold; fails the test after timeout."""
-    started = time.monotonic()
-    while not predicate():
-        if time.monotonic() - started > timeout:
-            raise AssertionError(f"condition not met within {timeout}s")
-        time.sleep(step)
-    return time.monotonic() - started
+from tests.procs import (
+    free_port,
+    kill_once_checked,
+    seconds_until,
+    start_backend,
+    wait_until,
+    workers_of,
+)
+from tests.procs import lb_status as status
 
 
 def alive_map(lb) -> dict[int, bool]:
@@ -50,7 +43,7 @@ def test_backend_killed_under_load_costs_no_request_and_leaves_and_rejoins(lb_fa
         victim.popen.kill()
         victim.popen.wait()
         # interval 0.2 x fall 2 + timeout 0.5 = 0.9 s, plus scheduling slack
-        took = wait_until(lambda: not alive_map(lb)[victim.port], timeout=5)
+        took = seconds_until(lambda: not alive_map(lb)[victim.port], timeout=5)
         time.sleep(1.0)
         served_before_restart = load.ok
     assert load.failures == [], load.failures[:5]
@@ -58,7 +51,7 @@ def test_backend_killed_under_load_costs_no_request_and_leaves_and_rejoins(lb_fa
     assert took < 0.9 + 2.0
     restarted = start_backend(victim.port)
     try:
-        back = wait_until(lambda: alive_map(lb)[victim.port], timeout=5)
+        back = seconds_until(lambda: alive_map(lb)[victim.port], timeout=5)
         assert back < 0.2 * 2 + 2.0  # interval x rise, plus slack
         ports = {int(requests.get(lb.url + "/", timeout=5).headers["X-Backend-Port"])
                  for _ in range(6)}
@@ -293,7 +286,7 @@ def test_killed_supervisor_is_restarted_and_traffic_is_unaffected(lb_factory, th
     with Load(lb.url + "/") as load:
         time.sleep(0.5)
         os.kill(first, signal.SIGKILL)
-        took = wait_until(lambda: len(supervisor_pids(lb)) == 2, timeout=10)
+        took = seconds_until(lambda: len(supervisor_pids(lb)) == 2, timeout=10)
         time.sleep(0.5)
     assert took < 5
     assert load.failures == [] and load.ok > 20
@@ -304,16 +297,6 @@ def test_killed_supervisor_is_restarted_and_traffic_is_unaffected(lb_factory, th
     three_backends[0].popen.kill()
     three_backends[0].popen.wait()
     wait_until(lambda: not alive_map(lb)[three_backends[0].port], timeout=5)
-
-
-def kill_once_checked(lb, backend) -> int:
-    """Kill a backend once its first health check passed, so it stays "up" until the next
-    (tests set a long interval): the LB meets it dead on the request path. Its port."""
-    wait_until(lambda: next(b for b in status(lb)["backends"] if b["id"].endswith(
-        f":{backend.port}"))["last_check"] is not None, timeout=30)
-    backend.popen.kill()
-    backend.popen.wait()
-    return backend.port
 
 
 def error_lines(lb) -> list[str]:

@@ -8,7 +8,7 @@ import json
 import requests
 
 from tests.conftest import FAST_HEALTH, backends_env
-from tests.test_proxy import header, raw_request, split_response
+from tests.helpers import header, raw_request, split_response
 
 
 def echo_doc(lb, headers: dict[str, str]) -> dict:

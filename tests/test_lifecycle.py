@@ -13,15 +13,19 @@ import psutil
 import pytest
 import requests
 
-from tests import procs
 from tests.conftest import FAST_HEALTH, backends_env
-from tests.procs import ROOT, Proc, backend_entry, free_port, port_closed, wait_for_port, wait_until
+from tests.procs import (
+    ROOT,
+    Proc,
+    backend_entry,
+    free_port,
+    port_closed,
+    wait_for_port,
+    wait_until,
+    workers_of,
+)
 
 DEMO_PORTS = (8081, 8082, 8083)
-
-
-def workers_of(lb) -> list[psutil.Process]:
-    return procs.workers_of(lb)
 
 
 def skip_if_demo_ports_taken() -> None:
@@ -299,7 +303,7 @@ def wait_for_new_workers(lb, before: set[int], count: int = 2) -> set[int]:
     def replaced() -> set[int] | None:
         after = {w.pid for w in workers_of(lb)}
         return after if len(after) == count and not after & before else None
-    return procs.wait_until(replaced, timeout=20)
+    return wait_until(replaced, timeout=20)
 
 
 @pytest.mark.slow
@@ -374,7 +378,7 @@ def test_workers_started_after_hup_enforce_the_new_client_limits(lb_factory, bac
     before = {w.pid for w in workers_of(lb)}
     lb.signal(signal.SIGHUP)
     wait_for_new_workers(lb, before)
-    procs.wait_until(lambda: "configuration generation 2" in lb.output())
+    wait_until(lambda: "configuration generation 2" in lb.output())
     assert status_of(many) == b"HTTP/1.1 431"
     started = time.monotonic()
     assert status_of(stalled) == b"HTTP/1.1 408"

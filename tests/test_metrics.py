@@ -17,14 +17,14 @@ from collections import Counter
 from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 
-import psutil
 import pytest
 import requests
 from prometheus_client.multiprocess import MultiProcessCollector
 from prometheus_client.parser import text_string_to_metric_families
 
-from tests import procs
 from tests.conftest import FAST_HEALTH, backends_env
+from tests.helpers import per_label, scrape_text
+from tests.procs import HELPERS_START, wait_until, workers_of
 
 # DESIGN.md's table: family name (as the parser names it) -> type and label names.
 DOCUMENTED = {
@@ -43,20 +43,7 @@ DOCUMENTED = {
 }
 
 
-# Helper processes are spawned (a fresh interpreter each): on a busy machine they have been
-# seen to take 15 s to log their first line after the LB already serves.
-HELPERS_START = 60.0
 
-
-def wait_until(condition, timeout: float = HELPERS_START, interval: float = 0.05):
-    return procs.wait_until(condition, timeout, interval)
-
-
-def scrape_text(lb) -> str:
-    answer = requests.get(lb.admin_url + "/metrics", timeout=10)
-    assert answer.status_code == 200
-    assert answer.headers["Content-Type"].startswith("text/plain")
-    return answer.text
 
 
 def families(lb) -> dict:
@@ -70,16 +57,6 @@ def value(lb, sample: str, **labels: str) -> float:
                if s.name == sample and labels.items() <= s.labels.items())
 
 
-def per_label(lb, sample: str, label: str, **labels: str) -> dict[str, float]:
-    totals: dict[str, float] = {}
-    for f in text_string_to_metric_families(scrape_text(lb)):
-        for s in f.samples:
-            if s.name == sample and labels.items() <= s.labels.items():
-                key = s.labels[label]
-                totals[key] = totals.get(key, 0.0) + s.value
-    return totals
-
-
 def get_fresh(url: str) -> requests.Response:
     """One request on a connection of its own, so the kernel may hand it to either worker."""
     return requests.get(url, headers={"Connection": "close"}, timeout=15)
@@ -89,9 +66,6 @@ def send_concurrently(url: str, n: int) -> list[requests.Response]:
     with ThreadPoolExecutor(max_workers=8) as pool:
         return list(pool.map(lambda _: get_fresh(url), range(n)))
 
-
-def workers_of(lb) -> list[psutil.Process]:
-    return procs.workers_of(lb)
 
 
 def metrics_dir(lb) -> str:
@@ -173,7 +147,7 @@ def test_requests_are_counted_while_other_requests_stay_open(lb_factory, three_b
     with ThreadPoolExecutor(max_workers=4) as pool:
         slow = [pool.submit(requests.get, lb.url + "/sleep/3", timeout=30) for _ in range(2)]
         wait_until(lambda: sum(per_label(lb, "gol7lb_backend_in_flight", "backend").values())
-                   >= 2)
+                   >= 2, timeout=HELPERS_START)
         quick = [get_fresh(lb.url + "/") for _ in range(6)]
         assert all(a.status_code == 200 for a in quick)
         wait_until(lambda: value(lb, "gol7lb_requests_total") == before + 6, timeout=2)
@@ -228,7 +202,8 @@ def test_lb_made_answer_is_counted_with_backend_none(lb_factory, backend_factory
     lb = lb_factory({"GOL7LB_BACKENDS": backends_env([only.port]), **FAST_HEALTH})
     assert get_fresh(lb.url + "/").status_code == 200
     only.popen.kill()
-    wait_until(lambda: value(lb, "gol7lb_backend_up", backend=backend_id(only.port)) == 0)
+    wait_until(lambda: value(lb, "gol7lb_backend_up", backend=backend_id(only.port)) == 0,
+               timeout=HELPERS_START)
     answers = [get_fresh(lb.url + "/") for _ in range(3)]
     assert [a.status_code for a in answers] == [503] * 3
     assert value(lb, "gol7lb_requests_total", backend="none", code="503", pool="default",
@@ -256,10 +231,11 @@ def test_backend_gauges_in_flight_and_up_follow_the_backends(lb3):
     victim = lb.backends[0]
     victim.popen.kill()
     victim.popen.wait(5)
-    wait_until(lambda: value(lb, "gol7lb_backend_up", backend=backend_id(victim.port)) == 0)
+    wait_until(lambda: value(lb, "gol7lb_backend_up", backend=backend_id(victim.port)) == 0,
+               timeout=HELPERS_START)
     assert [value(lb, "gol7lb_backend_up", backend=backend_id(p)) for p in ports[1:]] == [1, 1]
     wait_until(lambda: value(lb, "gol7lb_health_checks_total", backend=backend_id(victim.port),
-                             result="fail") >= 2)
+                             result="fail") >= 2, timeout=HELPERS_START)
     now = per_label(lb, "gol7lb_health_checks_total", "backend", result="ok")
     assert all(now[backend_id(p)] > checks[backend_id(p)] for p in ports[1:])
     assert value(lb, "gol7lb_health_check_duration_seconds_count") > durations
@@ -346,8 +322,9 @@ def test_an_edit_while_the_watcher_starts_is_applied(lb_factory, three_backends,
     lb = lb_factory({"GOL7LB_BACKENDS": backends_env([b.port for b in three_backends]),
                      "GOL7LB_CONFIG": str(config), **FAST_HEALTH})
     write_config(config, "[proxy]\nretries = 1\n")  # no wait for the watcher
-    wait_until(lambda: value(lb, "gol7lb_config_reloads_total", result="ok") >= 1)
-    wait_until(lambda: "config watcher on" in lb.output())
+    wait_until(lambda: value(lb, "gol7lb_config_reloads_total", result="ok") >= 1,
+               timeout=HELPERS_START)
+    wait_until(lambda: "config watcher on" in lb.output(), timeout=HELPERS_START)
     assert value(lb, "gol7lb_config_reloads_total", result="error") == 0
 
 
@@ -379,7 +356,8 @@ def test_promtool_accepts_the_exposition(lb_factory, three_backends, tmp_path):
     requests.post(lb.url + "/", data=b"x", timeout=10)
     requests.request("BREW", lb.url + "/", timeout=30)
     write_config(config, "[proxy]\nretries = oops\n")
-    wait_until(lambda: value(lb, "gol7lb_config_reloads_total", result="error") == 1)
+    wait_until(lambda: value(lb, "gol7lb_config_reloads_total", result="error") == 1,
+               timeout=HELPERS_START)
     text = scrape_text(lb)
     for name in ("gol7lb_requests_total", "gol7lb_retries_total",
                  "gol7lb_request_duration_seconds_bucket", "gol7lb_health_checks_total",

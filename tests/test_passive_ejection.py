@@ -14,10 +14,10 @@ import pytest
 import requests
 
 from gol7lb.hosts import HostTable, PoolPeers
+from tests.helpers import config
 from tests.procs import backend_entry as entry
 from tests.procs import lb_status as status
 from tests.procs import wait_until
-from tests.test_traffic import config
 
 
 def passive_toml(ports: list[int], cooldown: float, percent: int) -> str:

@@ -15,9 +15,9 @@ import pytest
 from gol7lb.http1 import Http1Parser, RequestError
 from gol7lb.target import AmbiguousTarget, normalise_path, valid_authority
 from tests.conftest import FAST_HEALTH, _stop_and_check
+from tests.helpers import raw_request, split_response
 from tests.procs import LB
 from tests.recorder import Recorder
-from tests.test_proxy import raw_request, split_response
 
 # RFC 3986 section 5.4 (base "http://a/b/c/d;p?q"): each reference merged with the base path,
 # then remove_dot_segments (section 5.2.4) gives the path of the example's result.

@@ -15,7 +15,7 @@ from gol7lb import state as state_module
 from gol7lb.config import load_settings
 from gol7lb.hosts import HostTable
 from gol7lb.state import ControlError, ControlState, SharedCounters, rotation_cell
-from tests.test_traffic import config, port_of
+from tests.helpers import config, port_of
 
 
 def pools_toml(a: list[int], b: list[int], name: str = "b") -> str:

@@ -9,35 +9,15 @@ import socket
 import threading
 import time
 from collections import Counter
-from collections.abc import Callable
 
-import psutil
 import pytest
 import requests
 
 from tests.conftest import backends_env
+from tests.helpers import RawBackend, header, raw_request, split_response
+from tests.procs import workers_of
 
 pytestmark = pytest.mark.usefixtures("shared_lb")
-
-
-def raw_request(port: int, data: bytes, timeout: float = 10.0) -> bytes:
-    """Send bytes as they are and read until the server closes (requests normalise targets)."""
-    with socket.create_connection(("127.0.0.1", port), timeout=timeout) as s:
-        s.sendall(data)
-        chunks = []
-        while chunk := s.recv(65536):
-            chunks.append(chunk)
-    return b"".join(chunks)
-
-
-def split_response(raw: bytes) -> tuple[int, dict[str, list[str]], bytes]:
-    head, _, body = raw.partition(b"\r\n\r\n")
-    lines = head.decode("latin-1").split("\r\n")
-    headers: dict[str, list[str]] = {}
-    for line in lines[1:]:
-        name, _, value = line.partition(":")
-        headers.setdefault(name.strip().lower(), []).append(value.strip())
-    return int(lines[0].split()[1]), headers, body
 
 
 def echo(shared_lb, method="GET", path="/echo", **kwargs) -> dict:
@@ -47,53 +27,10 @@ def echo(shared_lb, method="GET", path="/echo", **kwargs) -> dict:
     return response.json()
 
 
-def header(doc: dict, name: str) -> list[str]:
-    return [v for k, v in doc["headers"] if k.lower() == name.lower()]
-
-
-class RawBackend:
-    """A 'backend' on a loopback port that answers each request with `answer(conn)`, written
-    byte by byte as a test needs it (split heads, resets); health checks only connect."""
-
-    def __init__(self, answer: Callable[[socket.socket], None]) -> None:
-        self.answer = answer
-        self.sock = socket.socket()
-        self.sock.bind(("127.0.0.1", 0))
-        self.sock.listen(64)
-        self.port = self.sock.getsockname()[1]
-        self.requests = 0
-        threading.Thread(target=self._accept, daemon=True).start()
-
-    def _accept(self) -> None:
-        while True:
-            try:
-                conn, _ = self.sock.accept()
-            except OSError:
-                return
-            threading.Thread(target=self._serve, args=(conn,), daemon=True).start()
-
-    def _serve(self, conn: socket.socket) -> None:
-        with conn:
-            conn.settimeout(10)
-            try:
-                while conn.recv(65536):
-                    self.requests += 1
-                    self.answer(conn)
-            except OSError:
-                pass
-
-    def close(self) -> None:
-        self.sock.close()
-
-
-def lb_workers(lb) -> list[psutil.Process]:
-    return [p for p in psutil.Process(lb.pid).children() if "gunicorn" in " ".join(p.cmdline())]
-
-
 def test_sequential_requests_rotate_globally_across_workers(shared_lb):
     # the LB is ready once one worker accepts; gunicorn forks the second up to 0.1 s later
     deadline = time.monotonic() + 10
-    while len(workers := lb_workers(shared_lb)) < 2 and time.monotonic() < deadline:
+    while len(workers := workers_of(shared_lb)) < 2 and time.monotonic() < deadline:
         time.sleep(0.05)
     assert len(workers) == 2
     cpu_before = [sum(w.cpu_times()[:2]) for w in workers]
@@ -235,7 +172,7 @@ def test_client_keep_alive_reuses_one_connection(shared_lb):
 
 
 def test_upstream_connections_are_reused(shared_lb):
-    workers = lb_workers(shared_lb)
+    workers = workers_of(shared_lb)
     local_ports = set()
     with requests.Session() as session:
         for i in range(60):
@@ -315,7 +252,7 @@ def test_one_gib_download_does_not_grow_lb_memory(shared_lb):
     assert received == size
     growth = (peak - before) / 2**20
     assert growth < 10, f"LB grew by {growth:.1f} MiB while streaming 1 GiB"
-    worker_rss = [w.memory_info().rss / 2**20 for w in lb_workers(shared_lb)]
+    worker_rss = [w.memory_info().rss / 2**20 for w in workers_of(shared_lb)]
     assert max(worker_rss) < 40, f"worker RSS after load: {worker_rss} MiB"
 
 

@@ -7,13 +7,12 @@ import signal
 import time
 from pathlib import Path
 
-import psutil
 import pytest
 import requests
 
 from tests.load import Load
 from tests.procs import lb_status as status
-from tests.procs import wait_until
+from tests.procs import wait_until, workers_of
 
 FAST = {"GOL7LB_HEALTH_INTERVAL": "0.2", "GOL7LB_HEALTH_TIMEOUT": "0.5"}
 
@@ -26,15 +25,7 @@ def toml(ports: list[int], weights: list[int] | None = None, extra: str = "") ->
 
 
 def gunicorn_workers(lb) -> set[int]:
-    found = set()
-    for child in psutil.Process(lb.pid).children():
-        try:
-            title = " ".join(child.cmdline())
-        except psutil.NoSuchProcess:
-            continue
-        if title.startswith("gunicorn: worker"):
-            found.add(child.pid)
-    return found
+    return {w.pid for w in workers_of(lb)}
 
 
 def metric(lb, text: str) -> float:

@@ -17,8 +17,7 @@ import pytest
 import requests
 
 from tests.conftest import backends_env
-from tests.procs import wait_until
-from tests.test_lifecycle import workers_of
+from tests.procs import wait_until, workers_of
 
 pytestmark = [pytest.mark.lean_worker, pytest.mark.slow]
 

@@ -10,8 +10,7 @@ import psutil
 import pytest
 
 from tests.conftest import backends_env
-from tests.procs import ROOT, Proc, free_port, wait_for_port
-from tests.test_lifecycle import workers_of
+from tests.procs import ROOT, Proc, free_port, wait_for_port, workers_of
 
 pytestmark = pytest.mark.lean_worker
 

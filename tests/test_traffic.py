@@ -8,32 +8,22 @@ import signal
 import threading
 import time
 from collections import Counter
-from pathlib import Path
 
 import pytest
 import requests
 
 from tests.conftest import FAST_HEALTH
+from tests.helpers import config, port_of
 from tests.load import Load
 from tests.procs import backend_entry as entry
 from tests.procs import lb_status as status
 from tests.procs import wait_until
 
 
-def config(tmp_path: Path, text: str) -> dict[str, str]:
-    path = tmp_path / "lb.toml"
-    path.write_text(text)
-    return {"GOL7LB_CONFIG": str(path)}
-
-
 def backends_toml(ports: list[int], extra: str = "", weights: list[int] | None = None) -> str:
     weights = weights or [1] * len(ports)
     return "".join(f'[[backends]]\nurl = "http://127.0.0.1:{p}"\nweight = {w}\n{extra}'
                    for p, w in zip(ports, weights, strict=True))
-
-
-def port_of(response: requests.Response) -> int:
-    return int(response.headers["X-Backend-Port"])
 
 
 def get(lb, path: str = "/", **kwargs) -> requests.Response:

@@ -24,7 +24,7 @@ from gol7lb.upstream import (
     still_open,
 )
 from tests.conftest import backends_env
-from tests.test_proxy import RawBackend
+from tests.helpers import RawBackend
 
 
 def answer(raw: bytes, method: str = "GET", close: bool = True) -> tuple[UpstreamResponse, bytes]:

@@ -19,11 +19,8 @@ from websockets.sync.client import connect
 from websockets.sync.server import Server, ServerConnection, serve
 
 from tests.conftest import FAST_HEALTH, _stop_and_check, backends_env
-from tests.procs import LB, port_closed
-from tests.test_edge import read_head
-from tests.test_failover import kill_once_checked
-from tests.test_metrics import per_label
-from tests.test_proxy import raw_request, split_response
+from tests.helpers import per_label, raw_request, read_head, split_response
+from tests.procs import LB, kill_once_checked, port_closed
 
 READ_TIMEOUT = 1.0
 IDLE_TIMEOUT = 3.0
