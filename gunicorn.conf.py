@@ -28,7 +28,7 @@ if hooks.boot() is None:  # the first read, at start: a bad setting stops the st
         sys.stderr.write(f"gol7lb: {_error}\n")
         sys.exit(2)
     hooks.configure(_settings, _port, _workers)
-    logfmt.set_format(_settings.log.format)  # before gunicorn logs "Starting gunicorn"
+    logfmt.apply(_settings.log)  # before gunicorn logs "Starting gunicorn"
 
 _boot = hooks.boot()
 bind = [f"0.0.0.0:{_boot.port}"]

@@ -39,7 +39,7 @@ from typing import Any
 from gol7lb import logfmt
 from gol7lb.logfmt import SwitchableFormatter
 
-log = logging.getLogger("gunicorn.error")
+log = logging.getLogger("gol7lb.children")
 SPAWN = multiprocessing.get_context("spawn")
 PROJECT_ROOT = Path(__file__).resolve().parent.parent
 _PR_SET_PDEATHSIG = 1
@@ -161,10 +161,12 @@ class ManagedChild:
         self.quick_deaths = 0
 
     def start(self) -> None:
-        # A spawned child starts with the module defaults: hand it the master's log format,
-        # or its first lines (before it reads the shared state) are text in a JSON log.
-        self.process = SPAWN.Process(target=_run_with_log_format,
-                                     args=(logfmt.current_format(), self.target, *self.args),
+        # A spawned child starts with the module defaults: hand it the master's log format
+        # and levels, or its first lines (before it reads the shared state) are text in a
+        # JSON log.
+        self.process = SPAWN.Process(target=_run_with_log_settings,
+                                     args=(logfmt.current_format(), logfmt.current_levels(),
+                                           self.target, *self.args),
                                      name=f"gol7lb-{self.name}", daemon=True)
         # Group signals blocked in this thread while it spawns: the child inherits the mask,
         # so a Ctrl-C or a TERM to the group while it is still importing waits until
@@ -235,8 +237,10 @@ class ManagedChild:
             os.waitpid(process.pid, os.WNOHANG)  # reap it ourselves if gunicorn has not
 
 
-def _run_with_log_format(fmt: str, target: Callable[..., None], *args: Any) -> None:
+def _run_with_log_settings(fmt: str, levels: tuple[str, ...], target: Callable[..., None],
+                           *args: Any) -> None:
     logfmt.set_format(fmt)
+    logfmt.set_levels(levels)
     target(*args)
 
 

@@ -19,6 +19,7 @@ from typing import Any, Literal, TypeVar
 from gol7lb.backends import Backend, BackendError, parse_backend_list, parse_backend_url
 from gol7lb.balancer import ALGORITHMS
 from gol7lb.errors import ConfigError
+from gol7lb.logfmt import LEVELS, parse_levels
 from gol7lb.pools import (
     DEFAULT_POOL,
     DiscoverySpec,
@@ -263,6 +264,11 @@ class LogSettings:
                            "One access-log line per proxied request on standard output.")
     format: str = _one_of(
         "text", LOG_FORMATS, "text, or json: access and error lines become one JSON object each.")
+    levels: tuple[str, ...] = setting(
+        (), "logger=level items, each level one of " + ", ".join(LEVELS),
+        "Error-log levels per component, e.g. `gol7lb.proxy=debug, gol7lb.supervisor=warning` "
+        "(the loggers are listed in docs/operations.md); the others log at info.",
+        _parses(parse_levels))
 
 
 @dataclass(frozen=True)

@@ -144,7 +144,7 @@ class Discoverer:
             return
         self._seen = generation
         settings = snapshot.settings
-        logfmt.set_format(settings.log.format)
+        logfmt.apply(settings.log)
         self._resolver = make_resolver(settings.discovery.resolvers)
         self._interval = settings.discovery.interval
         specs = {spec.key: spec for pool in settings.pools.values() for spec in pool.discover}

@@ -8,6 +8,7 @@ gunicorn.conf.py wires these in.
 from __future__ import annotations
 
 import contextlib
+import logging
 import multiprocessing
 import multiprocessing.process
 import os
@@ -24,6 +25,7 @@ from gol7lb.config import DEMO_PORTS, ConfigError, Settings
 from gol7lb.hosts import HostTable
 from gol7lb.state import ControlClient, SharedCounters, Snapshot, new_health_record, run_manager
 
+log = logging.getLogger("gol7lb.hooks")
 MANAGER_START_SECONDS = 30.0
 
 
@@ -112,29 +114,29 @@ def on_starting(server: Any) -> None:
     rt = Runtime(settings=settings, workers=_boot.workers,
                  hosts=HostTable(worker_slots=max(16, 2 * _boot.workers + 8),
                                  lock_path=rundir.path("hosts.lock")))
-    logfmt.set_format(settings.log.format)
+    logfmt.apply(settings.log)
     try:
-        _start(rt, server.log)
+        _start(rt)
     except ConfigError as e:  # the admin address taken since gunicorn.conf.py checked it
         _teardown(rt)
         sys.stderr.write(f"gol7lb: {e}\n")
         sys.exit(2)
     except (StartupError, OSError) as e:
         _teardown(rt)
-        server.log.error("gol7lb: %s", e)
+        log.error("gol7lb: %s", e)
         sys.stderr.write(f"gol7lb: cannot start: {e}\n")
         sys.exit(1)
     _runtime = rt
     _note_shutdown(server, rt.watcher)
     if rundir.socket_address("gunicorn.ctl", abstract=False) is None:
-        server.log.warning("gol7lb: gunicorn's control socket is off: a path in %s would be "
-                           "longer than %d bytes", rundir.path(""), rundir.UNIX_PATH_MAX)
+        log.warning("gol7lb: gunicorn's control socket is off: a path in %s would be "
+                    "longer than %d bytes", rundir.path(""), rundir.UNIX_PATH_MAX)
     follower = ControlClient(rt.address, rt.authkey)  # its own connection, in its own thread
     logfmt.follow(lambda: rt.counters.generation,
-                  lambda: follower.snapshot().settings.log.format)
+                  lambda: follower.snapshot().settings.log)
 
 
-def _start(rt: Runtime, log: Any) -> None:
+def _start(rt: Runtime) -> None:
     global _client
     settings = rt.settings
     admin_address = settings.admin.address
@@ -230,8 +232,8 @@ def pre_fork(server: Any, worker: Any) -> None:
     taken = {getattr(w, "slot", None) for w in server.WORKERS.values()}
     worker.slot = next((i for i in range(rt.hosts.worker_slots) if i not in taken), None)
     if worker.slot is None:
-        server.log.error("gol7lb: more than %d workers at once: the new one is not counted "
-                         "in in-flight totals", rt.hosts.worker_slots)
+        log.error("gol7lb: more than %d workers at once: the new one is not counted "
+                  "in in-flight totals", rt.hosts.worker_slots)
 
 
 def post_fork(server: Any, worker: Any) -> None:
@@ -287,14 +289,14 @@ def on_reload(server: Any) -> None:
         return
     if reload.reload_config(_client, "SIGHUP"):
         with contextlib.suppress(Exception):
-            logfmt.set_format(_client.snapshot().settings.log.format)
+            logfmt.apply(_client.snapshot().settings.log)
 
 
 def on_exit(server: Any) -> None:
     """Workers have drained; now stop the helpers, the Manager and the demo backends."""
     if _runtime is not None:
         _teardown(_runtime)
-        server.log.info("gol7lb: helpers stopped")
+        log.info("gol7lb: helpers stopped")
     rundir.remove()
 
 

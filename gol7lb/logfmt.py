@@ -1,6 +1,12 @@
-"""Error-log formatting shared by every process: gunicorn's text lines, or one JSON object per
-line when `log.format = "json"`. The format can switch on reload, so it is a module-wide
-mode read at format time rather than a handler rebuilt per change.
+"""Error-log formatting and levels shared by every process: gunicorn's text lines, or one JSON
+object per line when `log.format = "json"`. The format can switch on reload, so it is a
+module-wide mode read at format time rather than a handler rebuilt per change.
+
+Every GoL7-LB component logs on its own logger under `gol7lb` (`gol7lb.proxy`,
+`gol7lb.supervisor`, ...; LOGGERS lists them). In the gunicorn master and workers the `gol7lb`
+logger writes to gunicorn's error-log handlers (GunicornLogger.setup); in the spawned helpers
+the root logger's handler takes them (children.configure_child_logging). `log.levels` sets
+levels per logger (`apply`).
 """
 
 from __future__ import annotations
@@ -9,14 +15,41 @@ import json
 import logging
 import threading
 import time
-from collections.abc import Callable
-from typing import Any
+from collections.abc import Callable, Iterable
+from typing import Any, Protocol
 
 from gunicorn.glogging import Logger
 
 TEXT_FORMAT = "[%(asctime)s] [%(process)d] [%(levelname)s] %(message)s"
 DATE_FORMAT = "%Y-%m-%d %H:%M:%S %z"
 _mode = {"format": "text"}
+ROOT = "gol7lb"
+# The component loggers, for docs/operations.md and the tests: logger -> what logs there.
+LOGGERS = {
+    "gol7lb.hooks": "the master's start, stop and worker bookkeeping",
+    "gol7lb.children": "the master starting, restarting and stopping its helpers",
+    "gol7lb.worker": "a worker's accept loop and shutdown",
+    "gol7lb.proxy": "the request path in a worker: no healthy backend, failed attempts (debug)",
+    "gol7lb.tunnel": "upgraded connections (WebSocket) in a worker",
+    "gol7lb.serve": "errors writing a response to a client",
+    "gol7lb.metrics": "the Prometheus multiprocess files",
+    "gol7lb.state": "a process reading the shared state from the manager",
+    "gol7lb.manager": "the manager of the shared state; passive-health ejections",
+    "gol7lb.supervisor": "the health checker",
+    "gol7lb.reload": "the config watcher and reloads",
+    "gol7lb.discovery": "DNS discovery",
+    "gol7lb.admin": "the admin listener",
+}
+LEVELS = ("debug", "info", "warning", "error", "critical")
+_overrides: dict[str, int] = {}  # logger name -> the level log.levels gives it
+_base: dict[str, int] = {}  # logger name -> its level before log.levels set one
+
+
+class LogSettingsLike(Protocol):
+    @property
+    def format(self) -> str: ...
+    @property
+    def levels(self) -> tuple[str, ...]: ...
 
 
 def set_format(fmt: str) -> None:
@@ -28,11 +61,56 @@ def current_format() -> str:
     return _mode["format"]
 
 
-def follow(generation: Callable[[], int], read_format: Callable[[], str],
+def parse_levels(items: Iterable[str]) -> dict[str, int]:
+    """('gol7lb.proxy=debug', ...) -> {'gol7lb.proxy': logging.DEBUG}; ValueError otherwise."""
+    levels = {}
+    for item in items:
+        name, sep, level = item.partition("=")
+        name, level = name.strip(), level.strip().lower()
+        if not sep or not name or any(c.isspace() for c in name) or level not in LEVELS:
+            raise ValueError(item)
+        levels[name] = getattr(logging, level.upper())
+    return levels
+
+
+def set_levels(items: Iterable[str]) -> None:
+    """Give each named logger its level; a logger no longer named gets its own level back."""
+    levels = parse_levels(items)
+    for name in list(_overrides):
+        if name not in levels:
+            logging.getLogger(name).setLevel(_base.pop(name))
+            del _overrides[name]
+    for name, level in levels.items():
+        logger = logging.getLogger(name)
+        if name not in _overrides:
+            _base[name] = logger.level
+        _overrides[name] = level
+        logger.setLevel(level)
+
+
+def current_levels() -> tuple[str, ...]:
+    return tuple(f"{name}={logging.getLevelName(level).lower()}"
+                 for name, level in _overrides.items())
+
+
+def apply(settings: LogSettingsLike) -> None:
+    """This process's error lines follow the running configuration's `log` section."""
+    set_format(settings.format)
+    set_levels(settings.levels)
+
+
+def _set_base_level(name: str, level: int) -> None:
+    """A logger's own level, under what log.levels may set for it (which stays)."""
+    if name in _overrides:
+        _base[name] = level
+    logging.getLogger(name).setLevel(_overrides.get(name, level))
+
+
+def follow(generation: Callable[[], int], read_settings: Callable[[], LogSettingsLike],
            interval: float = 0.25) -> threading.Thread:
-    """Keep this process's format in step with the running configuration, for a process
-    that reads the shared state for nothing else (the master: a reload by the config watcher
-    never reaches it otherwise). A daemon thread re-reads the format whenever the shared
+    """Keep this process's format and levels in step with the running configuration, for a
+    process that reads the shared state for nothing else (the master: a reload by the config
+    watcher never reaches it otherwise). A daemon thread re-reads them whenever the shared
     generation moves; it never logs, and a failed read is tried again next time."""
 
     def run() -> None:
@@ -41,7 +119,7 @@ def follow(generation: Callable[[], int], read_format: Callable[[], str],
             current = generation()
             if current != seen:
                 try:
-                    set_format(read_format())
+                    apply(read_settings())
                     seen = current
                 except Exception:  # noqa: S110 - the Manager is restarting: next time
                     pass
@@ -78,10 +156,17 @@ class SwitchableFormatter(logging.Formatter):
 
 class GunicornLogger(Logger):
     """gunicorn's Logger with the switchable formatter on its error handlers (the
-    `logger_class` setting is gunicorn's public hook for this)."""
+    `logger_class` setting is gunicorn's public hook for this), and the `gol7lb` loggers
+    writing to those same handlers at gunicorn's level (info unless --log-level says
+    otherwise). gunicorn runs this again on SIGHUP, and a fork keeps it."""
 
     def setup(self, cfg: Any) -> None:
         super().setup(cfg)
         for handler in self.error_log.handlers:
             if getattr(handler, "_gunicorn", False):
                 handler.setFormatter(SwitchableFormatter(self.error_fmt, self.datefmt))
+        ours = logging.getLogger(ROOT)
+        ours.handlers[:] = self.error_log.handlers
+        ours.propagate = False
+        _set_base_level(self.error_log.name, self.loglevel)  # super() set it: again
+        _set_base_level(ROOT, self.loglevel)

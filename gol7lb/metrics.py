@@ -36,7 +36,7 @@ from gol7lb.flushing import PeriodicFlush
 from gol7lb.hosts import HostTable
 from gol7lb.outcomes import Episode
 
-log = logging.getLogger("gunicorn.error")
+log = logging.getLogger("gol7lb.metrics")
 
 LATENCY_BUCKETS = (0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0,
                    10.0, 30.0, 60.0)

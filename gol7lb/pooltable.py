@@ -90,7 +90,7 @@ def available_ids(snapshot: Snapshot, now: float) -> frozenset[str]:
 
 def build_table(snapshot: Snapshot, previous: PoolTable | None) -> PoolTable:
     settings = snapshot.settings
-    logfmt.set_format(settings.log.format)
+    logfmt.apply(settings.log)
     now = time.time()
     available = available_ids(snapshot, now)
     old = previous.upstreams if previous else {}

@@ -42,7 +42,7 @@ from gol7lb.upstream import (
     request_head,
 )
 
-log = logging.getLogger("gunicorn.error")
+log = logging.getLogger("gol7lb.proxy")
 
 IDEMPOTENT = frozenset({"GET", "HEAD", "OPTIONS", "TRACE", "PUT", "DELETE"})
 _ABSOLUTE_FORM = re.compile(r"[A-Za-z][A-Za-z0-9+.-]*://")

@@ -29,7 +29,7 @@ from gol7lb.children import configure_child_logging, init_helper_process
 from gol7lb.config import ConfigError, Settings, load_settings
 from gol7lb.state import ControlClient, ManagerUnavailable
 
-log = logging.getLogger("gunicorn.error")
+log = logging.getLogger("gol7lb.reload")
 
 # Settings a running master cannot change: it has bound or forked with them.
 RESTART_ONLY = {"admin.bind": lambda s: s.admin.bind, "cpu_affinity": lambda s: s.cpu_affinity}
@@ -86,7 +86,7 @@ def reload_config(client: ControlClient, trigger: str,
         metrics.CONFIG_RELOADS.labels("error").inc()
         return False
     metrics.CONFIG_RELOADS.labels("ok").inc()
-    logfmt.set_format(settings.log.format)  # this process's lines about it are in the new one
+    logfmt.apply(settings.log)  # this process's lines about it are in the new one
     for note in restart_notes(previous, settings):
         log.warning("reload (%s): %s", trigger, note)
     log.info("reload (%s): configuration generation %d from %s: %d backends in %d pools",
@@ -143,7 +143,7 @@ def check(path: str, client: ControlClient) -> str | None:
         log.error("config watcher cannot read the running configuration: %s", e)
         return None
     running = snapshot.settings
-    logfmt.set_format(running.log.format)  # a reload may have switched text/json
+    logfmt.apply(running.log)  # a reload may have switched text/json
     # The file back to what runs after a refused edit: reloading it clears `last_error`.
     if digest == running.file_digest and snapshot.last_error is None:
         return digest
@@ -168,8 +168,8 @@ def run(address: str, authkey: bytes, path: str) -> None:
     stop = threading.Event()
     signal.signal(signal.SIGTERM, lambda *_: stop.set())
     client = ControlClient(address, authkey)
-    with contextlib.suppress(Exception):  # log.format may have changed since the spawn
-        logfmt.set_format(client.snapshot().settings.log.format)
+    with contextlib.suppress(Exception):  # log settings may have changed since the spawn
+        logfmt.apply(client.snapshot().settings.log)
     log.info("config watcher on %s (pid %d)", path, os.getpid())
     parent = os.getppid()
 

@@ -23,7 +23,7 @@ from urllib.parse import unquote_to_bytes
 
 from gol7lb.http1 import Http1Parser, Request, RequestError
 
-log = logging.getLogger("gunicorn.error")
+log = logging.getLogger("gol7lb.serve")
 
 BLOCK = 64 * 1024
 # A failure to write to or read from the client: nothing to answer, just close.

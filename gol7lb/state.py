@@ -38,7 +38,8 @@ from gol7lb.children import configure_child_logging, init_helper_process
 from gol7lb.config import Pool, Settings
 from gol7lb.hosts import HostTable
 
-log = logging.getLogger("gunicorn.error")
+log = logging.getLogger("gol7lb.manager")  # the Manager process
+view_log = logging.getLogger("gol7lb.state")  # a process that reads the shared state
 
 # Slots of the shared counter array; 8 slots (64 bytes) apart so writers do not share a cache line.
 GENERATION = 0  # written by the Manager process only; bumped after every change of its state
@@ -314,7 +315,7 @@ class ControlState:
             if len(settings.pools) > POOL_SLOTS:
                 raise ControlError(507, f"too many pools ({len(settings.pools)}; at most "
                                         f"{POOL_SLOTS})")
-            logfmt.set_format(settings.log.format)  # this process's own log lines follow it
+            logfmt.apply(settings.log)  # this process's own log lines follow it
             first = self.settings is None
             self.settings = settings
             self.config_generation += 1
@@ -710,7 +711,7 @@ class CachedView(Generic[T]):
             if not self._read(timeout=max(0.05, deadline - time.monotonic())):
                 time.sleep(min(0.1, max(0.0, deadline - time.monotonic())))
         if self._current is None:  # the Manager is down: serve the configuration we started with
-            log.error("no shared state after %gs; serving the start-up configuration with "
+            view_log.error("no shared state after %gs; serving the start-up configuration with "
                       "every backend assumed up", FIRST_READ_SECONDS)
             self._current = fallback()
 
@@ -752,13 +753,13 @@ class CachedView(Generic[T]):
                                     max(MANAGER_RETRY_SECONDS, 2 * self._retry_delay))
             self._next_retry = time.monotonic() + self._retry_delay
             if self._current is not None and not self._failing:
-                log.error("cannot read shared state from the manager (%s); serving from the "
+                view_log.error("cannot read shared state from the manager (%s); serving from the "
                           "last known state until it is back", e or type(e).__name__)
             self._failing = True
             return False
         self._retry_delay = 0.0
         if self._failing:
-            log.info("shared state readable again")
+            view_log.info("shared state readable again")
             self._failing = False
         self._current = self._build(snapshot, self._current)
         self._snapshot = snapshot

@@ -143,7 +143,7 @@ class Supervisor:
                 log.error("supervisor cannot end ejections: %s", e or type(e).__name__)
 
     def apply(self, snapshot: Snapshot) -> None:
-        logfmt.set_format(snapshot.settings.log.format)
+        logfmt.apply(snapshot.settings.log)
         health = snapshot.settings.health
         running = snapshot.backends()
         for backend_id in list(self.checkers):
@@ -182,8 +182,8 @@ def run(address: str, authkey: bytes, counters: SharedCounters) -> None:
     configure_child_logging()
     supervisor = Supervisor(ControlClient(address, authkey), counters)
     signal.signal(signal.SIGTERM, lambda *_: supervisor.stop.set())
-    with contextlib.suppress(Exception):  # log.format may have changed since the spawn
-        logfmt.set_format(supervisor.client.snapshot().settings.log.format)
+    with contextlib.suppress(Exception):  # log settings may have changed since the spawn
+        logfmt.apply(supervisor.client.snapshot().settings.log)
     log.info("supervisor started (pid %d)", os.getpid())
     supervisor.run()
     sys.exit(0)

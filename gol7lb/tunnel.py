@@ -29,7 +29,7 @@ if TYPE_CHECKING:
     from gol7lb.pooltable import PoolRuntime, PoolTable
     from gol7lb.proxy import Exchange, ProxyApp
 
-log = logging.getLogger("gunicorn.error")
+log = logging.getLogger("gol7lb.tunnel")
 BLOCK = 64 * 1024
 
 

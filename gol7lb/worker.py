@@ -38,6 +38,7 @@ from __future__ import annotations
 
 import contextlib
 import gc
+import logging
 import os
 import select
 import socket
@@ -58,6 +59,8 @@ from gol7lb.spread import DEFER, Spread
 if TYPE_CHECKING:  # the master imports this module; the proxy is built in each worker
     from gol7lb.proxy import ProxyApp
 
+# GoL7-LB's own lines; gunicorn's events (a worker booting, exiting) stay on `self.log`.
+log = logging.getLogger("gol7lb.worker")
 SWEEP_EVERY = 0.25
 ACCEPT_BATCH = 1  # connections accepted per wake-up, so no worker grabs a whole burst
 RECV_HEAD = 65536
@@ -213,7 +216,7 @@ class ProxyWorker(Worker):
                     self.queue.put(conn)  # a pool thread serves the next one
                     return
         except Exception:
-            self.log.exception("error serving a connection")
+            log.exception("error serving a connection")
             seat.request_ended()
             self._close(conn)
 
@@ -389,12 +392,12 @@ class ProxyWorker(Worker):
                 return True
             except OSError as e:  # EMFILE and friends: keep serving who is there, retry later
                 if not self.accept_failures:  # once per episode, not every pause
-                    self.log.error("accept failed: %s; pausing accepts (%gs at a time) until "
-                                   "it works again", e, RESOURCE_PAUSE)
+                    log.error("accept failed: %s; pausing accepts (%gs at a time) until "
+                              "it works again", e, RESOURCE_PAUSE)
                 self.accept_failures += 1
                 return False
             if self.accept_failures:
-                self.log.info("accepting again after %d failed attempts", self.accept_failures)
+                log.info("accepting again after %d failed attempts", self.accept_failures)
                 self.accept_failures = 0
             sock.setblocking(False)
             try:
@@ -493,7 +496,7 @@ class ProxyWorker(Worker):
             self._sweep(time.monotonic())  # a head that never comes gets its 408
             self.notify()
         if self.active:
-            self.log.warning("graceful timeout: cutting %d connections", len(self.active))
+            log.warning("graceful timeout: cutting %d connections", len(self.active))
         epoll.close()
 
     def _idle_since(self, conn: Conn) -> float:

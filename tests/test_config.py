@@ -68,7 +68,9 @@ def test_every_setting_has_its_environment_variable():
     lists = {"proxy.retry_on": ("502, 504", ("502", "504")),
              "proxy.trusted_proxies": ("10.0.0.0/8, ::1", ("10.0.0.0/8", "::1")),
              "admin.hosts": ("gol7lb-admin, lb.example.", ("gol7lb-admin", "lb.example.")),
-             "discovery.resolvers": ("127.0.0.1:53, [::1]:5353", ("127.0.0.1:53", "[::1]:5353"))}
+             "discovery.resolvers": ("127.0.0.1:53, [::1]:5353", ("127.0.0.1:53", "[::1]:5353")),
+             "log.levels": ("gol7lb.proxy=debug, gol7lb=warning",
+                            ("gol7lb.proxy=debug", "gol7lb=warning"))}
     for setting in SETTINGS:
         if setting.kind == "str":
             continue
@@ -107,6 +109,8 @@ def test_booleans_from_the_environment(text, expected):
     ({"GOL7LB_ADMIN_HOSTS": "lb.example:8404"}, ["admin.hosts", "lb.example:8404", "names"]),
     ({"GOL7LB_LOG_ACCESS": "maybe"}, ["log.access", "'maybe'", "true or false"]),
     ({"GOL7LB_LOG_FORMAT": "xml"}, ["log.format", "text, json"]),
+    ({"GOL7LB_LOG_LEVELS": "gol7lb.proxy=loud"}, ["log.levels", "gol7lb.proxy=loud", "debug"]),
+    ({"GOL7LB_LOG_LEVELS": "gol7lb.proxy"}, ["log.levels", "logger=level"]),
     ({"GOL7LB_RELOAD_WATCH": "2"}, ["reload.watch", "true or false"]),
     ({"GOL7LB_BACKENDS": ""}, ["GOL7LB_BACKENDS", "set but names no backend"]),
     ({"GOL7LB_BACKENDS": " , "}, ["GOL7LB_BACKENDS", "set but names no backend"]),

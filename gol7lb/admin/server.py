@@ -159,7 +159,7 @@ class AdminServer(ThreadingHTTPServer):
             self._known = replace(self._known, error=str(e) or type(e).__name__)
         else:
             self._known = KnownState(snapshot, time.monotonic(), None, generation)
-            logfmt.set_format(snapshot.settings.log.format)
+            logfmt.apply(snapshot.settings.log)
         self._attempted_at = time.monotonic()
 
     def snapshot(self) -> Snapshot:
