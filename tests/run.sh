@@ -6,7 +6,9 @@ set -euo pipefail
 cd "$(dirname "$0")/.."
 
 export PIP_DISABLE_PIP_VERSION_CHECK=1 PIP_ROOT_USER_ACTION=ignore
-python -m pip install -q -e '.[test]'
+# The runtime dependencies at the versions requirements.lock pins (what the image installs),
+# so the tests run against what ships (tests/test_packaging.py checks it).
+python -m pip install -q -c requirements.lock -e '.[test]'
 
 # Debian packages the tests need, installed only when missing (one `apt-get update` for all):
 # * docker-compose (1.x), the compose validator for tests/test_packaging.py: its `config`
