@@ -17,7 +17,6 @@ import ctypes
 import logging
 import os
 import pickle
-import signal
 import socket
 import struct
 import sys
@@ -34,7 +33,7 @@ from typing import Any, Generic, TypeVar
 
 from gol7lb import logfmt, metrics
 from gol7lb.backends import Backend
-from gol7lb.children import configure_child_logging, init_helper_process
+from gol7lb.children import helper_main
 from gol7lb.config import Pool, Settings
 from gol7lb.hosts import HostTable
 
@@ -527,14 +526,12 @@ def run_manager(address: str, authkey: bytes, counters: SharedCounters, hosts: H
     Manager at the same address.
     """
     global _CONTROL
-    init_helper_process("manager")
-    configure_child_logging()
+    helper_main("manager", on_term=lambda: sys.exit(0))
     _CONTROL = ControlState(counters, hosts, state_path)
     if not address.startswith("\0"):
         with contextlib.suppress(FileNotFoundError):
             os.unlink(address)  # left behind by a Manager that was killed
     server = StateManager(address=address, authkey=authkey).get_server()
-    signal.signal(signal.SIGTERM, lambda *_: sys.exit(0))
     log.info("manager serving shared state on %s (pid %d)",
              address.replace("\0", "@", 1), os.getpid())
     server.serve_forever()

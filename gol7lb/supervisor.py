@@ -12,7 +12,6 @@ from __future__ import annotations
 import contextlib
 import logging
 import os
-import signal
 import sys
 import threading
 import time
@@ -20,7 +19,7 @@ from typing import Any
 
 from gol7lb import logfmt, metrics
 from gol7lb.backends import Backend
-from gol7lb.children import configure_child_logging, init_helper_process
+from gol7lb.children import helper_main
 from gol7lb.config import HealthSettings
 from gol7lb.health import CheckResult, HealthTracker, run_check
 from gol7lb.state import ControlClient, SharedCounters, Snapshot
@@ -105,10 +104,11 @@ class BackendChecker(threading.Thread):
 class Supervisor:
     """Keeps one checker per running backend address."""
 
-    def __init__(self, client: ControlClient, counters: SharedCounters) -> None:
+    def __init__(self, client: ControlClient, counters: SharedCounters,
+                 stop: threading.Event | None = None) -> None:
         self.client = client
         self.counters = counters
-        self.stop = threading.Event()
+        self.stop = stop or threading.Event()
         self.checkers: dict[str, BackendChecker] = {}
         self._seen = -1
         self._reported = False
@@ -160,13 +160,9 @@ class Supervisor:
             checker.start()
 
     def run(self) -> None:
-        parent = os.getppid()
         while not self.stop.is_set():
             self.counters.beat()
             self.reconcile()
-            if os.getppid() != parent:
-                log.warning("supervisor: the master is gone; exiting")
-                break
             self.stop.wait(RECONCILE_SECONDS)
         self.stop.set()
         for checker in self.checkers.values():
@@ -178,10 +174,8 @@ class Supervisor:
 
 def run(address: str, authkey: bytes, counters: SharedCounters) -> None:
     """Entry point of the supervisor process (spawned by the master, restarted if it dies)."""
-    init_helper_process("supervisor")
-    configure_child_logging()
-    supervisor = Supervisor(ControlClient(address, authkey), counters)
-    signal.signal(signal.SIGTERM, lambda *_: supervisor.stop.set())
+    stop = helper_main("supervisor")
+    supervisor = Supervisor(ControlClient(address, authkey), counters, stop)
     with contextlib.suppress(Exception):  # log.format may have changed since the spawn
         logfmt.set_format(supervisor.client.snapshot().settings.log.format)
     log.info("supervisor started (pid %d)", os.getpid())
