@@ -32,7 +32,7 @@ from gol7lb.backends import Backend, BackendError, parse_backend_url
 from gol7lb.children import helper_main
 from gol7lb.config import parse_bind
 from gol7lb.pools import DiscoverySpec
-from gol7lb.state import ControlClient, SharedCounters
+from gol7lb.state import ControlClient, GenerationFollower, SharedCounters, Snapshot
 
 log = logging.getLogger("gol7lb.discovery")
 MIN_TTL, MAX_TTL = 1.0, 300.0
@@ -127,7 +127,8 @@ class Discoverer:
         self.client = client
         self.counters = counters
         self.stop = stop or threading.Event()
-        self._seen = -1
+        self._follower = GenerationFollower(lambda: counters.generation, client.snapshot,
+                                            self._apply)
         self._specs: dict[str, DiscoverySpec] = {}
         self._due: dict[str, float] = {}
         self._failing: dict[str, str] = {}
@@ -135,14 +136,9 @@ class Discoverer:
         self._interval = 0.0
 
     def refresh(self) -> None:
-        generation = self.counters.generation
-        if generation == self._seen:
-            return
-        try:
-            snapshot = self.client.snapshot()
-        except Exception:
-            return
-        self._seen = generation
+        self._follower.poll()
+
+    def _apply(self, snapshot: Snapshot) -> None:
         settings = snapshot.settings
         logfmt.set_format(settings.log.format)
         self._resolver = make_resolver(settings.discovery.resolvers)

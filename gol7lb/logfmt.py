@@ -7,9 +7,7 @@ from __future__ import annotations
 
 import json
 import logging
-import threading
 import time
-from collections.abc import Callable
 from typing import Any
 
 from gunicorn.glogging import Logger
@@ -26,30 +24,6 @@ def set_format(fmt: str) -> None:
 
 def current_format() -> str:
     return _mode["format"]
-
-
-def follow(generation: Callable[[], int], read_format: Callable[[], str],
-           interval: float = 0.25) -> threading.Thread:
-    """Keep this process's format in step with the running configuration, for a process
-    that reads the shared state for nothing else (the master: a reload by the config watcher
-    never reaches it otherwise). A daemon thread re-reads the format whenever the shared
-    generation moves; it never logs, and a failed read is tried again next time."""
-
-    def run() -> None:
-        seen: int | None = None
-        while True:
-            current = generation()
-            if current != seen:
-                try:
-                    set_format(read_format())
-                    seen = current
-                except Exception:  # noqa: S110 - the Manager is restarting: next time
-                    pass
-            time.sleep(interval)
-
-    thread = threading.Thread(target=run, name="gol7lb-log-format", daemon=True)
-    thread.start()
-    return thread
 
 
 def iso_time(seconds: float) -> str:

@@ -685,6 +685,57 @@ os.register_at_fork(after_in_child=_forget_connections_after_fork)
 T = TypeVar("T")
 
 
+class GenerationFollower(Generic[T]):
+    """Follows the shared generation counter for a helper (or the master): `poll()` reads the
+    state (`read`, a bounded Manager call) only when the counter moved since the last good
+    read, and hands what it read to `on_change`. The counter is read before the state, so a
+    change made during a read is never skipped. A failed read is tried again at the next
+    poll; it is logged once per outage as `<who> cannot read shared state` (who=None: not at
+    all). A worker's view with its back-off and fallback is CachedView."""
+
+    def __init__(self, generation: Callable[[], int], read: Callable[[], T],
+                 on_change: Callable[[T], object], who: str | None = None) -> None:
+        self.generation = generation
+        self.read = read
+        self.on_change = on_change
+        self.who = who
+        self.seen = -1
+        self.failing = False
+
+    def moved(self) -> bool:
+        return self.generation() != self.seen
+
+    def poll(self) -> bool:
+        """Read and apply the state if the generation moved; whether it did both."""
+        generation = self.generation()
+        if generation == self.seen:
+            return False
+        try:
+            value = self.read()
+        except Exception as e:  # the Manager is restarting or frozen: next time
+            if self.who is not None and not self.failing:
+                log.error("%s cannot read shared state: %s", self.who, e or type(e).__name__)
+            self.failing = True
+            return False
+        self.failing = False
+        self.seen = generation
+        self.on_change(value)
+        return True
+
+    def start(self, interval: float, name: str) -> threading.Thread:
+        """Poll every `interval` seconds in a daemon thread, for a process that follows the
+        state for nothing else."""
+
+        def run() -> None:
+            while True:
+                self.poll()
+                time.sleep(interval)
+
+        thread = threading.Thread(target=run, name=name, daemon=True)
+        thread.start()
+        return thread
+
+
 class CachedView(Generic[T]):
     """A worker's (or helper's) cached state: one shared-memory read per use, IPC only when
     the generation moved. `build(snapshot, previous)` turns a snapshot into what the caller

@@ -22,7 +22,7 @@ from gol7lb.backends import Backend
 from gol7lb.children import helper_main
 from gol7lb.config import HealthSettings
 from gol7lb.health import CheckResult, HealthTracker, run_check
-from gol7lb.state import ControlClient, SharedCounters, Snapshot
+from gol7lb.state import ControlClient, GenerationFollower, SharedCounters, Snapshot
 
 log = logging.getLogger("gol7lb.supervisor")
 RECONCILE_SECONDS = 0.25  # how often the generation counter is looked at (a shared-memory read)
@@ -110,26 +110,15 @@ class Supervisor:
         self.counters = counters
         self.stop = stop or threading.Event()
         self.checkers: dict[str, BackendChecker] = {}
-        self._seen = -1
-        self._reported = False
         self._snapshot: Snapshot | None = None
+        self._follower = GenerationFollower(lambda: counters.generation, client.snapshot,
+                                            self.apply, "supervisor")
 
     def reconcile(self) -> None:
-        generation = self.counters.generation
-        if generation == self._seen:
+        if self._follower.moved():
+            self._follower.poll()
+        else:
             self._expire_ejections()
-            return
-        try:
-            snapshot = self.client.snapshot()
-        except Exception as e:
-            if not self._reported:
-                log.error("supervisor cannot read shared state: %s", e or type(e).__name__)
-                self._reported = True
-            return
-        self._reported = False
-        self._seen = generation
-        self._snapshot = snapshot
-        self.apply(snapshot)
 
     def _expire_ejections(self) -> None:
         """Passive-health ejections end on time: the supervisor is the clock that ends them."""
@@ -143,6 +132,7 @@ class Supervisor:
                 log.error("supervisor cannot end ejections: %s", e or type(e).__name__)
 
     def apply(self, snapshot: Snapshot) -> None:
+        self._snapshot = snapshot
         logfmt.set_format(snapshot.settings.log.format)
         health = snapshot.settings.health
         running = snapshot.backends()
