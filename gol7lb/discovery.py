@@ -125,7 +125,6 @@ class Discoverer:
     def __init__(self, client: ControlClient, counters: SharedCounters,
                  stop: threading.Event | None = None) -> None:
         self.client = client
-        self.counters = counters
         self.stop = stop or threading.Event()
         self._follower = GenerationFollower(lambda: counters.generation, client.snapshot,
                                             self._apply)
