@@ -108,6 +108,26 @@ def init_helper_process(role: str) -> None:
     die_with_parent()
 
 
+def helper_main(role: str, on_term: Callable[[], object] | None = None) -> threading.Event:
+    """The start of every helper's `run()`: init_helper_process(role) (its title, its own
+    process group, death with the master), gunicorn's log format on stderr, and TERM handled.
+
+    The master's death reaches a helper the way the master's stop does, as a TERM (PDEATHSIG,
+    set by init_helper_process), so there is one way to end: TERM sets the returned event,
+    which the helper's loop watches, and calls `on_term` (every time) when given."""
+    init_helper_process(role)
+    configure_child_logging()
+    stop = threading.Event()
+
+    def on_signal(*_: object) -> None:
+        stop.set()
+        if on_term is not None:
+            on_term()
+
+    signal.signal(signal.SIGTERM, on_signal)
+    return stop
+
+
 def describe_exit(code: int, status: int) -> str:
     """waitid()'s si_code and si_status in words: 'exit 1', 'killed by SIGKILL'."""
     if code == os.CLD_EXITED:

@@ -17,7 +17,6 @@ from __future__ import annotations
 
 import logging
 import os
-import signal
 import sys
 import threading
 import time
@@ -30,10 +29,10 @@ import dns.resolver
 
 from gol7lb import logfmt
 from gol7lb.backends import Backend, BackendError, parse_backend_url
-from gol7lb.children import configure_child_logging, init_helper_process
+from gol7lb.children import helper_main
 from gol7lb.config import parse_bind
 from gol7lb.pools import DiscoverySpec
-from gol7lb.state import ControlClient, SharedCounters
+from gol7lb.state import ControlClient, GenerationFollower, SharedCounters, Snapshot
 
 log = logging.getLogger("gol7lb.discovery")
 MIN_TTL, MAX_TTL = 1.0, 300.0
@@ -123,11 +122,12 @@ def resolve(spec: DiscoverySpec, resolver: dns.resolver.Resolver) -> tuple[list[
 class Discoverer:
     """Resolves every discovery entry of the running configuration on its own schedule."""
 
-    def __init__(self, client: ControlClient, counters: SharedCounters) -> None:
+    def __init__(self, client: ControlClient, counters: SharedCounters,
+                 stop: threading.Event | None = None) -> None:
         self.client = client
-        self.counters = counters
-        self.stop = threading.Event()
-        self._seen = -1
+        self.stop = stop or threading.Event()
+        self._follower = GenerationFollower(lambda: counters.generation, client.snapshot,
+                                            self._apply)
         self._specs: dict[str, DiscoverySpec] = {}
         self._due: dict[str, float] = {}
         self._failing: dict[str, str] = {}
@@ -135,14 +135,9 @@ class Discoverer:
         self._interval = 0.0
 
     def refresh(self) -> None:
-        generation = self.counters.generation
-        if generation == self._seen:
-            return
-        try:
-            snapshot = self.client.snapshot()
-        except Exception:
-            return
-        self._seen = generation
+        self._follower.poll()
+
+    def _apply(self, snapshot: Snapshot) -> None:
         settings = snapshot.settings
         logfmt.apply(settings.log)
         self._resolver = make_resolver(settings.discovery.resolvers)
@@ -184,8 +179,7 @@ class Discoverer:
             log.error("discovery cannot publish %s: %s", spec.name, e or type(e).__name__)
 
     def run(self) -> None:
-        parent = os.getppid()
-        while not self.stop.is_set() and os.getppid() == parent:
+        while not self.stop.is_set():
             self.refresh()
             self.run_once()
             self.stop.wait(0.25)
@@ -193,10 +187,8 @@ class Discoverer:
 
 def run(address: str, authkey: bytes, counters: SharedCounters) -> None:
     """Entry point of the discovery process (spawned by the master, restarted if it dies)."""
-    init_helper_process("discovery")
-    configure_child_logging()
-    discoverer = Discoverer(ControlClient(address, authkey), counters)
-    signal.signal(signal.SIGTERM, lambda *_: discoverer.stop.set())
+    stop = helper_main("discovery")
+    discoverer = Discoverer(ControlClient(address, authkey), counters, stop)
     log.info("discovery started (pid %d)", os.getpid())
     discoverer.run()
     sys.exit(0)

@@ -23,7 +23,14 @@ from gol7lb import admin, discovery, logfmt, metrics, reload, rundir, supervisor
 from gol7lb.children import ChildWatcher, DemoBackends, ManagedChild, StartupError
 from gol7lb.config import DEMO_PORTS, ConfigError, Settings
 from gol7lb.hosts import HostTable
-from gol7lb.state import ControlClient, SharedCounters, Snapshot, new_health_record, run_manager
+from gol7lb.state import (
+    ControlClient,
+    GenerationFollower,
+    SharedCounters,
+    Snapshot,
+    new_health_record,
+    run_manager,
+)
 
 log = logging.getLogger("gol7lb.hooks")
 MANAGER_START_SECONDS = 30.0
@@ -131,9 +138,12 @@ def on_starting(server: Any) -> None:
     if rundir.socket_address("gunicorn.ctl", abstract=False) is None:
         log.warning("gol7lb: gunicorn's control socket is off: a path in %s would be "
                     "longer than %d bytes", rundir.path(""), rundir.UNIX_PATH_MAX)
-    follower = ControlClient(rt.address, rt.authkey)  # its own connection, in its own thread
-    logfmt.follow(lambda: rt.counters.generation,
-                  lambda: follower.snapshot().settings.log)
+    # The master follows the state for its log settings alone: a reload by the config watcher
+    # never reaches it otherwise. Its own connection, in its own thread.
+    follower = ControlClient(rt.address, rt.authkey)
+    GenerationFollower(lambda: rt.counters.generation,
+                       lambda: follower.snapshot().settings.log,
+                       logfmt.apply).start(0.25, "gol7lb-log-settings")
 
 
 def _start(rt: Runtime) -> None:

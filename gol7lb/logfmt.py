@@ -13,9 +13,8 @@ from __future__ import annotations
 
 import json
 import logging
-import threading
 import time
-from collections.abc import Callable, Iterable
+from collections.abc import Iterable
 from typing import Any, Protocol
 
 from gunicorn.glogging import Logger
@@ -104,30 +103,6 @@ def _set_base_level(name: str, level: int) -> None:
     if name in _overrides:
         _base[name] = level
     logging.getLogger(name).setLevel(_overrides.get(name, level))
-
-
-def follow(generation: Callable[[], int], read_settings: Callable[[], LogSettingsLike],
-           interval: float = 0.25) -> threading.Thread:
-    """Keep this process's format and levels in step with the running configuration, for a
-    process that reads the shared state for nothing else (the master: a reload by the config
-    watcher never reaches it otherwise). A daemon thread re-reads them whenever the shared
-    generation moves; it never logs, and a failed read is tried again next time."""
-
-    def run() -> None:
-        seen: int | None = None
-        while True:
-            current = generation()
-            if current != seen:
-                try:
-                    apply(read_settings())
-                    seen = current
-                except Exception:  # noqa: S110 - the Manager is restarting: next time
-                    pass
-            time.sleep(interval)
-
-    thread = threading.Thread(target=run, name="gol7lb-log-format", daemon=True)
-    thread.start()
-    return thread
 
 
 def iso_time(seconds: float) -> str:

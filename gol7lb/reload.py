@@ -17,7 +17,6 @@ import contextlib
 import hashlib
 import logging
 import os
-import signal
 import sys
 import threading
 import time
@@ -25,7 +24,7 @@ from collections.abc import Mapping
 from pathlib import Path
 
 from gol7lb import logfmt, metrics
-from gol7lb.children import configure_child_logging, init_helper_process
+from gol7lb.children import helper_main
 from gol7lb.config import ConfigError, Settings, load_settings
 from gol7lb.state import ControlClient, ManagerUnavailable
 
@@ -163,21 +162,10 @@ def run(address: str, authkey: bytes, path: str) -> None:
     """Entry point of the config watcher process (spawned by the master, restarted if it
     dies). It runs whenever `GOL7LB_CONFIG` names a file, and reloads on a change while the
     running configuration has `reload.watch` on."""
-    init_helper_process("config watcher")
-    configure_child_logging()
-    stop = threading.Event()
-    signal.signal(signal.SIGTERM, lambda *_: stop.set())
+    stop = helper_main("config watcher")
     client = ControlClient(address, authkey)
     with contextlib.suppress(Exception):  # log settings may have changed since the spawn
         logfmt.apply(client.snapshot().settings.log)
     log.info("config watcher on %s (pid %d)", path, os.getpid())
-    parent = os.getppid()
-
-    def watch_parent() -> None:
-        while os.getppid() == parent and not stop.wait(1.0):
-            pass
-        stop.set()
-
-    threading.Thread(target=watch_parent, daemon=True).start()
     watch(path, client, stop)
     sys.exit(0)

@@ -17,7 +17,6 @@ import ctypes
 import logging
 import os
 import pickle
-import signal
 import socket
 import struct
 import sys
@@ -34,7 +33,7 @@ from typing import Any, Generic, TypeVar
 
 from gol7lb import logfmt, metrics
 from gol7lb.backends import Backend
-from gol7lb.children import configure_child_logging, init_helper_process
+from gol7lb.children import helper_main
 from gol7lb.config import Pool, Settings
 from gol7lb.hosts import HostTable
 
@@ -528,14 +527,12 @@ def run_manager(address: str, authkey: bytes, counters: SharedCounters, hosts: H
     Manager at the same address.
     """
     global _CONTROL
-    init_helper_process("manager")
-    configure_child_logging()
+    helper_main("manager", on_term=lambda: sys.exit(0))
     _CONTROL = ControlState(counters, hosts, state_path)
     if not address.startswith("\0"):
         with contextlib.suppress(FileNotFoundError):
             os.unlink(address)  # left behind by a Manager that was killed
     server = StateManager(address=address, authkey=authkey).get_server()
-    signal.signal(signal.SIGTERM, lambda *_: sys.exit(0))
     log.info("manager serving shared state on %s (pid %d)",
              address.replace("\0", "@", 1), os.getpid())
     server.serve_forever()
@@ -687,6 +684,57 @@ def _forget_connections_after_fork() -> None:
 os.register_at_fork(after_in_child=_forget_connections_after_fork)
 
 T = TypeVar("T")
+
+
+class GenerationFollower(Generic[T]):
+    """Follows the shared generation counter for a helper (or the master): `poll()` reads the
+    state (`read`, a bounded Manager call) only when the counter moved since the last good
+    read, and hands what it read to `on_change`. The counter is read before the state, so a
+    change made during a read is never skipped. A failed read is tried again at the next
+    poll; it is logged once per outage as `<who> cannot read shared state` (who=None: not at
+    all). A worker's view with its back-off and fallback is CachedView."""
+
+    def __init__(self, generation: Callable[[], int], read: Callable[[], T],
+                 on_change: Callable[[T], object], who: str | None = None) -> None:
+        self.generation = generation
+        self.read = read
+        self.on_change = on_change
+        self.who = who
+        self.seen = -1
+        self.failing = False
+
+    def moved(self) -> bool:
+        return self.generation() != self.seen
+
+    def poll(self) -> bool:
+        """Read and apply the state if the generation moved; whether it did both."""
+        generation = self.generation()
+        if generation == self.seen:
+            return False
+        try:
+            value = self.read()
+        except Exception as e:  # the Manager is restarting or frozen: next time
+            if self.who is not None and not self.failing:
+                log.error("%s cannot read shared state: %s", self.who, e or type(e).__name__)
+            self.failing = True
+            return False
+        self.failing = False
+        self.seen = generation
+        self.on_change(value)
+        return True
+
+    def start(self, interval: float, name: str) -> threading.Thread:
+        """Poll every `interval` seconds in a daemon thread, for a process that follows the
+        state for nothing else."""
+
+        def run() -> None:
+            while True:
+                self.poll()
+                time.sleep(interval)
+
+        thread = threading.Thread(target=run, name=name, daemon=True)
+        thread.start()
+        return thread
 
 
 class CachedView(Generic[T]):

@@ -12,7 +12,6 @@ from __future__ import annotations
 import contextlib
 import logging
 import os
-import signal
 import sys
 import threading
 import time
@@ -20,10 +19,10 @@ from typing import Any
 
 from gol7lb import logfmt, metrics
 from gol7lb.backends import Backend
-from gol7lb.children import configure_child_logging, init_helper_process
+from gol7lb.children import helper_main
 from gol7lb.config import HealthSettings
 from gol7lb.health import CheckResult, HealthTracker, run_check
-from gol7lb.state import ControlClient, SharedCounters, Snapshot
+from gol7lb.state import ControlClient, GenerationFollower, SharedCounters, Snapshot
 
 log = logging.getLogger("gol7lb.supervisor")
 RECONCILE_SECONDS = 0.25  # how often the generation counter is looked at (a shared-memory read)
@@ -105,31 +104,21 @@ class BackendChecker(threading.Thread):
 class Supervisor:
     """Keeps one checker per running backend address."""
 
-    def __init__(self, client: ControlClient, counters: SharedCounters) -> None:
+    def __init__(self, client: ControlClient, counters: SharedCounters,
+                 stop: threading.Event | None = None) -> None:
         self.client = client
         self.counters = counters
-        self.stop = threading.Event()
+        self.stop = stop or threading.Event()
         self.checkers: dict[str, BackendChecker] = {}
-        self._seen = -1
-        self._reported = False
         self._snapshot: Snapshot | None = None
+        self._follower = GenerationFollower(lambda: counters.generation, client.snapshot,
+                                            self.apply, "supervisor")
 
     def reconcile(self) -> None:
-        generation = self.counters.generation
-        if generation == self._seen:
+        if self._follower.moved():
+            self._follower.poll()
+        else:
             self._expire_ejections()
-            return
-        try:
-            snapshot = self.client.snapshot()
-        except Exception as e:
-            if not self._reported:
-                log.error("supervisor cannot read shared state: %s", e or type(e).__name__)
-                self._reported = True
-            return
-        self._reported = False
-        self._seen = generation
-        self._snapshot = snapshot
-        self.apply(snapshot)
 
     def _expire_ejections(self) -> None:
         """Passive-health ejections end on time: the supervisor is the clock that ends them."""
@@ -143,6 +132,7 @@ class Supervisor:
                 log.error("supervisor cannot end ejections: %s", e or type(e).__name__)
 
     def apply(self, snapshot: Snapshot) -> None:
+        self._snapshot = snapshot
         logfmt.apply(snapshot.settings.log)
         health = snapshot.settings.health
         running = snapshot.backends()
@@ -160,13 +150,9 @@ class Supervisor:
             checker.start()
 
     def run(self) -> None:
-        parent = os.getppid()
         while not self.stop.is_set():
             self.counters.beat()
             self.reconcile()
-            if os.getppid() != parent:
-                log.warning("supervisor: the master is gone; exiting")
-                break
             self.stop.wait(RECONCILE_SECONDS)
         self.stop.set()
         for checker in self.checkers.values():
@@ -178,10 +164,8 @@ class Supervisor:
 
 def run(address: str, authkey: bytes, counters: SharedCounters) -> None:
     """Entry point of the supervisor process (spawned by the master, restarted if it dies)."""
-    init_helper_process("supervisor")
-    configure_child_logging()
-    supervisor = Supervisor(ControlClient(address, authkey), counters)
-    signal.signal(signal.SIGTERM, lambda *_: supervisor.stop.set())
+    stop = helper_main("supervisor")
+    supervisor = Supervisor(ControlClient(address, authkey), counters, stop)
     with contextlib.suppress(Exception):  # log settings may have changed since the spawn
         logfmt.apply(supervisor.client.snapshot().settings.log)
     log.info("supervisor started (pid %d)", os.getpid())

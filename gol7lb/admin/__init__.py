@@ -7,14 +7,12 @@ socket is bound by the master, so a busy admin port stops the start instead of t
 
 from __future__ import annotations
 
-import os
-import signal
 import socket
 import sys
 import threading
 
 from gol7lb.admin.server import AdminServer
-from gol7lb.children import configure_child_logging, init_helper_process
+from gol7lb.children import helper_main
 from gol7lb.config import ConfigError
 from gol7lb.hosts import HostTable
 from gol7lb.state import ControlClient, SharedCounters
@@ -58,25 +56,14 @@ def bind_error(bind: str, error: OSError) -> ConfigError:
 def run(sock: socket.socket, address: str, authkey: bytes, counters: SharedCounters,
         hosts: HostTable) -> None:
     """Entry point of the admin process (spawned by the master, restarted if it dies)."""
-    init_helper_process("admin listener")
-    configure_child_logging()
+    stop = helper_main("admin listener")
     server = AdminServer(sock, ControlClient(address, authkey), counters, hosts)
-    stopping = threading.Event()
 
-    def on_term(*_: object) -> None:  # the master may send TERM more than once
-        if not stopping.is_set():
-            stopping.set()
-            threading.Thread(target=server.shutdown).start()
-
-    signal.signal(signal.SIGTERM, on_term)
-    parent = os.getppid()
-
-    def watch_parent() -> None:
-        while os.getppid() == parent:
-            threading.Event().wait(1.0)
+    def shutdown_on_stop() -> None:  # however many TERMs the master sends: one shutdown
+        stop.wait()
         server.shutdown()
 
-    threading.Thread(target=watch_parent, daemon=True).start()
+    threading.Thread(target=shutdown_on_stop, daemon=True).start()
     server.serve_forever(poll_interval=0.5)
     server.server_close()
     sys.exit(0)
