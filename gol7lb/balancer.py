@@ -21,7 +21,7 @@ import struct
 from array import array
 from collections.abc import Callable, Collection, Mapping, Sequence
 from dataclasses import dataclass
-from typing import Protocol
+from typing import Literal, Protocol, TypeGuard, get_args
 
 from gol7lb.backends import Backend
 from gol7lb.pools import Pool
@@ -345,13 +345,22 @@ class ConsistentHashPolicy:
 
 # -- building ---------------------------------------------------------------------------------
 
-SIMPLE_POLICIES: dict[str, Callable[[Sequence[Backend], Sequence[int] | None], Policy]] = {
+# The one declaration of the balancing algorithms (the `algorithm` settings take these words).
+Algorithm = Literal["round_robin", "random", "least_connections", "power_of_two",
+                    "consistent_hash"]
+ALGORITHMS: tuple[Algorithm, ...] = get_args(Algorithm)
+SIMPLE_POLICIES: dict[Algorithm, Callable[[Sequence[Backend], Sequence[int] | None], Policy]] = {
     "round_robin": RoundRobinPolicy,
     "random": RandomPolicy,
     "least_connections": LeastConnectionsPolicy,
     "power_of_two": PowerOfTwoPolicy,
 }
-ALGORITHMS = (*SIMPLE_POLICIES, "consistent_hash")
+if (*SIMPLE_POLICIES, "consistent_hash") != ALGORITHMS:
+    raise AssertionError("SIMPLE_POLICIES plus consistent_hash must be Algorithm, in its order")
+
+
+def is_algorithm(name: str) -> TypeGuard[Algorithm]:
+    return name in ALGORITHMS
 
 
 def make_policy(algorithm: str, backends: Sequence[Backend],
@@ -364,11 +373,10 @@ def make_policy(algorithm: str, backends: Sequence[Backend],
     """
     if algorithm == "consistent_hash":
         return ConsistentHashPolicy(backends, available, weights)
-    try:
-        factory = SIMPLE_POLICIES[algorithm]
-    except KeyError:
+    factory = SIMPLE_POLICIES.get(algorithm) if is_algorithm(algorithm) else None
+    if factory is None:
         raise ValueError(f"unknown balancing algorithm {algorithm!r}; "
-                         f"known: {', '.join(ALGORITHMS)}") from None
+                         f"known: {', '.join(ALGORITHMS)}")
     chosen = [b for b in backends if b.id in available]
     effective = None if weights is None else [max(1, weights.get(b.id, b.weight))
                                               for b in chosen]

@@ -257,8 +257,8 @@ class ManagedChild:
             os.waitpid(process.pid, os.WNOHANG)  # reap it ourselves if gunicorn has not
 
 
-def _run_with_log_settings(fmt: str, levels: tuple[str, ...], target: Callable[..., None],
-                           *args: Any) -> None:
+def _run_with_log_settings(fmt: logfmt.LogFormat, levels: tuple[str, ...],
+                           target: Callable[..., None], *args: Any) -> None:
     logfmt.set_format(fmt)
     logfmt.set_levels(levels)
     target(*args)

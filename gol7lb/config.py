@@ -14,12 +14,12 @@ import os
 import tomllib
 from collections.abc import Callable, Mapping
 from dataclasses import dataclass, field, fields
-from typing import Any, Literal, TypeVar
+from typing import Any, Literal, TypeVar, get_args
 
 from gol7lb.backends import Backend, BackendError, parse_backend_list, parse_backend_url
-from gol7lb.balancer import ALGORITHMS
+from gol7lb.balancer import ALGORITHMS, Algorithm
 from gol7lb.errors import ConfigError
-from gol7lb.logfmt import LEVELS, parse_levels
+from gol7lb.logfmt import LEVELS, LOG_FORMATS, LogFormat, parse_levels
 from gol7lb.pools import (
     DEFAULT_POOL,
     DiscoverySpec,
@@ -36,13 +36,17 @@ from gol7lb.pools import (
 
 ENV_PREFIX = "GOL7LB_"
 CONFIG_ENV = "GOL7LB_CONFIG"
-HEALTH_TYPES = ("tcp", "http")
-LOG_FORMATS = ("text", "json")
-RETRY_CONDITIONS = ("connect-failure", "timeout", "reset", "502", "503", "504")
+# Settings that take one of a few words: each tuple of allowed words comes from its Literal.
+HealthType = Literal["tcp", "http"]
+HEALTH_TYPES: tuple[HealthType, ...] = get_args(HealthType)
+RetryCondition = Literal["connect-failure", "timeout", "reset", "502", "503", "504"]
+RETRY_CONDITIONS: tuple[RetryCondition, ...] = get_args(RetryCondition)
 _TRUE = frozenset({"true", "1", "yes", "on"})
 _FALSE = frozenset({"false", "0", "no", "off"})
-CPU_AFFINITY = ("auto", "off")
-FORWARDED_MODES = ("x-forwarded", "rfc7239", "both")
+CpuAffinity = Literal["auto", "off"]
+CPU_AFFINITY: tuple[CpuAffinity, ...] = get_args(CpuAffinity)
+ForwardedMode = Literal["x-forwarded", "rfc7239", "both"]
+FORWARDED_MODES: tuple[ForwardedMode, ...] = get_args(ForwardedMode)
 DEMO_PORTS = (8081, 8082, 8083)
 
 
@@ -127,7 +131,7 @@ def _one_of(default: _T, choices: tuple[_T, ...], meaning: str) -> _T:
 
 @dataclass(frozen=True)
 class HealthSettings:
-    type: str = _one_of(
+    type: HealthType = _one_of(
         "tcp", HEALTH_TYPES,
         "tcp: a connect succeeds. http: GET `health.path` answers a status in "
         "`health.expect_status`.")
@@ -182,7 +186,7 @@ class ProxySettings:
         2, 0, 100,
         "Further backends tried when connecting fails, or when a backend closes the connection "
         "before answering a request that can be sent again (idempotent method, no body).")
-    retry_on: tuple[str, ...] = setting(
+    retry_on: tuple[RetryCondition, ...] = setting(
         ("connect-failure",), "a list of " + ", ".join(RETRY_CONDITIONS),
         "Failed attempts that go to another backend (at most `proxy.retries` more), picked "
         "afresh by the pool's policy.", lambda v: all(c in RETRY_CONDITIONS for c in v))
@@ -212,7 +216,7 @@ class ProxySettings:
         "Largest request head (request line and header lines) in bytes; larger gets `431`. A "
         "request line over 8 KiB gets `414`.")
     max_headers: int = _whole(100, 1, 10000, "Most header lines in a request; more get `431`.")
-    forwarded: str = _one_of(
+    forwarded: ForwardedMode = _one_of(
         "x-forwarded", FORWARDED_MODES,
         "x-forwarded: X-Forwarded-For/Proto/Host/Port. rfc7239: one RFC 7239 "
         "`Forwarded: for=...;proto=...;host=...` element instead. both: both.")
@@ -262,7 +266,7 @@ class DiscoverySettings:
 class LogSettings:
     access: bool = setting(True, "true or false",
                            "One access-log line per proxied request on standard output.")
-    format: str = _one_of(
+    format: LogFormat = _one_of(
         "text", LOG_FORMATS, "text, or json: access and error lines become one JSON object each.")
     levels: tuple[str, ...] = setting(
         (), "logger=level items, each level one of " + ", ".join(LEVELS),
@@ -281,7 +285,7 @@ class ReloadSettings:
 
 @dataclass(frozen=True)
 class Settings:
-    algorithm: str = _one_of(
+    algorithm: Algorithm = _one_of(
         "round_robin", ALGORITHMS,
         "The default pool's policy (see Balancing); every one honours weights.")
     hash_key: str = setting(
@@ -297,7 +301,7 @@ class Settings:
         "Key of the sticky cookie's keyed hash, for all pools. Set it the same on every "
         "instance; unset, each pool's key is derived from its configuration (same value after "
         "a restart and on every instance with the same file).")
-    cpu_affinity: str = _one_of(
+    cpu_affinity: CpuAffinity = _one_of(
         "auto", CPU_AFFINITY,
         "auto: pin worker i to CPU i mod n of the CPUs the LB may use, so each worker's threads "
         "hand the GIL over on one core. off: let the kernel move workers, for hosts where other "

@@ -8,7 +8,10 @@ import ipaddress
 import random
 import re
 from collections.abc import Iterable, Mapping, Sequence
-from typing import Any
+from typing import TYPE_CHECKING, Any
+
+if TYPE_CHECKING:
+    from gol7lb.config import ForwardedMode
 
 # RFC 9110 section 7.6.1, plus the non-standard ones that are hop-by-hop in practice.
 HOP_BY_HOP = frozenset({
@@ -59,7 +62,7 @@ class ForwardedPolicy:
     """Which forwarding headers go upstream (`proxy.forwarded`) and whom to believe
     (`proxy.trusted_proxies`)."""
 
-    def __init__(self, mode: str = "x-forwarded", trusted: Sequence[str] = ()) -> None:
+    def __init__(self, mode: ForwardedMode = "x-forwarded", trusted: Sequence[str] = ()) -> None:
         self.x_forwarded = mode in ("x-forwarded", "both")
         self.rfc7239 = mode in ("rfc7239", "both")
         self.networks = tuple(ipaddress.ip_network(n, strict=False) for n in trusted)

@@ -15,13 +15,15 @@ import json
 import logging
 import time
 from collections.abc import Iterable
-from typing import Any, Protocol
+from typing import Any, Literal, Protocol, get_args
 
 from gunicorn.glogging import Logger
 
 TEXT_FORMAT = "[%(asctime)s] [%(process)d] [%(levelname)s] %(message)s"
 DATE_FORMAT = "%Y-%m-%d %H:%M:%S %z"
-_mode = {"format": "text"}
+LogFormat = Literal["text", "json"]
+LOG_FORMATS: tuple[LogFormat, ...] = get_args(LogFormat)
+_mode: dict[str, LogFormat] = {"format": "text"}
 ROOT = "gol7lb"
 # The component loggers, for docs/operations.md and the tests: logger -> what logs there.
 LOGGERS = {
@@ -46,17 +48,17 @@ _base: dict[str, int] = {}  # logger name -> its level before log.levels set one
 
 class LogSettingsLike(Protocol):
     @property
-    def format(self) -> str: ...
+    def format(self) -> LogFormat: ...
     @property
     def levels(self) -> tuple[str, ...]: ...
 
 
-def set_format(fmt: str) -> None:
+def set_format(fmt: LogFormat) -> None:
     """'text' or 'json', for every handler that uses `SwitchableFormatter` in this process."""
     _mode["format"] = fmt
 
 
-def current_format() -> str:
+def current_format() -> LogFormat:
     return _mode["format"]
 
 

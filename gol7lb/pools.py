@@ -11,7 +11,7 @@ import ipaddress
 import re
 from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass, field
-from typing import Any, Literal, get_args
+from typing import TYPE_CHECKING, Any, Literal, get_args
 
 from gol7lb.backends import (
     WEIGHT_ALLOWED,
@@ -22,6 +22,9 @@ from gol7lb.backends import (
 )
 from gol7lb.errors import ConfigError
 from gol7lb.target import AmbiguousTarget, normalise_path
+
+if TYPE_CHECKING:  # balancer imports this module
+    from gol7lb.balancer import Algorithm
 
 DEFAULT_POOL = "default"
 MAX_CONNECTIONS = 1_000_000
@@ -57,7 +60,7 @@ class Pool:
     """A named group of backends with its own selection policy."""
 
     name: str
-    algorithm: str
+    algorithm: Algorithm
     backends: tuple[Backend, ...]
     hash_key: str = "client_ip"
     sticky_cookie: str = ""

@@ -236,6 +236,9 @@ def test_each_setting_is_typed_as_its_default_converts():
         hint = typing.get_type_hints(cls)[setting.key]
         if typing.get_origin(hint) is typing.Literal:
             hint = type(typing.get_args(hint)[0])
+        elif typing.get_origin(hint) is tuple and \
+                typing.get_origin(typing.get_args(hint)[0]) is typing.Literal:  # of some words
+            hint = tuple[type(typing.get_args(typing.get_args(hint)[0])[0]), ...]  # type: ignore[misc]
         assert hint == types[setting.kind], setting.name
 
 
