@@ -22,13 +22,14 @@ from gol7lb.accesslog import AccessLog
 from gol7lb.backends import Backend
 from gol7lb.balancer import PickContext
 from gol7lb.config import LogSettings
+from gol7lb.counters import SharedCounters
 from gol7lb.headers import client_response_headers, request_id, upstream_request_headers
 from gol7lb.hosts import WorkerCells
+from gol7lb.manager import ControlClient
 from gol7lb.metrics import RequestRecorder
 from gol7lb.outcomes import Episode, Outcome, classify_error, classify_status, may_retry
 from gol7lb.pooltable import PoolRuntime, PoolTable
 from gol7lb.routing import strip_prefix
-from gol7lb.state import CachedView, ControlClient, SharedCounters
 from gol7lb.target import AmbiguousTarget, normalise_path, valid_authority
 from gol7lb.upstream import (
     BLOCK,
@@ -41,6 +42,7 @@ from gol7lb.upstream import (
     read_response_head,
     request_head,
 )
+from gol7lb.view import CachedView
 
 log = logging.getLogger("gol7lb.proxy")
 
