@@ -28,10 +28,11 @@ from bench_targets import start_backend  # noqa: E402
 from gol7lb.accesslog import AccessLog  # noqa: E402
 from gol7lb.backends import parse_backend_url  # noqa: E402
 from gol7lb.config import Settings  # noqa: E402
+from gol7lb.control import Snapshot  # noqa: E402
+from gol7lb.counters import SharedCounters  # noqa: E402
 from gol7lb.hosts import HostTable  # noqa: E402
 from gol7lb.pooltable import build_table  # noqa: E402
 from gol7lb.proxy import ProxyApp  # noqa: E402
-from gol7lb.state import SharedCounters, Snapshot  # noqa: E402
 
 
 class FixedView:

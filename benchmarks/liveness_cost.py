@@ -15,9 +15,11 @@ import timeit
 from gol7lb.backends import parse_backend_url
 from gol7lb.balancer import PickContext
 from gol7lb.config import Settings
+from gol7lb.counters import SharedCounters
 from gol7lb.hosts import HostTable
+from gol7lb.manager import ControlClient, run_manager
 from gol7lb.pooltable import build_table
-from gol7lb.state import CachedView, ControlClient, SharedCounters, run_manager
+from gol7lb.view import CachedView
 
 
 def per_call_us(fn, number: int) -> float:

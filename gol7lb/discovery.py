@@ -31,8 +31,11 @@ from gol7lb import logfmt
 from gol7lb.backends import Backend, BackendError, parse_backend_url
 from gol7lb.children import helper_main
 from gol7lb.config import parse_bind
+from gol7lb.control import Snapshot
+from gol7lb.counters import SharedCounters
+from gol7lb.manager import ControlClient
 from gol7lb.pools import DiscoverySpec
-from gol7lb.state import ControlClient, GenerationFollower, SharedCounters, Snapshot
+from gol7lb.view import GenerationFollower
 
 log = logging.getLogger("gol7lb.discovery")
 MIN_TTL, MAX_TTL = 1.0, 300.0

@@ -22,15 +22,11 @@ from typing import Any
 from gol7lb import admin, discovery, logfmt, metrics, reload, rundir, supervisor
 from gol7lb.children import ChildWatcher, DemoBackends, ManagedChild, StartupError
 from gol7lb.config import DEMO_PORTS, ConfigError, Settings
+from gol7lb.control import Snapshot, new_health_record
+from gol7lb.counters import SharedCounters
 from gol7lb.hosts import HostTable
-from gol7lb.state import (
-    ControlClient,
-    GenerationFollower,
-    SharedCounters,
-    Snapshot,
-    new_health_record,
-    run_manager,
-)
+from gol7lb.manager import ControlClient, run_manager
+from gol7lb.view import GenerationFollower
 
 log = logging.getLogger("gol7lb.hooks")
 MANAGER_START_SECONDS = 30.0

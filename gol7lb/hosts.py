@@ -7,20 +7,19 @@ so every cell has exactly one writing process and no cross-process lock is ever 
 worker killed mid-request cannot freeze anybody. Readers (the admin listener, the balancer's
 least-connections view) sum a host's cells over all worker slots.
 
-Passive health lives here too, one row per host shared by every worker: the failure streak,
-and the ejection (until when, how many in a row). The worker whose failure completes a streak
-ejects the backend at once, and every worker's next pick skips it: no IPC on the way. The
-Manager is told afterwards, for /status, metrics and slow start.
+Passive health's cells live here too, one row per host shared by every worker: the failure
+streak, and the ejection (until when, how many in a row); its decisions are outlier.py's.
 """
 
 from __future__ import annotations
 
+import contextlib
 import ctypes
 import fcntl
 import os
 import threading
 import time
-from collections.abc import Sequence
+from collections.abc import Iterator
 from multiprocessing.sharedctypes import RawArray
 from typing import Any, NamedTuple
 
@@ -29,8 +28,7 @@ _FIELDS = 3
 # Shared by every worker: consecutive failures and since when (monotonic ms); the end of the
 # current or last ejection (Unix ms) and how many ejections in a row (the cooldown doubles).
 STREAK, STREAK_START, EJECTED_UNTIL, EJECTIONS = range(4)
-_SHARED_FIELDS = 4
-MAX_COOLDOWN_FACTOR = 10  # the cooldown doubles on repeats up to this many times the first
+SHARED_FIELDS = 4
 HOST_SLOTS = 1024  # addresses tracked at once (backends of every pool, past and present)
 
 
@@ -62,7 +60,7 @@ class HostTable:
         # update only moves an ejection by one failure, and no writer can freeze the others.
         # Ejections are written under a byte-range lock (rare), read by every pick.
         self.shared = shared if shared is not None else RawArray(
-            ctypes.c_int64, host_slots * _SHARED_FIELDS)
+            ctypes.c_int64, host_slots * SHARED_FIELDS)
         self.lock_path = lock_path  # byte-range locks for max_connections, one byte a slot
         self._row = worker_slots * _FIELDS
 
@@ -96,43 +94,21 @@ class HostTable:
 
     def forget_passive(self, host_slot: int) -> None:
         """No streak, no ejection, no history: for an address that left (control state)."""
-        base = host_slot * _SHARED_FIELDS
-        self.shared[base:base + _SHARED_FIELDS] = [0] * _SHARED_FIELDS
+        base = host_slot * SHARED_FIELDS
+        self.shared[base:base + SHARED_FIELDS] = [0] * SHARED_FIELDS
 
     def ejected_until(self, host_slot: int) -> float | None:
         """The end of the host's ejection (Unix time), or None when it is not ejected."""
-        until = self.shared[host_slot * _SHARED_FIELDS + EJECTED_UNTIL]
+        until = self.shared[host_slot * SHARED_FIELDS + EJECTED_UNTIL]
         return until / 1000 if until > time.time() * 1000 else None
 
     def ejected(self, host_slot: int, now: float) -> bool:
-        return self.shared[host_slot * _SHARED_FIELDS + EJECTED_UNTIL] > now * 1000
-
-    def _eject_locked(self, host_slot: int, pools: Sequence[PoolPeers], max_percent: int,
-                      cooldown: float, now: float) -> float | None:
-        """WorkerCells.try_eject's decision, under the ejection lock."""
-        if self.ejected(host_slot, now):
-            return None  # another worker completed its streak first
-        for peers in pools:
-            out = sum(1 for slot in peers.members if self.ejected(slot, now))
-            left = any(slot != host_slot and not self.ejected(slot, now)
-                       for slot in peers.available)
-            if (out + 1) * 100 > max_percent * len(peers.members) or not left:
-                return None
-        base = host_slot * _SHARED_FIELDS
-        shared = self.shared
-        times = shared[base + EJECTIONS]
-        if now * 1000 - shared[base + EJECTED_UNTIL] > MAX_COOLDOWN_FACTOR * cooldown * 1000:
-            times = 0  # healthy for long enough since the last one: forget earlier ejections
-        until: float = now + cooldown * min(MAX_COOLDOWN_FACTOR, 2 ** times)
-        shared[base + EJECTED_UNTIL] = int(until * 1000)
-        shared[base + EJECTIONS] = min(times + 1, 8)  # 2**4 is past the cap already
-        shared[base + STREAK] = 0  # the next streak starts after the ejection
-        return until
+        return self.shared[host_slot * SHARED_FIELDS + EJECTED_UNTIL] > now * 1000
 
     def note_failure(self, host_slot: int, window: float) -> int:
         """One more consecutive failure (a streak older than `window` seconds starts over);
         returns the streak."""
-        base = host_slot * _SHARED_FIELDS
+        base = host_slot * SHARED_FIELDS
         now = int(time.monotonic() * 1000)
         shared = self.shared
         streak = shared[base + STREAK]
@@ -144,7 +120,7 @@ class HostTable:
         return streak
 
     def note_success(self, host_slot: int) -> None:
-        index = host_slot * _SHARED_FIELDS + STREAK
+        index = host_slot * SHARED_FIELDS + STREAK
         if self.shared[index]:
             self.shared[index] = 0
 
@@ -179,7 +155,7 @@ class WorkerCells:
         workers."""
         if self.local[host_slot] >= share:
             return False
-        ejected_until = self.shared[host_slot * _SHARED_FIELDS + EJECTED_UNTIL]
+        ejected_until = self.shared[host_slot * SHARED_FIELDS + EJECTED_UNTIL]
         if ejected_until and ejected_until > time.time() * 1000:
             return False
         if not limit or not self.enabled:
@@ -199,21 +175,20 @@ class WorkerCells:
             finally:
                 fcntl.lockf(fd, fcntl.LOCK_UN, 1, host_slot)
 
-    def try_eject(self, host_slot: int, pools: Sequence[PoolPeers], max_percent: int,
-                  cooldown: float, now: float) -> float | None:
-        """Eject the host from every worker for `cooldown` seconds (doubling on repeats, up to
-        10x) unless it is out already, or that would leave more than `max_percent` of a pool
-        holding it ejected, or none of its available backends. Returns the end (Unix time),
-        or None. Counting and setting hold one byte-range lock (the byte after the hosts'),
-        so two workers completing streaks at once cannot both take the last share."""
+    @contextlib.contextmanager
+    def ejection_lock(self) -> Iterator[None]:
+        """Held while an ejection is decided and set (outlier.try_eject): the thread lock, and
+        in several processes one byte-range lock (the byte after the hosts'), so two workers
+        completing streaks at once cannot both take the last share."""
         table = self.table
         with self._lock:
             if not table.lock_path:  # one process (tests, benchmarks): the thread lock is enough
-                return table._eject_locked(host_slot, pools, max_percent, cooldown, now)
+                yield
+                return
             fd = self._lock_file()
             fcntl.lockf(fd, fcntl.LOCK_EX, 1, table.host_slots)
             try:
-                return table._eject_locked(host_slot, pools, max_percent, cooldown, now)
+                yield
             finally:
                 fcntl.lockf(fd, fcntl.LOCK_UN, 1, table.host_slots)
 

@@ -17,11 +17,12 @@ from gol7lb import logfmt
 from gol7lb.backends import Backend
 from gol7lb.balancer import Policy, make_policy, pool_sticky_secret, sticky_key
 from gol7lb.config import Settings
+from gol7lb.control import Snapshot
+from gol7lb.counters import rotation_cell
 from gol7lb.headers import ForwardedPolicy
 from gol7lb.hosts import PoolPeers
 from gol7lb.pools import Pool
 from gol7lb.routing import Router
-from gol7lb.state import Snapshot, rotation_cell
 from gol7lb.upstream import UpstreamPool
 
 RAMP_SCALE = 10  # weights are multiplied by this while some backend of the pool ramps up

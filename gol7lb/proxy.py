@@ -11,24 +11,24 @@ import logging
 import math
 import re
 import socket
-import threading
 import time
 from collections.abc import Callable, Iterable, Iterator, Sequence
 from http import HTTPStatus
 from typing import Any
 
-from gol7lb import tunnel
+from gol7lb import outlier, tunnel
 from gol7lb.accesslog import AccessLog
 from gol7lb.backends import Backend
 from gol7lb.balancer import PickContext
 from gol7lb.config import LogSettings
+from gol7lb.counters import SharedCounters
 from gol7lb.headers import client_response_headers, request_id, upstream_request_headers
 from gol7lb.hosts import WorkerCells
+from gol7lb.manager import ControlClient
 from gol7lb.metrics import RequestRecorder
 from gol7lb.outcomes import Episode, Outcome, classify_error, classify_status, may_retry
 from gol7lb.pooltable import PoolRuntime, PoolTable
 from gol7lb.routing import strip_prefix
-from gol7lb.state import CachedView, ControlClient, SharedCounters
 from gol7lb.target import AmbiguousTarget, normalise_path, valid_authority
 from gol7lb.upstream import (
     BLOCK,
@@ -41,6 +41,7 @@ from gol7lb.upstream import (
     read_response_head,
     request_head,
 )
+from gol7lb.view import CachedView
 
 log = logging.getLogger("gol7lb.proxy")
 
@@ -595,43 +596,7 @@ class ProxyApp:
             exchange.slot = None
 
     def _passive_failure(self, exchange: Exchange, table: PoolTable) -> None:
-        """One more consecutive failure; the one that completes the streak ejects the backend
-        in shared memory at once, so no worker sends it another request (a streak that
-        max_ejected_percent holds back tries again on each further failure)."""
-        health = table.settings.health
-        slot = exchange.slot
-        if not health.passive_fails or slot is None:
-            return
-        streak = self.cells.table.note_failure(slot, health.passive_window)
-        if streak < health.passive_fails:
-            return
-        backend_id = exchange.backend_id
-        until = self.cells.try_eject(slot, table.peers(backend_id), health.max_ejected_percent,
-                                     health.passive_cooldown, time.time())
-        if until is None:
-            if streak == health.passive_fails:
-                log.warning("passive health: not ejecting %s: it is out already, or its pool "
-                            "would keep too few backends (max_ejected_percent %d)",
-                            backend_id, health.max_ejected_percent)
-        elif self.client is not None:
-            threading.Thread(target=self._eject, args=(backend_id, until), daemon=True).start()
-
-    def _eject(self, backend_id: str, until: float = 0.0) -> None:
-        """Off the request path: tell the Manager (for /status, metrics and the end of the
-        ejection), again while it is unreachable and the ejection lasts."""
-        failed = False
-        while True:
-            try:
-                self.client.call("eject", backend_id, until)  # type: ignore[union-attr]
-                return
-            except Exception as e:
-                if not failed:
-                    log.error("cannot tell the manager %s is ejected: %s", backend_id,
-                              e or type(e).__name__)
-                failed = True
-            if time.time() + EJECT_RETRY_SECONDS >= until:
-                return
-            time.sleep(EJECT_RETRY_SECONDS)
+        outlier.passive_failure(self.cells, self.client, exchange.slot, exchange.backend_id, table)
 
     def _exchange(self, sock: socket.socket, reused: bool, upstream: UpstreamPool, method: str,
                   head: bytes, body: RequestBody) -> tuple[socket.socket, UpstreamResponse]:
@@ -746,7 +711,6 @@ class ProxyApp:
 NO_BODY = RequestBody(None, 0, False, 0)  # shared: a request without a body changes nothing in it
 _BOOKKEEPING_FAILS = Episode()
 QUEUE_POLL_SECONDS = 0.005
-EJECT_RETRY_SECONDS = 0.5  # telling the Manager of an ejection again while it is away
 EXPECT_WAIT_SECONDS = 1.0  # how long a backend may stay silent after Expect (curl waits 1 s)
 _UNBOUNDED = 1 << 62
 

@@ -26,7 +26,7 @@ from pathlib import Path
 from gol7lb import logfmt, metrics
 from gol7lb.children import helper_main
 from gol7lb.config import ConfigError, Settings, load_settings
-from gol7lb.state import ControlClient, ManagerUnavailable
+from gol7lb.manager import ControlClient, ManagerUnavailable
 
 log = logging.getLogger("gol7lb.reload")
 

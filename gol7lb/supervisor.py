@@ -21,8 +21,11 @@ from gol7lb import logfmt, metrics
 from gol7lb.backends import Backend
 from gol7lb.children import helper_main
 from gol7lb.config import HealthSettings
+from gol7lb.control import Snapshot
+from gol7lb.counters import SharedCounters
 from gol7lb.health import CheckResult, HealthTracker, run_check
-from gol7lb.state import ControlClient, GenerationFollower, SharedCounters, Snapshot
+from gol7lb.manager import ControlClient
+from gol7lb.view import GenerationFollower
 
 log = logging.getLogger("gol7lb.supervisor")
 RECONCILE_SECONDS = 0.25  # how often the generation counter is looked at (a shared-memory read)

@@ -13,9 +13,10 @@ from collections.abc import Callable, Iterable
 from typing import Any
 
 from gol7lb import hooks
+from gol7lb.manager import ControlClient
 from gol7lb.pooltable import PoolTable, build_table
 from gol7lb.proxy import ProxyApp
-from gol7lb.state import CachedView, ControlClient
+from gol7lb.view import CachedView
 
 WORKER_CALL_SECONDS = 1.0
 _app: ProxyApp | None = None

@@ -92,8 +92,9 @@ def test_a_client_reaches_a_restarted_manager_on_its_first_call(tmp_path):
     import multiprocessing
     import os
 
+    from gol7lb.counters import SharedCounters
     from gol7lb.hosts import HostTable
-    from gol7lb.state import ControlClient, SharedCounters, run_manager
+    from gol7lb.manager import ControlClient, run_manager
 
     spawn = multiprocessing.get_context("spawn")
     address, authkey = str(tmp_path / "manager.sock"), os.urandom(32)

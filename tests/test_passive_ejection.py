@@ -14,6 +14,7 @@ import pytest
 import requests
 
 from gol7lb.hosts import HostTable, PoolPeers
+from gol7lb.outlier import try_eject
 from tests.helpers import config
 from tests.procs import backend_entry as entry
 from tests.procs import lb_status as status
@@ -102,14 +103,14 @@ def test_the_cooldown_doubles_on_repeats_up_to_ten_times_and_resets_after_a_calm
     now = 1000.0
     lengths = []
     for _ in range(6):
-        until = cells.try_eject(0, peers, 50, 2.0, now)
+        until = try_eject(cells, 0, peers, 50, 2.0, now)
         assert until is not None and table.ejected(0, now)
-        assert cells.try_eject(0, peers, 50, 2.0, now) is None  # already out
+        assert try_eject(cells, 0, peers, 50, 2.0, now) is None  # already out
         lengths.append(until - now)
         now = until + 1.0
         assert not table.ejected(0, now)
     assert lengths == [2.0, 4.0, 8.0, 16.0, 20.0, 20.0]
-    until = cells.try_eject(0, peers, 50, 2.0, now + 10 * 2.0 + 1)  # long healthy: forgotten
+    until = try_eject(cells, 0, peers, 50, 2.0, now + 10 * 2.0 + 1)  # long healthy: forgotten
     assert until == pytest.approx(now + 21.0 + 2.0)
 
 
@@ -117,16 +118,16 @@ def test_max_ejected_percent_counts_ejected_peers_and_never_takes_the_last_avail
     cells = table.for_worker(1)
     now = 1000.0
     four = [PoolPeers((0, 1, 2, 3), (0, 1, 2, 3))]
-    assert cells.try_eject(0, four, 50, 5.0, now) is not None
-    assert cells.try_eject(1, four, 50, 5.0, now) is not None
-    assert cells.try_eject(2, four, 50, 5.0, now) is None  # 3 of 4 is over 50 %
-    assert cells.try_eject(2, four, 50, 5.0, now + 6.0) is not None  # the first two are back
+    assert try_eject(cells, 0, four, 50, 5.0, now) is not None
+    assert try_eject(cells, 1, four, 50, 5.0, now) is not None
+    assert try_eject(cells, 2, four, 50, 5.0, now) is None  # 3 of 4 is over 50 %
+    assert try_eject(cells, 2, four, 50, 5.0, now + 6.0) is not None  # the first two are back
     # 100 %: anything but the last available one (slot 5 is down, slot 4 the last up).
     two = [PoolPeers((4, 5), (4,))]
-    assert cells.try_eject(4, two, 100, 5.0, now) is None
+    assert try_eject(cells, 4, two, 100, 5.0, now) is None
     # In two pools: the stricter one decides.
     both = [PoolPeers((6, 7), (6, 7)), PoolPeers((6,), (6,))]
-    assert cells.try_eject(6, both, 100, 5.0, now) is None
+    assert try_eject(cells, 6, both, 100, 5.0, now) is None
 
 
 def test_two_processes_completing_streaks_at_once_never_exceed_the_share(table):
@@ -138,7 +139,7 @@ def test_two_processes_completing_streaks_at_once_never_exceed_the_share(table):
         cells = table.for_worker(worker)
         barrier.wait(timeout=10)
         for slot in slots:
-            cells.try_eject(slot, four, 50, 60.0, time.time())
+            try_eject(cells, slot, four, 50, 60.0, time.time())
 
     for _ in range(20):
         for slot in range(4):

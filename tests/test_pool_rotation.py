@@ -11,10 +11,11 @@ from pathlib import Path
 import pytest
 import requests
 
-from gol7lb import state as state_module
+from gol7lb import control as control_module
 from gol7lb.config import load_settings
+from gol7lb.control import ControlError, ControlState
+from gol7lb.counters import SharedCounters, rotation_cell
 from gol7lb.hosts import HostTable
-from gol7lb.state import ControlError, ControlState, SharedCounters, rotation_cell
 from tests.helpers import config, port_of
 
 
@@ -82,7 +83,7 @@ def test_a_pool_keeps_its_rotation_cell_across_reloads_and_a_new_one_gets_a_free
 
 def test_when_every_rotation_cell_is_taken_a_departed_pool_gives_up_its_own(tmp_path,
                                                                             monkeypatch):
-    monkeypatch.setattr(state_module, "POOL_SLOTS", 2)
+    monkeypatch.setattr(control_module, "POOL_SLOTS", 2)
     counters = SharedCounters()
     state = ControlState(counters, HostTable(4, lock_path=str(tmp_path / "hosts.lock")),
                          str(tmp_path / "state.pickle"))

@@ -10,8 +10,8 @@ import pytest
 
 from gol7lb.backends import parse_backend_url
 from gol7lb.balancer import ALGORITHMS, PickContext, make_policy
+from gol7lb.counters import SharedCounters
 from gol7lb.headers import client_response_headers, request_id, upstream_request_headers
-from gol7lb.state import SharedCounters
 
 BACKENDS = [parse_backend_url(f"http://127.0.0.1:{9000 + i}", 1 + i % 3) for i in range(8)]
 ENVIRON = {

@@ -14,8 +14,9 @@ import threading
 from gol7lb.admin.server import AdminServer
 from gol7lb.children import helper_main
 from gol7lb.config import ConfigError
+from gol7lb.counters import SharedCounters
 from gol7lb.hosts import HostTable
-from gol7lb.state import ControlClient, SharedCounters
+from gol7lb.manager import ControlClient
 
 
 def bind_listener(address: tuple[str, int], backlog: int = 64) -> socket.socket:

@@ -25,8 +25,10 @@ from gol7lb import logfmt, metrics
 from gol7lb.admin.status import backend_entries, status_document
 from gol7lb.backends import BackendError, check_weight, parse_backend_url
 from gol7lb.config import DEFAULT_POOL, AdminSettings
+from gol7lb.control import ControlError, Snapshot
+from gol7lb.counters import SharedCounters
 from gol7lb.hosts import HostTable
-from gol7lb.state import ControlClient, ControlError, SharedCounters, Snapshot
+from gol7lb.manager import ControlClient
 
 log = logging.getLogger("gol7lb.admin")
 DASHBOARD = Path(__file__).with_name("dashboard.html")

@@ -5,8 +5,8 @@ from __future__ import annotations
 
 from typing import Any, Literal
 
+from gol7lb.control import Snapshot
 from gol7lb.hosts import HostTable, HostTotals
-from gol7lb.state import Snapshot
 
 _ZERO = HostTotals(0, 0, 0)
 BackendState = Literal["up", "down", "draining", "drained", "ejected"]  # as the dashboard's STATES
