@@ -26,8 +26,9 @@ from gol7lb.headers import client_response_headers, connection_tokens
 from gol7lb.serve import TunnelClosed
 
 if TYPE_CHECKING:
+    from gol7lb.exchange import Exchange
     from gol7lb.pooltable import PoolRuntime, PoolTable
-    from gol7lb.proxy import Exchange, ProxyApp
+    from gol7lb.proxy import ProxyApp
 
 log = logging.getLogger("gol7lb.tunnel")
 BLOCK = 64 * 1024
@@ -45,7 +46,7 @@ def forward(app: ProxyApp, environ: dict[str, Any], start_response: Callable[...
     """Send the upgrade request through the proxy's one attempt loop (retry_on, retries,
     queue_timeout and their counters as for any request); a `101` comes back to `switch`,
     anything else is relayed as a normal answer."""
-    from gol7lb.proxy import NO_BODY  # proxy imports this module
+    from gol7lb.bodies import NO_BODY
 
     client_sock = environ.get("gunicorn.socket")
     if client_sock is None or environ.get("CONTENT_LENGTH") or environ.get(
