@@ -20,7 +20,7 @@ from typing import Any
 from gol7lb import tunnel
 from gol7lb.accesslog import AccessLog
 from gol7lb.backends import Backend
-from gol7lb.balancer import PickContext
+from gol7lb.balancer import PickContext, request_cookie, request_key, sticky_set_cookie
 from gol7lb.bodies import NO_BODY, ClientBodyError, FinishedBody, RequestBody, UpstreamBody
 from gol7lb.exchange import Exchange
 from gol7lb.headers import client_response_headers, request_id, upstream_request_headers
@@ -228,7 +228,8 @@ class ProxyApp:
         `101` is one branch of it (tunnel.switch), as in Caddy's reverseproxy.go."""
         method = exchange.method
         settings = table.settings
-        sticky = _cookie(environ, pool.pool.sticky_cookie) if pool.pool.sticky_cookie else None
+        cookie_name = pool.pool.sticky_cookie
+        sticky = request_cookie(environ, cookie_name) if cookie_name else None
         sticky_id = pool.sticky_values.get(sticky) if sticky else None
         idempotent_without_body = method in IDEMPOTENT and not body.present
         # A tunnel gives its serving thread back (a new one is started), so an upgrade is
@@ -306,8 +307,7 @@ class ProxyApp:
                               settings.proxy.client_idle_timeout)
             cookie = None
             if pool.pool.sticky_cookie and sticky != pool.sticky_by_id.get(backend.id):
-                cookie = (f"{pool.pool.sticky_cookie}={pool.sticky_by_id[backend.id]}; Path=/; "
-                          "HttpOnly; SameSite=Lax")
+                cookie = sticky_set_cookie(pool.pool.sticky_cookie, pool.sticky_by_id[backend.id])
             return self._respond(start_response, response, sock, upstream, client_sock,
                                  exchange, cookie)
 
@@ -512,33 +512,6 @@ _UNBOUNDED = 1 << 62
 
 def _no_load(backend_id: str) -> int:
     return 0
-
-
-def request_key(hash_key: str, environ: dict[str, Any], path: str) -> bytes:
-    """What consistent_hash hashes: client_ip | path | header:NAME | cookie:NAME; a request
-    without that header or cookie hashes its client address."""
-    value: str | None = None
-    if hash_key == "path":
-        value = path
-    elif hash_key.startswith("header:"):
-        value = environ.get("HTTP_" + hash_key[7:].upper().replace("-", "_"))
-    elif hash_key.startswith("cookie:"):
-        value = _cookie(environ, hash_key[7:])
-    if value is None:
-        value = environ.get("REMOTE_ADDR") or ""
-    return value.encode("latin-1", "replace")
-
-
-def _cookie(environ: dict[str, Any], name: str) -> str | None:
-    """One cookie's value from the Cookie header (RFC 6265 pairs; the first one wins)."""
-    header: str | None = environ.get("HTTP_COOKIE")
-    if not header:
-        return None
-    for pair in header.split(";"):
-        key, sep, value = pair.strip().partition("=")
-        if sep and key == name:
-            return value.strip().strip('"')
-    return None
 
 
 def _reason(error: BaseException, read_timeout: float) -> str:
