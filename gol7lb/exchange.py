@@ -57,6 +57,12 @@ class Exchange:
         if code not in self.flags.split(","):
             self.flags = f"{self.flags},{code}" if self.flags else code
 
+    def detach(self) -> None:
+        """A tunnel: still in flight to its backend, but holding no serving thread."""
+        if self.slot is not None:
+            self.app.cells.detach(self.slot)
+            self.detached = True
+
     def finish(self, sent: int, failed: bool = False) -> None:
         app = self.app
         if self.slot is not None:
