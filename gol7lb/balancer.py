@@ -21,7 +21,7 @@ import struct
 from array import array
 from collections.abc import Callable, Collection, Mapping, Sequence
 from dataclasses import dataclass
-from typing import Literal, Protocol, TypeGuard, get_args
+from typing import Any, Literal, Protocol, TypeGuard, get_args
 
 from gol7lb.backends import Backend
 from gol7lb.pools import Pool
@@ -363,6 +363,24 @@ def is_algorithm(name: str) -> TypeGuard[Algorithm]:
     return name in ALGORITHMS
 
 
+# -- request keys ------------------------------------------------------------------------------
+
+
+def request_key(hash_key: str, environ: dict[str, Any], path: str) -> bytes:
+    """What consistent_hash hashes: client_ip | path | header:NAME | cookie:NAME; a request
+    without that header or cookie hashes its client address."""
+    value: str | None = None
+    if hash_key == "path":
+        value = path
+    elif hash_key.startswith("header:"):
+        value = environ.get("HTTP_" + hash_key[7:].upper().replace("-", "_"))
+    elif hash_key.startswith("cookie:"):
+        value = request_cookie(environ, hash_key[7:])
+    if value is None:
+        value = environ.get("REMOTE_ADDR") or ""
+    return value.encode("latin-1", "replace")
+
+
 def make_policy(algorithm: str, backends: Sequence[Backend],
                 available: Collection[str],
                 weights: Mapping[str, int] | None = None) -> Policy:
@@ -413,3 +431,20 @@ def pool_sticky_secret(sticky_secret: str, pool: Pool) -> bytes:
     material = "\n".join(["gol7lb sticky v1", pool.name, pool.algorithm,
                           *sorted(b.url for b in pool.backends)])
     return hashlib.sha256(material.encode()).digest()
+
+
+def request_cookie(environ: dict[str, Any], name: str) -> str | None:
+    """One cookie's value from the Cookie header (RFC 6265 pairs; the first one wins)."""
+    header: str | None = environ.get("HTTP_COOKIE")
+    if not header:
+        return None
+    for pair in header.split(";"):
+        key, sep, value = pair.strip().partition("=")
+        if sep and key == name:
+            return value.strip().strip('"')
+    return None
+
+
+def sticky_set_cookie(cookie_name: str, value: str) -> str:
+    """The Set-Cookie value that pins a client to the backend `value` names."""
+    return f"{cookie_name}={value}; Path=/; HttpOnly; SameSite=Lax"

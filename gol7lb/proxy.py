@@ -1,60 +1,39 @@
-"""The WSGI proxy: pick a backend, forward the request, stream the answer, map failures.
+"""The WSGI face: check the request target, route it, set up its headers and body (an
+upgrade's too), then hand it to the one attempt loop (attempts.py).
 
 The backend side of an exchange (sockets, request head, response parsing) is upstream.py.
 """
 
 from __future__ import annotations
 
-import contextlib
-import errno
 import logging
-import math
 import re
 import socket
 import time
-from collections.abc import Callable, Iterable, Iterator, Sequence
-from http import HTTPStatus
+from collections.abc import Iterable
 from typing import Any
 
-from gol7lb import outlier, tunnel
+from gol7lb import tunnel
 from gol7lb.accesslog import AccessLog
-from gol7lb.backends import Backend
-from gol7lb.balancer import PickContext
-from gol7lb.config import LogSettings
+from gol7lb.attempts import CLOSE, AttemptLoop, StartResponse
+from gol7lb.bodies import NO_BODY, ClientBodyError, RequestBody
 from gol7lb.counters import SharedCounters
-from gol7lb.headers import client_response_headers, request_id, upstream_request_headers
+from gol7lb.exchange import Exchange
+from gol7lb.headers import request_id, upstream_request_headers
 from gol7lb.hosts import WorkerCells
 from gol7lb.manager import ControlClient
 from gol7lb.metrics import RequestRecorder
-from gol7lb.outcomes import Episode, Outcome, classify_error, classify_status, may_retry
 from gol7lb.pooltable import PoolRuntime, PoolTable
 from gol7lb.routing import strip_prefix
 from gol7lb.target import AmbiguousTarget, normalise_path, valid_authority
-from gol7lb.upstream import (
-    BLOCK,
-    TIMED_OUT,
-    LocalResourceError,
-    UpstreamClosed,
-    UpstreamPool,
-    UpstreamProtocolError,
-    UpstreamResponse,
-    read_response_head,
-    request_head,
-)
 from gol7lb.view import CachedView
 
 log = logging.getLogger("gol7lb.proxy")
+log = logging.getLogger("gol7lb.proxy")
 
-IDEMPOTENT = frozenset({"GET", "HEAD", "OPTIONS", "TRACE", "PUT", "DELETE"})
 _ABSOLUTE_FORM = re.compile(r"[A-Za-z][A-Za-z0-9+.-]*://")
 _BAD_TARGET_CHAR = re.compile(r"[\x00-\x20\x7f]")
-_CLOSE = [("Connection", "close")]  # a malformed request ends its connection
 
-StartResponse = Callable[..., Any]
-
-
-class ClientBodyError(Exception):
-    """The client's request body broke off or was malformed: not the backend's fault."""
 
 
 def split_target(raw: str) -> tuple[str, str | None]:
@@ -80,256 +59,16 @@ def split_target(raw: str) -> tuple[str, str | None]:
     return path, authority
 
 
-class Exchange:
-    """One client request from head to last byte: what the access log, the metrics and the
-    per-host counters are told once it ends."""
-
-    __slots__ = ("app", "started", "method", "path", "client", "rid", "pool", "backend_id",
-                 "slot", "detached", "status", "upstream_s", "answered", "log", "attempts",
-                 "flags")
-
-    def __init__(self, app: ProxyApp, method: str, path: str, client: str, rid: str,
-                 log_settings: LogSettings) -> None:
-        self.app = app
-        self.log = log_settings  # the log settings of the configuration the request began in
-        self.started = time.perf_counter()
-        self.method = method
-        self.path = path
-        self.client = client
-        self.rid = rid
-        self.pool = "-"
-        self.backend_id = "-"
-        self.slot: int | None = None  # the host slot counted in flight until finish()
-        self.detached = False  # a tunnel: in flight, but holding no serving thread
-        self.status = 0
-        self.upstream_s: float | None = None
-        self.answered = False  # the status came from a backend (metrics label it by address)
-        self.attempts = 0  # backends tried
-        self.flags = ""  # access-log response flags, comma-separated (docs/operations.md)
-        app.recorder.begin()
-
-    def flag(self, code: str) -> None:
-        """Note what happened (failures only: the hot path never calls this)."""
-        if code not in self.flags.split(","):
-            self.flags = f"{self.flags},{code}" if self.flags else code
-
-    def finish(self, sent: int, failed: bool = False) -> None:
-        app = self.app
-        if self.slot is not None:
-            app.cells.end(self.slot, failed, local=not self.detached)
-            self.slot = None
-        total = time.perf_counter() - self.started
-        metric_backend = self.backend_id if self.answered else "none"
-        try:  # counting and logging never fail a request (the recorder keeps its own counts)
-            app.recorder.record(self.pool, metric_backend, self.status, self.method, total)
-            log_settings = self.log
-            if log_settings.access:
-                app.access_log.write(log_settings.format, self.client, self.method, self.path,
-                                     self.status, sent, self.pool, self.backend_id,
-                                     self.upstream_s, total, self.rid, self.attempts,
-                                     self.flags)
-        except Exception as e:
-            if _BOOKKEEPING_FAILS.begins():
-                log.error("cannot count or log a request: %s", e or type(e).__name__)
-
-
-class UpstreamBody:
-    """The response body as a WSGI iterable: streamed block by block, never held whole."""
-
-    def __init__(self, response: UpstreamResponse, sock: socket.socket, pool: UpstreamPool,
-                 client_sock: socket.socket | None, exchange: Exchange) -> None:
-        self.response = response
-        self.sock = sock
-        self.pool = pool
-        self.client_sock = client_sock
-        self.exchange = exchange
-        self.sent = 0
-        self.done = False
-
-    def __iter__(self) -> Iterator[bytes]:
-        return self
-
-    def __next__(self) -> bytes:
-        try:
-            data = self.response.read_block()
-        except (OSError, UpstreamProtocolError) as e:
-            self._abort(e)
-        if data:
-            self.sent += len(data)
-            return data
-        self.done = True
-        if self.response.keep_alive:
-            self.pool.release(self.sock)
-        else:
-            self.sock.close()
-        self.exchange.finish(self.sent)
-        raise StopIteration
-
-    def _abort(self, error: BaseException) -> None:
-        """The backend failed mid-answer: the status is already sent, so cut the client off.
-
-        Ending the iteration normally would tell the client the body was complete (a silent
-        wrong answer); raising EPIPE makes gunicorn drop the connection without a traceback.
-        """
-        timed_out = isinstance(error, TIMED_OUT)
-        reason = "timed out" if timed_out else str(error) or type(error).__name__
-        self.exchange.flag("UT" if timed_out else "UC")
-        log.error("backend %s failed mid-response (request %s): %s",
-                  self.pool.backend.id, self.exchange.rid, reason)
-        self._close(failed=True)
-        if self.client_sock is not None:
-            with contextlib.suppress(OSError):
-                self.client_sock.shutdown(socket.SHUT_RDWR)
-        raise BrokenPipeError(errno.EPIPE, "backend failed mid-response")
-
-    def _close(self, failed: bool) -> None:
-        self.response.release()
-        if not self.done:
-            self.done = True
-            self.sock.close()  # unread bytes would poison the next request on this connection
-            self.exchange.finish(self.sent, failed)
-
-    def close(self) -> None:
-        """Called by the server when the body was sent, or the client went away before (DC).
-        Safe to call twice."""
-        if not self.done:
-            self.exchange.flag("DC")
-        self._close(failed=False)
-
-
-class FinishedBody(list[bytes]):
-    """An answer whose body the backend already sent whole (most small ones come with their
-    head): a plain list to the server, and the backend socket goes back to the pool, and the
-    request is counted and logged, when the server closes it after writing."""
-
-    __slots__ = ("sock", "keep", "pool", "exchange", "sent")
-
-    def __init__(self, data: bytes, sock: socket.socket, keep: bool, pool: UpstreamPool,
-                 exchange: Exchange) -> None:
-        super().__init__((data,) if data else ())
-        self.sock: socket.socket | None = sock
-        self.keep = keep
-        self.pool = pool
-        self.exchange = exchange
-        self.sent = len(data)
-
-    def close(self) -> None:
-        """Once only: a second call would pool the same backend socket twice (two requests
-        would then share it) and count the request again."""
-        sock = self.sock
-        if sock is None:
-            return
-        self.sock = None
-        if self.keep:
-            self.pool.release(sock)
-        else:
-            sock.close()
-        self.exchange.finish(self.sent)
-
-
-class RequestBody:
-    """The client's body as attempts send it. A body up to `proxy.retry_buffer` is read whole
-    before the first attempt, so any attempt can send it again; a larger one is streamed
-    once, and the request is never sent twice after that.
-
-    With `Expect: 100-continue` (`deferred`) nothing is read before a backend has the head:
-    the first read is what sends the client its `100 Continue`, and a backend that answers
-    at once (a 401, a 413) spares the client sending the body at all.
-    """
-
-    def __init__(self, source: Any, length: int, chunked: bool, limit: int,
-                 deferred: bool = False) -> None:
-        self.source = source
-        self.length = length
-        self.chunked = chunked
-        self.present = chunked or length > 0
-        self.kept: bytes | None = None if self.present else b""
-        self.deferred = deferred and self.present
-        self._started = False  # some of the body was read from the client
-        self._prefix = b""
-        if self.deferred:
-            return
-        if chunked:
-            data = self._read_up_to(limit + 1)
-            if len(data) <= limit:
-                self.kept = data
-            else:
-                self._prefix = data
-        elif 0 < length <= limit:
-            self.kept = self._read_up_to(length)
-            if len(self.kept) < length:
-                raise ClientBodyError(f"client sent {len(self.kept)} of {length} body bytes")
-
-    @property
-    def replayable(self) -> bool:
-        return self.kept is not None or (self.deferred and not self._started)
-
-    def _read_up_to(self, limit: int) -> bytes:
-        parts = []
-        got = 0
-        while got < limit:
-            try:
-                block = self.source.read(min(BLOCK, limit - got))
-            except Exception as e:  # gunicorn's body parser errors and client socket errors
-                raise ClientBodyError(str(e) or type(e).__name__) from e
-            if not block:
-                break
-            parts.append(block)
-            got += len(block)
-        return b"".join(parts)
-
-    def framing(self, headers: dict[str, str]) -> None:
-        """Content-Length for a kept body (a small chunked body goes out with a length)."""
-        if self.kept is not None:
-            if self.present:
-                headers["Content-Length"] = str(len(self.kept))
-        elif self.chunked:
-            headers["Transfer-Encoding"] = "chunked"
-        else:
-            headers["Content-Length"] = str(self.length)
-
-    def send(self, sock: socket.socket) -> None:
-        if self.kept is not None:
-            if self.kept:
-                sock.sendall(self.kept)
-            return
-        self._started = True
-        sent = 0
-        block = self._prefix
-        self._prefix = b""
-        while True:
-            if not block:
-                try:
-                    block = self.source.read(BLOCK)
-                except Exception as e:
-                    raise ClientBodyError(str(e) or type(e).__name__) from e
-                if not block:
-                    break
-            sent += len(block)
-            sock.sendall(b"%x\r\n%b\r\n" % (len(block), block) if self.chunked else block)
-            block = b""
-        if self.chunked:
-            sock.sendall(b"0\r\n\r\n")
-        elif sent < self.length:
-            raise ClientBodyError(f"client sent {sent} of {self.length} body bytes")
-
-
-class ProxyApp:
+class ProxyApp(AttemptLoop):
     """The WSGI application each gunicorn worker runs."""
 
     def __init__(self, view: CachedView[PoolTable], counters: SharedCounters,
                  cells: WorkerCells, client: ControlClient | None = None, threads: int = 32,
                  recorder: RequestRecorder | None = None,
                  access_log: AccessLog | None = None) -> None:
+        super().__init__(counters, cells, client, threads, recorder or RequestRecorder())
         self.view = view
-        self.counters = counters
-        self.cells = cells
-        self.client = client
-        self.threads = threads
-        self.recorder = recorder or RequestRecorder()
         self.access_log = access_log or AccessLog()
-        self._outages: dict[str, PoolRuntime] = {}  # pool name -> the pool seen with none up
-        self._local_errors = Episode()
 
     def __call__(self, environ: dict[str, Any], start_response: StartResponse) -> Iterable[bytes]:
         rid = request_id(environ)
@@ -353,11 +92,11 @@ class ProxyApp:
             path = normalise_path(given_path)  # routes match this; `target` goes on as it came
         except AmbiguousTarget as e:
             return self._error(start_response, exchange, 400, f"ambiguous request target: {e}",
-                               _CLOSE)
+                               CLOSE)
         except ValueError:
-            return self._error(start_response, exchange, 400, "bad request target", _CLOSE)
+            return self._error(start_response, exchange, 400, "bad request target", CLOSE)
         if host and not valid_authority(host):  # our worker's parser has refused it already
-            return self._error(start_response, exchange, 400, "invalid Host header", _CLOSE)
+            return self._error(start_response, exchange, 400, "invalid Host header", CLOSE)
 
         match = table.router.match(environ, path, method, authority or host)
         if match is None:
@@ -370,8 +109,7 @@ class ProxyApp:
             path = target.partition("?")[0]
 
         if "HTTP_UPGRADE" in environ and tunnel.is_upgrade(environ):
-            return tunnel.forward(self, environ, start_response, table, pool, exchange, target,
-                                  authority)
+            return self._upgrade(environ, start_response, table, pool, exchange, target, authority)
         try:
             body = self._request_body(environ, table)
         except ClientBodyError as e:
@@ -379,8 +117,8 @@ class ProxyApp:
         client_sock = environ.get("gunicorn.socket")
         headers = self.request_headers(environ, table, authority, client_sock, rid)
         body.framing(headers)
-        return self._forward(environ, start_response, table, pool, exchange, target, path,
-                             headers, body, client_sock)
+        return self.forward(environ, start_response, table, pool, exchange, target, path,
+                            headers, body, client_sock)
 
     @staticmethod
     def request_headers(environ: dict[str, Any], table: PoolTable, authority: str | None,
@@ -409,349 +147,20 @@ class ProxyApp:
         return RequestBody(environ["wsgi.input"], length, chunked,
                            table.settings.proxy.retry_buffer, deferred)
 
-    # picking ------------------------------------------------------------------------------------
-
-    def _context(self, table: PoolTable, pool: PoolRuntime, environ: dict[str, Any],
-                 path: str) -> PickContext:
-        policy = pool.policy
-        in_flight = _no_load
-        if policy.uses_in_flight:
-            slots, hosts = table.slots, self.cells.table
-
-            def in_flight(backend_id: str) -> int:
-                slot = slots.get(backend_id)
-                return hosts.in_flight(slot) if slot is not None else 0
-        key = None
-        if pool.pool.algorithm == "consistent_hash":
-            key = request_key(pool.pool.hash_key, environ, path)
-        ticket = self.counters.take_ticket(pool.rotation) if policy.uses_ticket else 0
-        return PickContext(ticket, in_flight, key)
-
-    def _pick(self, table: PoolTable, pool: PoolRuntime, environ: dict[str, Any], path: str,
-              tried: set[str], sticky: str | None,
-              bounded: bool = True) -> tuple[Backend | None, bool]:
-        """The next backend to try, with its in-flight slot taken; (None, full) when there is
-        none: full is True when every candidate was at its limit (worth queueing for)."""
-        order: Sequence[Backend] = pool.policy.order(self._context(table, pool, environ, path))
-        if sticky is not None and sticky in pool.available:
-            order = [pool.by_id[sticky], *(b for b in order if b.id != sticky)]
-        full = False
-        share = self._local_share(pool) if bounded else _UNBOUNDED
-        for backend in order:
-            if backend.id in tried:
-                continue
-            slot = table.slots.get(backend.id)
-            if slot is not None and not self.cells.try_begin(slot, pool.limits[backend.id],
-                                                             share):
-                full = True
-                continue
-            return backend, False
-        return None, full
-
-    def _local_share(self, pool: PoolRuntime) -> int:
-        """A backend may hold at most this many of this worker's threads (Envoy's circuit
-        breaker, per worker): its fair share, doubled, so a frozen backend leaves the others
-        the rest."""
-        available = len(pool.available) or 1
-        if available == 1:
-            return self.threads
-        return max(2, math.ceil(2 * self.threads / available))
-
-    # forwarding -------------------------------------------------------------------------------
-
-    def _forward(self, environ: dict[str, Any], start_response: StartResponse,
+    def _upgrade(self, environ: dict[str, Any], start_response: StartResponse,
                  table: PoolTable, pool: PoolRuntime, exchange: Exchange, target: str,
-                 path: str, headers: dict[str, str], body: RequestBody,
-                 client_sock: socket.socket | None, upgrade: bool = False) -> Iterable[bytes]:
-        """The one attempt loop, for plain and upgrade requests alike (pick, exchange,
-        classify, retry by `proxy.retry_on`, queue by `proxy.queue_timeout`); an upgrade's
-        `101` is one branch of it (tunnel.switch), as in Caddy's reverseproxy.go."""
-        method = exchange.method
-        settings = table.settings
-        sticky = _cookie(environ, pool.pool.sticky_cookie) if pool.pool.sticky_cookie else None
-        sticky_id = pool.sticky_values.get(sticky) if sticky else None
-        idempotent_without_body = method in IDEMPOTENT and not body.present
-        # A tunnel gives its serving thread back (a new one is started), so an upgrade is
-        # not bounded by the per-worker thread share.
-        bounded = not upgrade
-        tried: set[str] = set()
-        last: Outcome | None = None
-        queue_deadline = 0.0  # set when every candidate is first found at its limit
-        head = request_head(method, target, headers)  # the same for every attempt
-        for _attempt in range(1 + settings.proxy.retries):
-            backend, full = self._pick(table, pool, environ, path, tried, sticky_id, bounded)
-            if backend is None and full and not tried:
-                queue_deadline = time.monotonic() + settings.proxy.queue_timeout
-            while backend is None and full and not tried and \
-                    time.monotonic() < queue_deadline:
-                time.sleep(QUEUE_POLL_SECONDS)  # every candidate is at max_connections
-                backend, full = self._pick(table, pool, environ, path, tried, sticky_id,
-                                           bounded)
-            if backend is None:
-                break
-            tried.add(backend.id)
-            if last is not None:
-                self.recorder.retry(exchange.backend_id)
-                exchange.flag("URX")
-            exchange.attempts += 1
-            exchange.backend_id = backend.id
-            exchange.slot = table.slots.get(backend.id)
-            upstream = table.upstreams[backend.id]
-            started = time.perf_counter()
-            sock: socket.socket | None = None
-            try:
-                sock, reused = upstream.acquire()
-                sock, response = self._exchange(sock, reused, upstream, method, head, body)
-            except ClientBodyError as e:
-                _close(sock)
-                self._attempt_ended(exchange, table, failed=False)
-                return self._body_error(start_response, exchange, e)
-            except LocalResourceError as e:
-                _close(sock)
-                self._attempt_ended(exchange, table, failed=False)
-                return self._local_error(start_response, exchange, e, upgrade)
-            except Exception as e:
-                _close(sock)
-                last = classify_error(e)
-                self._attempt_ended(exchange, table, failed=True)
-                exchange.flag(last.flag)
-                # The access line says what happened: an error line per attempt floods.
-                log.debug("backend %s failed (%s): %s (request %s)", backend.id, last.kind,
-                          _reason(e, settings.proxy.read_timeout), exchange.rid)
-                if may_retry(last, settings.proxy.retry_on, body.replayable,
-                             idempotent_without_body):
-                    continue
-                return self._error(start_response, exchange, last.status, last.message,
-                                   close=upgrade)
-            exchange.upstream_s = time.perf_counter() - started
-            failure = classify_status(response.status)
-            if failure is not None:
-                self._passive_failure(exchange, table)
-                last = failure
-                if may_retry(failure, settings.proxy.retry_on, body.replayable,
-                             idempotent_without_body) and len(tried) <= settings.proxy.retries \
-                        and len(tried) < len(pool.available):
-                    response.release()
-                    sock.close()
-                    self._attempt_ended(exchange, table, failed=True, noted=True)
-                    exchange.flag(failure.flag)
-                    log.debug("backend %s answered %d; trying another (request %s)",
-                              backend.id, response.status, exchange.rid)
-                    continue
-            elif exchange.slot is not None:
-                self.cells.table.note_success(exchange.slot)
-            if upgrade and response.status == 101:
-                assert client_sock is not None  # tunnel.forward answers 400 without one
-                tunnel.switch(environ, response, sock, client_sock, backend, exchange,
-                              settings.proxy.client_idle_timeout)
-            cookie = None
-            if pool.pool.sticky_cookie and sticky != pool.sticky_by_id.get(backend.id):
-                cookie = (f"{pool.pool.sticky_cookie}={pool.sticky_by_id[backend.id]}; Path=/; "
-                          "HttpOnly; SameSite=Lax")
-            return self._respond(start_response, response, sock, upstream, client_sock,
-                                 exchange, cookie)
-
-        if last is None:
-            if tried or full:
-                exchange.flag("UO")
-                return self._error(start_response, exchange, 503, "every backend is at its "
-                                   "connection limit", [("Retry-After", "1")], close=upgrade)
-            exchange.flag("UH")
-            self._no_healthy_backend(pool)
-            return self._error(start_response, exchange, 503, "no healthy backend",
-                               [("Retry-After", table.retry_after)], close=upgrade)
-        return self._error(start_response, exchange, last.status, last.message, close=upgrade)
-
-    def _no_healthy_backend(self, pool: PoolRuntime) -> None:
-        """Logged once per outage of a pool (per worker), not per request: a pool that gets
-        a backend back is a new PoolRuntime (the table is rebuilt when liveness flips)."""
-        if self._outages.get(pool.name) is not pool:
-            self._outages[pool.name] = pool
-            log.error("no healthy backend in pool %s: answering 503 until one is back "
-                      "(logged once per outage; the access log flags each request UH)",
-                      pool.name)
-
-    def _local_error(self, start_response: StartResponse, exchange: Exchange,
-                     error: LocalResourceError, upgrade: bool) -> list[bytes]:
-        """The LB could not open a backend socket for lack of its own resources (EMFILE...):
-        the backend is not at fault (no failure counted, no retry, which would fail the same
-        way), the client may come back soon. Logged once per episode, counted apart."""
-        exchange.flag("LR")
-        name = errno.errorcode.get(error.errno or 0, "other").lower()
-        self.recorder.local_error(name)
-        if self._local_errors.begins():
-            log.error("out of local resources opening backend connections (%s: %s); "
-                      "answering 503 meanwhile (logged once per episode; counted in "
-                      "gol7lb_local_errors_total)", name.upper(), error.strerror)
-        return self._error(start_response, exchange, 503, "the load balancer is out of "
-                           "resources", [("Retry-After", "1")], close=upgrade)
-
-    def _attempt_ended(self, exchange: Exchange, table: PoolTable, failed: bool,
-                       noted: bool = False) -> None:
-        """An attempt that will not stream a response: its slot and share go back."""
-        if failed and not noted:
-            self._passive_failure(exchange, table)
-        if exchange.slot is not None:
-            self.cells.end(exchange.slot, failed)
-            exchange.slot = None
-
-    def _passive_failure(self, exchange: Exchange, table: PoolTable) -> None:
-        outlier.passive_failure(self.cells, self.client, exchange.slot, exchange.backend_id, table)
-
-    def _exchange(self, sock: socket.socket, reused: bool, upstream: UpstreamPool, method: str,
-                  head: bytes, body: RequestBody) -> tuple[socket.socket, UpstreamResponse]:
-        """Send one request and read the response head.
-
-        A kept-alive connection the backend closed meanwhile fails on first use; then the
-        request goes once more on a fresh connection, which is safe because its body (if
-        any) is kept whole and either the backend cannot have seen the request (the head did
-        not go out) or the method is idempotent. If that fresh connect fails, ConnectFailed
-        sends the request on to the next backend.
-        """
-        head_sent = False
-        try:
-            sock.sendall(head)
-            head_sent = True
-            if not body.present:
-                return sock, read_response_head(sock, method)
-            if body.deferred:
-                return sock, self._send_after_continue(sock, method, body)
-        except (ConnectionError, UpstreamClosed):
-            if not reused or (head_sent and method not in IDEMPOTENT) or not body.replayable:
-                raise
-            sock.close()
-            fresh = upstream.connect()
-            try:
-                return self._exchange(fresh, False, upstream, method, head, body)
-            except BaseException:
-                fresh.close()  # the caller only knows the first socket
-                raise
-        # If the backend stops reading, it may still have answered (e.g. 413): read that.
-        with contextlib.suppress(BrokenPipeError, ConnectionResetError):
-            body.send(sock)
-        return sock, read_response_head(sock, method)
-
-    @staticmethod
-    def _send_after_continue(sock: socket.socket, method: str,
-                             body: RequestBody) -> UpstreamResponse:
-        """`Expect: 100-continue`: the body goes once the backend says `100 Continue` (or
-        stays silent for EXPECT_WAIT_SECONDS); an early final answer is relayed instead, and
-        the backend connection, which still expects the body, is not kept."""
-        response = UpstreamResponse(sock, method)
-        response.await_continue(EXPECT_WAIT_SECONDS)
-        if response.head_done:
-            response.read_head()
-            response.keep_alive = False
-            return response
-        with contextlib.suppress(BrokenPipeError, ConnectionResetError):
-            body.send(sock)
-        response.read_head()
-        return response
-
-    def _respond(self, start_response: StartResponse, response: UpstreamResponse,
-                 sock: socket.socket, upstream: UpstreamPool, client_sock: socket.socket | None,
-                 exchange: Exchange, cookie: str | None) -> Iterable[bytes]:
-        reason = response.reason if response.reason and response.reason.isprintable() else ""
-        if not reason.isascii() or not reason:
-            try:
-                reason = HTTPStatus(response.status).phrase
-            except ValueError:
-                reason = "Unknown"
-        try:
-            headers = client_response_headers(response.headers, exchange.rid)
-        except ValueError as e:
-            response.release()
-            sock.close()
-            exchange.flag("UPE")
-            log.debug("backend %s sent an invalid response header %s (request %s)",
-                      upstream.backend.id, e, exchange.rid)
-            if exchange.slot is not None:
-                self.cells.end(exchange.slot, True)
-                exchange.slot = None
-            return self._error(start_response, exchange, 502, "bad gateway")
-        if cookie:
-            headers.append(("Set-Cookie", cookie))
-        exchange.status = response.status
-        exchange.answered = True
-        start_response(f"{response.status} {reason}", headers)
-        if response.complete:
-            return FinishedBody(response.take_body(), sock, response.keep_alive, upstream,
-                                exchange)
-        return UpstreamBody(response, sock, upstream, client_sock, exchange)
-
-    def _body_error(self, start_response: StartResponse, exchange: Exchange,
-                    error: ClientBodyError) -> list[bytes]:
-        """The client's body broke off (400) or stalled past its timeout (408): its fault, not
-        the backend's; the connection closes."""
-        log.info("client request body failed (request %s): %s", exchange.rid, error)
-        if isinstance(error.__cause__, TimeoutError):
-            return self._error(start_response, exchange, 408, "request body not received in "
-                               "time", _CLOSE)
-        return self._error(start_response, exchange, 400, "incomplete request body", _CLOSE)
-
-    def _error(self, start_response: StartResponse, exchange: Exchange, status: int,
-               message: str, extra: list[tuple[str, str]] | None = None,
-               close: bool = False) -> list[bytes]:
-        """An answer the LB makes itself (no backend's status): counted and logged now.
-        `close`: the client connection ends after it (an upgrade request's)."""
-        phrase = HTTPStatus(status).phrase
-        body = f"{status} {phrase}: {message}\n".encode()
-        headers = [("Content-Type", "text/plain; charset=utf-8"),
-                   ("Content-Length", str(len(body))), ("X-Request-ID", exchange.rid),
-                   *(extra or [])]
-        if close:
-            headers.append(("Connection", "close"))
-        exchange.status = status
-        exchange.answered = False
-        start_response(f"{status} {phrase}", headers)
-        exchange.finish(len(body))
-        return [body]
-
-
-NO_BODY = RequestBody(None, 0, False, 0)  # shared: a request without a body changes nothing in it
-_BOOKKEEPING_FAILS = Episode()
-QUEUE_POLL_SECONDS = 0.005
-EXPECT_WAIT_SECONDS = 1.0  # how long a backend may stay silent after Expect (curl waits 1 s)
-_UNBOUNDED = 1 << 62
-
-
-def _no_load(backend_id: str) -> int:
-    return 0
-
-
-def request_key(hash_key: str, environ: dict[str, Any], path: str) -> bytes:
-    """What consistent_hash hashes: client_ip | path | header:NAME | cookie:NAME; a request
-    without that header or cookie hashes its client address."""
-    value: str | None = None
-    if hash_key == "path":
-        value = path
-    elif hash_key.startswith("header:"):
-        value = environ.get("HTTP_" + hash_key[7:].upper().replace("-", "_"))
-    elif hash_key.startswith("cookie:"):
-        value = _cookie(environ, hash_key[7:])
-    if value is None:
-        value = environ.get("REMOTE_ADDR") or ""
-    return value.encode("latin-1", "replace")
-
-
-def _cookie(environ: dict[str, Any], name: str) -> str | None:
-    """One cookie's value from the Cookie header (RFC 6265 pairs; the first one wins)."""
-    header: str | None = environ.get("HTTP_COOKIE")
-    if not header:
-        return None
-    for pair in header.split(";"):
-        key, sep, value = pair.strip().partition("=")
-        if sep and key == name:
-            return value.strip().strip('"')
-    return None
-
-
-def _reason(error: BaseException, read_timeout: float) -> str:
-    if isinstance(error, TIMED_OUT):
-        return f"timed out after {read_timeout:g}s"
-    return str(error) or type(error).__name__
-
-
-def _close(sock: socket.socket | None) -> None:
-    if sock is not None:
-        sock.close()
+                 authority: str | None) -> Iterable[bytes]:
+        """Send the upgrade request through the one attempt loop (retry_on, retries,
+        queue_timeout and their counters as for any request); a `101` goes on to `tunnel.switch`,
+        anything else is relayed as a normal answer."""
+        client_sock = environ.get("gunicorn.socket")
+        if client_sock is None or environ.get("CONTENT_LENGTH") or environ.get(
+                "HTTP_TRANSFER_ENCODING"):
+            return self._error(start_response, exchange, 400, "upgrade request with a body",
+                               close=True)
+        headers = self.request_headers(environ, table, authority, client_sock, exchange.rid)
+        headers["Upgrade"] = environ["HTTP_UPGRADE"]
+        headers["Connection"] = "upgrade"
+        path = target.split("?", 1)[0]
+        return self.forward(environ, start_response, table, pool, exchange, target, path, headers,
+                            NO_BODY, client_sock, upgrade=True)

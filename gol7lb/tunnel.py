@@ -1,6 +1,6 @@
 """Upgrade tunnelling (WebSocket, and any `Upgrade` with `Connection: upgrade`).
 
-The upgrade request goes to a backend like any other, through the proxy's one attempt loop
+The upgrade request goes to a backend like any other, through the one attempt loop (attempts.py)
 (Upgrade and Connection: upgrade kept, the rest of the hop-by-hop set removed). A `101` goes
 back to the client, then bytes are copied both ways until either side closes; a silent tunnel
 is closed after `proxy.client_idle_timeout`, never by `proxy.read_timeout`. Any other answer
@@ -17,7 +17,6 @@ import contextlib
 import logging
 import select
 import socket
-from collections.abc import Callable, Iterable
 from typing import TYPE_CHECKING, Any, NoReturn
 
 from gol7lb import metrics
@@ -26,8 +25,7 @@ from gol7lb.headers import client_response_headers, connection_tokens
 from gol7lb.serve import TunnelClosed
 
 if TYPE_CHECKING:
-    from gol7lb.pooltable import PoolRuntime, PoolTable
-    from gol7lb.proxy import Exchange, ProxyApp
+    from gol7lb.exchange import Exchange
 
 log = logging.getLogger("gol7lb.tunnel")
 BLOCK = 64 * 1024
@@ -37,27 +35,6 @@ def is_upgrade(environ: dict[str, Any]) -> bool:
     """An Upgrade request the client wants tunnelled (Connection lists `upgrade`)."""
     return bool(environ.get("HTTP_UPGRADE")) and "upgrade" in connection_tokens(
         environ.get("HTTP_CONNECTION"))
-
-
-def forward(app: ProxyApp, environ: dict[str, Any], start_response: Callable[..., Any],
-            table: PoolTable, pool: PoolRuntime, exchange: Exchange, target: str,
-            authority: str | None) -> Iterable[bytes]:
-    """Send the upgrade request through the proxy's one attempt loop (retry_on, retries,
-    queue_timeout and their counters as for any request); a `101` comes back to `switch`,
-    anything else is relayed as a normal answer."""
-    from gol7lb.proxy import NO_BODY  # proxy imports this module
-
-    client_sock = environ.get("gunicorn.socket")
-    if client_sock is None or environ.get("CONTENT_LENGTH") or environ.get(
-            "HTTP_TRANSFER_ENCODING"):
-        return app._error(start_response, exchange, 400, "upgrade request with a body",
-                          close=True)
-    headers = app.request_headers(environ, table, authority, client_sock, exchange.rid)
-    headers["Upgrade"] = environ["HTTP_UPGRADE"]
-    headers["Connection"] = "upgrade"
-    path = target.split("?", 1)[0]
-    return app._forward(environ, start_response, table, pool, exchange, target, path, headers,
-                        NO_BODY, client_sock, upgrade=True)
 
 
 def switch(environ: dict[str, Any], response: Any, sock: socket.socket,
@@ -85,9 +62,7 @@ def switch(environ: dict[str, Any], response: Any, sock: socket.socket,
     detach = environ.get("gol7lb.detach")
     if detach is not None:
         detach()
-        if exchange.slot is not None:
-            exchange.app.cells.detach(exchange.slot)
-            exchange.detached = True
+        exchange.detach()
     try:
         gauge = metrics.WEBSOCKET_CONNECTIONS.labels(backend.id)
         gauge.inc()

@@ -10,12 +10,13 @@ import types
 import pytest
 
 from gol7lb.backends import Backend
+from gol7lb.bodies import FinishedBody, UpstreamBody
 from gol7lb.config import load_settings
 from gol7lb.control import Snapshot
 from gol7lb.counters import SharedCounters
 from gol7lb.hosts import HostTable
 from gol7lb.pooltable import build_table
-from gol7lb.proxy import FinishedBody, ProxyApp, UpstreamBody
+from gol7lb.proxy import ProxyApp
 from gol7lb.upstream import (
     MAX_HEAD,
     UpstreamPool,
