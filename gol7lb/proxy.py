@@ -29,7 +29,6 @@ from gol7lb.target import AmbiguousTarget, normalise_path, valid_authority
 from gol7lb.view import CachedView
 
 log = logging.getLogger("gol7lb.proxy")
-log = logging.getLogger("gol7lb.proxy")
 
 _ABSOLUTE_FORM = re.compile(r"[A-Za-z][A-Za-z0-9+.-]*://")
 _BAD_TARGET_CHAR = re.compile(r"[\x00-\x20\x7f]")
