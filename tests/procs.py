@@ -227,6 +227,11 @@ def lb_status(lb: LB) -> dict:
     return requests.get(lb.admin_url + "/status", timeout=10).json()
 
 
+def alive_map(lb: LB) -> dict[int, bool]:
+    """Each backend's port -> whether /status calls it alive."""
+    return {int(b["url"].rsplit(":", 1)[1]): b["alive"] for b in lb_status(lb)["backends"]}
+
+
 def backend_entry(lb: LB, port: int) -> dict:
     """The /status entry of the backend on 127.0.0.1:port."""
     return next(b for b in lb_status(lb)["backends"] if b["id"] == f"127.0.0.1:{port}")

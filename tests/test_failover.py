@@ -18,6 +18,7 @@ from tests.conftest import FAST_HEALTH, backends_env
 from tests.helpers import per_label, read_exactly, read_head
 from tests.load import Load
 from tests.procs import (
+    alive_map,
     free_port,
     kill_once_checked,
     seconds_until,
@@ -26,10 +27,6 @@ from tests.procs import (
     workers_of,
 )
 from tests.procs import lb_status as status
-
-
-def alive_map(lb) -> dict[int, bool]:
-    return {int(b["url"].rsplit(":", 1)[1]): b["alive"] for b in status(lb)["backends"]}
 
 
 @pytest.mark.slow

@@ -25,8 +25,8 @@ import yaml
 
 from gol7lb.config import ConfigError, load_settings
 from tests.dnsserver import TestDNS
+from tests.image import dockerfile_user, env_vars, graceful_timeout
 from tests.procs import LB, ROOT, free_port, lb_status, wait_until
-from tests.test_packaging import dockerfile_user, env_vars, graceful_timeout
 
 K8S = ROOT / "deploy" / "kubernetes"
 # The Kubernetes releases the manifests are validated against: the oldest one they support

@@ -11,7 +11,7 @@ import requests
 
 from tests import procs
 from tests.conftest import FAST_HEALTH, backends_env
-from tests.test_failover import alive_map, kill_once_checked
+from tests.procs import alive_map, kill_once_checked
 
 HELPERS_START = 60.0  # spawned helpers have taken 15 s to log on a busy machine
 NO_PASSIVE = {"GOL7LB_HEALTH_INTERVAL": "60", "GOL7LB_HEALTH_PASSIVE_FAILS": "0"}

@@ -9,8 +9,6 @@ honcho.
 
 from __future__ import annotations
 
-import ast
-import fnmatch
 import json
 import os
 import re
@@ -19,8 +17,6 @@ import shutil
 import subprocess
 import sys
 import tomllib
-from dataclasses import dataclass
-from functools import cache
 from pathlib import Path
 from typing import Any
 
@@ -29,6 +25,16 @@ from packaging.markers import Marker
 from packaging.requirements import Requirement
 from packaging.utils import canonicalize_name
 
+from tests.image import (
+    copy_sources,
+    dockerfile,
+    dockerfile_user,
+    dockerignore_patterns,
+    env_vars,
+    graceful_timeout,
+    ignored,
+    only,
+)
 from tests.procs import ROOT, free_port, start_backend
 
 GUNICORN_CMD = ["gunicorn", "-c", "gunicorn.conf.py", "gol7lb.wsgi"]
@@ -36,16 +42,6 @@ BACKEND_SERVICES = {"backend1": 8081, "backend2": 8082, "backend3": 8083}
 BACKENDS_ENV = "http://backend1:8081, http://backend2:8082, http://backend3:8083"
 LOCK = ROOT / "requirements.lock"
 DEBIAN_RELEASES = ("bookworm", "trixie")
-
-
-def graceful_timeout() -> int:
-    """gunicorn's graceful_timeout as gunicorn.conf.py sets it (what TERM waits for)."""
-    tree = ast.parse((ROOT / "gunicorn.conf.py").read_text())
-    for node in tree.body:
-        if isinstance(node, ast.Assign) and any(
-                isinstance(t, ast.Name) and t.id == "graceful_timeout" for t in node.targets):
-            return int(ast.literal_eval(node.value))
-    raise AssertionError("gunicorn.conf.py does not set graceful_timeout")
 
 
 def duration_seconds(text: str | int | float) -> float:
@@ -56,96 +52,6 @@ def duration_seconds(text: str | int | float) -> float:
     assert parts and "".join(n + u for n, u in parts) == text, f"not a duration: {text!r}"
     unit = {"us": 1e-6, "ms": 1e-3, "s": 1, "m": 60, "h": 3600}
     return sum(float(n) * unit[u] for n, u in parts)
-
-
-# -- Dockerfile ------------------------------------------------------------------------------
-
-@dataclass
-class Instruction:
-    keyword: str  # upper case
-    args: str
-    line: int
-
-    def exec_form(self) -> list[str] | None:
-        """The JSON array of an exec-form instruction, or None for the shell form."""
-        text = self.args.strip()
-        return json.loads(text) if text.startswith("[") else None
-
-
-def parse_dockerfile(text: str) -> list[Instruction]:
-    """Instructions with continuation lines joined and comments dropped (enough for checks)."""
-    instructions: list[Instruction] = []
-    pending = ""
-    start = 0
-    for number, raw in enumerate(text.splitlines(), 1):
-        line = raw.strip()
-        if line.startswith("#") or (not line and not pending):
-            continue
-        if not pending:
-            start = number
-        if line.endswith("\\"):
-            pending += line[:-1] + " "
-            continue
-        keyword, _, args = (pending + line).strip().partition(" ")
-        instructions.append(Instruction(keyword.upper(), args.strip(), start))
-        pending = ""
-    assert not pending, "Dockerfile ends inside a continuation line"
-    return instructions
-
-
-@cache
-def dockerfile() -> tuple[Instruction, ...]:
-    return tuple(parse_dockerfile((ROOT / "Dockerfile").read_text()))
-
-
-def only(keyword: str) -> list[Instruction]:
-    return [i for i in dockerfile() if i.keyword == keyword]
-
-
-def env_vars() -> dict[str, str]:
-    """ENV key=value pairs, later ones winning (the legacy `ENV key value` form too)."""
-    result: dict[str, str] = {}
-    for inst in only("ENV"):
-        words = shlex.split(inst.args)
-        if "=" not in words[0]:
-            result[words[0]] = " ".join(words[1:])
-            continue
-        for word in words:
-            key, _, value = word.partition("=")
-            result[key] = value
-    return result
-
-
-def copy_sources() -> list[tuple[list[str], str]]:
-    """(sources, destination) of every COPY/ADD, flags such as --chown dropped."""
-    result = []
-    for inst in only("COPY") + only("ADD"):
-        words = inst.exec_form() or shlex.split(inst.args)
-        words = [w for w in words if not w.startswith("--")]
-        result.append((words[:-1], words[-1]))
-    return result
-
-
-def dockerignore_patterns() -> list[str]:
-    path = ROOT / ".dockerignore"
-    lines = path.read_text().splitlines() if path.exists() else []
-    return [ln.strip() for ln in lines if ln.strip() and not ln.strip().startswith("#")]
-
-
-def ignored(relpath: str, patterns: list[str]) -> bool:
-    """Whether the build context leaves `relpath` out. Docker's rules, simplified: a pattern
-    matches the path or one of its parent folders, from the context root; a leading `**/`
-    matches at any depth; a later `!pattern` takes a path back in."""
-    parts = relpath.strip("/").split("/")
-    candidates = ["/".join(parts[:n]) for n in range(1, len(parts) + 1)]
-    result = False
-    for pattern in patterns:
-        negate = pattern.startswith("!")
-        pat = pattern.lstrip("!").strip("/")
-        alternatives = {pat, pat[3:]} if pat.startswith("**/") else {pat}
-        if any(fnmatch.fnmatchcase(c, p) for c in candidates for p in alternatives):
-            result = not negate
-    return result
 
 
 def test_base_image_is_official_slim_python_pinned_to_a_minor_and_a_debian_release() -> None:
@@ -162,13 +68,6 @@ def test_base_image_is_official_slim_python_pinned_to_a_minor_and_a_debian_relea
     assert f"Python 3.{minor}" in LOCK.read_text(), "the lock was frozen on another Python"
     requires = tomllib.loads((ROOT / "pyproject.toml").read_text())["project"]["requires-python"]
     assert re.fullmatch(r">=3\.(\d+)", requires) and int(requires[4:]) <= minor
-
-
-def dockerfile_user() -> str:
-    """The user of the last USER instruction (uid or name, group dropped)."""
-    users = only("USER")
-    assert users, "no USER"
-    return users[-1].args.split(":")[0].strip()
 
 
 def test_runs_as_non_root_user_before_cmd() -> None:
