@@ -23,11 +23,52 @@ WORKER_ARGS = {"lean": [], "gthread": ["--worker-class", "gol7lb.gthread.ThreadP
                "stock": ["--worker-class", "gthread"]}
 
 
+def _ephemeral_range() -> tuple[int, int]:
+    """The kernel's range for outgoing connections' local ports (Linux's default if unreadable)."""
+    try:
+        low, high = Path("/proc/sys/net/ipv4/ip_local_port_range").read_text().split()
+        return int(low), int(high)
+    except (OSError, ValueError):
+        return 32768, 60999
+
+
+def _port_block() -> range:
+    """This test process's own slice of the ports outside the ephemeral range.
+
+    A port the kernel hands out for `bind(0)` comes from the ephemeral range, where the
+    other pytest-xdist process's clients and the LB's own upstream connections also take
+    their local ports: between `free_port()` and the server's `bind` another socket could
+    take it ("Address already in use"). Ports below the ephemeral range are never given to
+    outgoing connections, and each xdist process counts through its own slice, so two test
+    processes never pick the same port.
+    """
+    low = 10000
+    high = max(low + 2000, _ephemeral_range()[0])
+    count = int(os.environ.get("PYTEST_XDIST_WORKER_COUNT", "1") or 1)
+    name = os.environ.get("PYTEST_XDIST_WORKER", "gw0")
+    index = int(name[2:]) if name[2:].isdigit() else 0
+    size = (high - low) // max(count, 1)
+    start = low + (index % max(count, 1)) * size
+    return range(start, start + size)
+
+
+_PORTS = _port_block()
+_next_port = _PORTS.start + (os.getpid() % 97) * 7 % len(_PORTS)
+
+
 def free_port() -> int:
-    """A port nobody listens on right now (the kernel picks it)."""
-    with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
+    """A port nobody listens on now, from this test process's own slice (see _port_block)."""
+    global _next_port
+    for _ in range(len(_PORTS)):
+        port = _next_port
+        _next_port = _PORTS.start + (port + 1 - _PORTS.start) % len(_PORTS)
+        with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as s:
+            try:
+                s.bind(("127.0.0.1", port))
+            except OSError:
+                continue
+            return port
+    raise AssertionError(f"no free port in {_PORTS}")
 
 
 def wait_for_port(port: int, host: str = "127.0.0.1", timeout: float = 15.0) -> None:
