@@ -20,6 +20,7 @@ from gol7lb import outlier, tunnel
 from gol7lb.backends import Backend
 from gol7lb.balancer import PickContext, request_cookie, request_key, sticky_set_cookie
 from gol7lb.bodies import ClientBodyError, FinishedBody, RequestBody, UpstreamBody
+from gol7lb.compress import CompressedBody, Negotiated
 from gol7lb.counters import SharedCounters
 from gol7lb.exchange import Exchange
 from gol7lb.headers import client_response_headers
@@ -113,7 +114,8 @@ class AttemptLoop:
     def forward(self, environ: dict[str, Any], start_response: StartResponse,
                  table: PoolTable, pool: PoolRuntime, exchange: Exchange, target: str,
                  path: str, headers: dict[str, str], body: RequestBody,
-                 client_sock: socket.socket | None, upgrade: bool = False) -> Iterable[bytes]:
+                 client_sock: socket.socket | None, upgrade: bool = False,
+                 negotiated: Negotiated | None = None) -> Iterable[bytes]:
         """The one attempt loop, for plain and upgrade requests alike (pick, exchange,
         classify, retry by `proxy.retry_on`, queue by `proxy.queue_timeout`); an upgrade's
         `101` is one branch of it (tunnel.switch), as in Caddy's reverseproxy.go."""
@@ -200,7 +202,7 @@ class AttemptLoop:
             if pool.pool.sticky_cookie and sticky != pool.sticky_by_id.get(backend.id):
                 cookie = sticky_set_cookie(pool.pool.sticky_cookie, pool.sticky_by_id[backend.id])
             return self._respond(start_response, response, sock, upstream, client_sock,
-                                 exchange, cookie)
+                                 exchange, cookie, negotiated)
 
         if last is None:
             if tried or full:
@@ -301,7 +303,8 @@ class AttemptLoop:
 
     def _respond(self, start_response: StartResponse, response: UpstreamResponse,
                  sock: socket.socket, upstream: UpstreamPool, client_sock: socket.socket | None,
-                 exchange: Exchange, cookie: str | None) -> Iterable[bytes]:
+                 exchange: Exchange, cookie: str | None,
+                 negotiated: Negotiated | None = None) -> Iterable[bytes]:
         reason = response.reason if response.reason and response.reason.isprintable() else ""
         if not reason.isascii() or not reason:
             try:
@@ -324,11 +327,32 @@ class AttemptLoop:
             headers.append(("Set-Cookie", cookie))
         exchange.status = response.status
         exchange.answered = True
+        if negotiated is not None:  # the route compresses: compress.py decides
+            return self._compressed(start_response, response, sock, upstream, client_sock,
+                                    exchange, reason, headers, negotiated)
         start_response(f"{response.status} {reason}", headers)
         if response.complete:
             return FinishedBody(response.take_body(), sock, response.keep_alive, upstream,
                                 exchange)
         return UpstreamBody(response, sock, upstream, client_sock, exchange)
+
+    @staticmethod
+    def _compressed(start_response: StartResponse, response: UpstreamResponse,
+                    sock: socket.socket, upstream: UpstreamPool,
+                    client_sock: socket.socket | None, exchange: Exchange, reason: str,
+                    headers: list[tuple[str, str]], negotiated: Negotiated) -> Iterable[bytes]:
+        """The answer of a route with `compress = true`: compressed block by block when its
+        head and the client allow it (the size of a whole body is its real one)."""
+        body: FinishedBody | UpstreamBody
+        if response.complete:
+            data = response.take_body()
+            encoder = negotiated.apply(response.status, headers, len(data))
+            body = FinishedBody(data, sock, response.keep_alive, upstream, exchange)
+        else:
+            encoder = negotiated.apply(response.status, headers)
+            body = UpstreamBody(response, sock, upstream, client_sock, exchange)
+        start_response(f"{response.status} {reason}", headers)
+        return body if encoder is None else CompressedBody(body, encoder)
 
     def _body_error(self, start_response: StartResponse, exchange: Exchange,
                     error: ClientBodyError) -> list[bytes]:

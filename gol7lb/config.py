@@ -48,6 +48,10 @@ CPU_AFFINITY: tuple[CpuAffinity, ...] = get_args(CpuAffinity)
 ForwardedMode = Literal["x-forwarded", "rfc7239", "both"]
 FORWARDED_MODES: tuple[ForwardedMode, ...] = get_args(ForwardedMode)
 DEMO_PORTS = (8081, 8082, 8083)
+ContentEncoding = Literal["zstd", "br", "gzip"]
+CONTENT_ENCODINGS: tuple[ContentEncoding, ...] = get_args(ContentEncoding)
+CompressionLevel = Literal["fast", "default"]
+COMPRESSION_LEVELS: tuple[CompressionLevel, ...] = get_args(CompressionLevel)
 
 
 @dataclass(frozen=True)
@@ -283,6 +287,35 @@ class ReloadSettings:
         "always does).")
 
 
+def _media_range(text: str) -> bool:
+    """type/subtype or type/* (lower-case tokens), as [compression] types lists them."""
+    kind, sep, sub = text.partition("/")
+    return bool(sep) and kind.isascii() and sub.isascii() and all(
+        part and part.replace("-", "").replace(".", "").replace("+", "").isalnum()
+        and part == part.lower() for part in (kind, sub if sub != "*" else "x"))
+
+
+@dataclass(frozen=True)
+class CompressionSettings:
+    encodings: tuple[str, ...] = setting(
+        CONTENT_ENCODINGS, "a list of zstd, br, gzip, each once",
+        "The server's order of preference among the encodings the client accepts (among "
+        "those with the client's highest q-value). Used by routes with `compress = true`.",
+        lambda v: all(x in CONTENT_ENCODINGS for x in v) and len(set(v)) == len(v))
+    types: tuple[str, ...] = setting(
+        ("text/*", "application/json", "application/javascript", "image/svg+xml"),
+        'a list of media types like "application/json" or "text/*"',
+        "Content-Types that are compressed (parameters such as charset ignored).",
+        lambda v: all(_media_range(x) for x in v))
+    min_bytes: int = _whole(
+        1024, 0, 1 << 30, "Answers with a smaller Content-Length are sent as they are; "
+        "answers without one (streamed) are compressed whatever their size.")
+    level: CompressionLevel = _one_of(
+        "fast", COMPRESSION_LEVELS,
+        "fast: zstd 1, Brotli 4, gzip 1; default: zstd 3, Brotli 5, gzip 6. Never the "
+        "slowest levels (Brotli 11 runs at about 0.5 MB/s) on the fly.")
+
+
 @dataclass(frozen=True)
 class Settings:
     algorithm: Algorithm = _one_of(
@@ -316,6 +349,7 @@ class Settings:
     discovery: DiscoverySettings = field(default_factory=DiscoverySettings)
     log: LogSettings = field(default_factory=LogSettings)
     reload: ReloadSettings = field(default_factory=ReloadSettings)
+    compression: CompressionSettings = field(default_factory=CompressionSettings)
     demo_backends: bool = False  # True when no backend was configured and the demo ones stand in
     source: str = "defaults"  # where the settings came from, for the start-up log
     path: str = ""  # GOL7LB_CONFIG, "" when none

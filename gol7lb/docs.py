@@ -64,6 +64,11 @@ ROUTE_DOCS = {
     "pool": "Required: where matching requests go (a `[pools.NAME]`, or `default`).",
     "strip_prefix": "`true` (with `path_prefix`): `/api/x?q=1` reaches the pool as `/x?q=1`, "
                     "`/api` as `/`. Default `false`.",
+    "compress": "`true`: answers are compressed as `[compression]` says (zstd, br or gzip "
+                "by the client's `Accept-Encoding`). Default `false`.",
+    "mirror": '`{ pool = "shadow", percent = 10 }`: a copy of that share of the requests '
+              "(percent 0-100, default 100; bodies up to `proxy.retry_buffer`) goes to the "
+              "pool off the request path; its answers are discarded.",
 }
 
 

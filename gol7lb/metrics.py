@@ -69,11 +69,15 @@ HELP = {
     "gol7lb_websocket_connections": "Open upgraded tunnels.",
     "gol7lb_local_errors": "Requests the LB answered 503 for lack of its own resources (no "
                            "descriptor, buffer or memory for a backend socket), by errno.",
+    "gol7lb_mirror_requests": "Mirrored copies of requests (routes with mirror), by result: "
+                              "ok, error, dropped (queue full), too_large (body over "
+                              "proxy.retry_buffer), skipped (Expect: 100-continue body).",
 }
 RETRIES = Counter("gol7lb_retries", HELP["gol7lb_retries"], ["backend"])
 EJECTIONS = Counter("gol7lb_backend_ejections", HELP["gol7lb_backend_ejections"], ["backend"])
 CONFIG_RELOADS = Counter("gol7lb_config_reloads", HELP["gol7lb_config_reloads"], ["result"])
 LOCAL_ERRORS = Counter("gol7lb_local_errors", HELP["gol7lb_local_errors"], ["reason"])
+MIRROR_REQUESTS = Counter("gol7lb_mirror_requests", HELP["gol7lb_mirror_requests"], ["result"])
 WEBSOCKET_CONNECTIONS = Gauge("gol7lb_websocket_connections",
                               HELP["gol7lb_websocket_connections"], ["backend"],
                               multiprocess_mode="livesum")
@@ -197,6 +201,13 @@ class RequestRecorder:
     def local_error(self, reason: str) -> None:
         """The LB answered 503 for lack of its own resources (`reason`: the errno's name)."""
         self._event(LOCAL_ERRORS, reason)
+
+    def mirror(self, result: str) -> None:
+        """A mirrored copy ended (or was never sent): from the mirror's threads too, after
+        the request was counted, so the periodic flush writes it."""
+        self._event(MIRROR_REQUESTS, result)
+        if not self._flusher.started:
+            self._flusher.ensure_started()
 
 
 def worker_exited(pid: int) -> None:

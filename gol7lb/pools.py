@@ -10,7 +10,7 @@ from __future__ import annotations
 import ipaddress
 import re
 from collections.abc import Callable, Mapping, Sequence
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from typing import TYPE_CHECKING, Any, Literal, get_args
 
 from gol7lb.backends import (
@@ -36,7 +36,9 @@ BACKEND_KEYS = ("url", "weight", "max_connections", "discover", "name")
 DiscoveryKind = Literal["dns", "srv"]
 DISCOVERY_KINDS: tuple[DiscoveryKind, ...] = get_args(DiscoveryKind)
 POOL_KEYS = ("algorithm", "hash_key", "sticky_cookie", "backends")
-ROUTE_KEYS = ("host", "path_prefix", "methods", "headers", "pool", "strip_prefix")
+ROUTE_KEYS = ("host", "path_prefix", "methods", "headers", "pool", "strip_prefix", "compress",
+              "mirror")
+MIRROR_KEYS = ("pool", "percent")
 
 
 @dataclass(frozen=True)
@@ -68,6 +70,15 @@ class Pool:
 
 
 @dataclass(frozen=True)
+class MirrorSpec:
+    """`mirror = { pool = "shadow", percent = 10 }`: a copy of that share of the route's
+    requests goes to `pool` (mirror.py), its answers discarded."""
+
+    pool: str
+    percent: float = 100.0
+
+
+@dataclass(frozen=True)
 class Route:
     """Requests matching every given condition go to `pool`; conditions left out match all."""
 
@@ -77,13 +88,28 @@ class Route:
     methods: frozenset[str] = field(default_factory=frozenset)
     headers: tuple[tuple[str, str], ...] = ()  # (lower-case name, exact value)
     strip_prefix: bool = False
+    compress: bool = False  # answers compressed by [compression] (compress.py)
+    mirror: MirrorSpec | None = None
 
     def describe(self) -> dict[str, Any]:
         """For /status."""
-        return {"host": self.host or None, "path_prefix": self.path_prefix or None,
-                "methods": sorted(self.methods) or None,
-                "headers": dict(self.headers) or None, "pool": self.pool,
-                "strip_prefix": self.strip_prefix}
+        found: dict[str, Any] = {"host": self.host or None, "path_prefix": self.path_prefix or None,
+                 "methods": sorted(self.methods) or None,
+                 "headers": dict(self.headers) or None, "pool": self.pool,
+                 "strip_prefix": self.strip_prefix}
+        if self.compress:
+            found["compress"] = True
+        if self.mirror is not None:
+            found["mirror"] = {"pool": self.mirror.pool, "percent": self.mirror.percent}
+        return found
+
+    def conditions(self) -> str:
+        """What the route matches, for error messages: `host "a.example" path_prefix "/x/"`."""
+        parts = [f"{name} {value!r}" for name, value in (
+            ("host", self.host), ("path_prefix", self.path_prefix),
+            ("methods", ",".join(sorted(self.methods))),
+            ("headers", ",".join(f"{k}={v}" for k, v in self.headers))) if value]
+        return " ".join(parts) or "every request"
 
 
 def bad(name: str, value: Any, origin: str, allowed: str) -> ConfigError:
@@ -273,9 +299,29 @@ def routes_from_toml(items: Any, origin: str) -> list[Route]:
             raise bad(f"{at}.strip_prefix", strip, origin, "true or false")
         if strip and not prefix:
             raise bad(f"{at}.strip_prefix", strip, origin, "used together with path_prefix")
-        routes.append(Route(pool, host, prefix, frozenset(m.upper() for m in methods),
-                            tuple((k.lower(), v) for k, v in headers.items()), strip))
+        route = Route(pool, host, prefix, frozenset(m.upper() for m in methods),
+                      tuple((k.lower(), v) for k, v in headers.items()), strip)
+        where = f"{origin}; the route for {route.conditions()}"
+        compress = item.get("compress", False)
+        if not isinstance(compress, bool):
+            raise bad(f"{at}.compress", compress, where, "true or false")
+        mirror = _mirror(item["mirror"], f"{at}.mirror", where) if "mirror" in item else None
+        routes.append(replace(route, compress=compress, mirror=mirror))
     return routes
+
+
+def _mirror(value: Any, at: str, where: str) -> MirrorSpec:
+    if not isinstance(value, dict):
+        raise bad(at, value, where, 'a table like { pool = "shadow", percent = 10 }')
+    unknown_keys(value, MIRROR_KEYS, at, where)
+    pool = value.get("pool")
+    if not isinstance(pool, str) or not pool:
+        raise bad(f"{at}.pool", pool, where, "the name of a pool")
+    percent = value.get("percent", 100)
+    if isinstance(percent, bool) or not isinstance(percent, int | float) or \
+            not 0 <= percent <= 100:
+        raise bad(f"{at}.percent", percent, where, "a number from 0 to 100")
+    return MirrorSpec(pool, float(percent))
 
 
 def check_routes(routes: Sequence[Route], pools: Mapping[str, Pool], origin: str) -> None:
@@ -284,3 +330,8 @@ def check_routes(routes: Sequence[Route], pools: Mapping[str, Pool], origin: str
             names = ", ".join(sorted(pools)) or "none (no [[backends]] and no [pools.NAME])"
             raise ConfigError(f"invalid setting routes[{i}].pool = {route.pool!r} ({origin}): "
                               f"no such pool; pools are {names}")
+        if route.mirror is not None and route.mirror.pool not in pools:
+            names = ", ".join(sorted(pools))
+            raise ConfigError(f"invalid setting routes[{i}].mirror.pool = {route.mirror.pool!r} "
+                              f"({origin}; the route for {route.conditions()}): no such pool; "
+                              f"pools are {names}")

@@ -16,6 +16,7 @@ from dataclasses import dataclass, field
 from gol7lb import logfmt
 from gol7lb.backends import Backend
 from gol7lb.balancer import Policy, make_policy, pool_sticky_secret, sticky_key
+from gol7lb.compress import Compression
 from gol7lb.config import Settings
 from gol7lb.control import Snapshot
 from gol7lb.counters import rotation_cell
@@ -58,6 +59,7 @@ class PoolTable:
     retry_after: str
     forwarded: ForwardedPolicy  # proxy.forwarded and proxy.trusted_proxies
     rebuild_at: float = math.inf  # monotonic time of the next slow-start step
+    compression: Compression | None = None  # [compression], when a route has compress
 
     def peers(self, backend_id: str) -> list[PoolPeers]:
         """The host slots of every pool holding the backend, for passive health's
@@ -130,7 +132,19 @@ def build_table(snapshot: Snapshot, previous: PoolTable | None) -> PoolTable:
         snapshot, settings, Router(settings.routes, list(snapshot.pools)), pools, upstreams,
         dict(snapshot.slots), str(max(1, math.ceil(settings.health.interval))),
         _forwarded_policy(settings, previous),
-        rebuild_at=time.monotonic() + RAMP_REBUILD_SECONDS if ramping else math.inf)
+        rebuild_at=time.monotonic() + RAMP_REBUILD_SECONDS if ramping else math.inf,
+        compression=_compression(settings, previous))
+
+
+def _compression(settings: Settings, previous: PoolTable | None) -> Compression | None:
+    """Built when some route compresses; kept across generations while [compression] is
+    unchanged (it caches its choice per Accept-Encoding value)."""
+    if not any(route.compress for route in settings.routes):
+        return None
+    if previous is not None and previous.compression is not None and \
+            previous.settings.compression == settings.compression:
+        return previous.compression
+    return Compression(settings.compression)
 
 
 def _forwarded_policy(settings: Settings, previous: PoolTable | None) -> ForwardedPolicy:

@@ -17,15 +17,19 @@ from gol7lb import tunnel
 from gol7lb.accesslog import AccessLog
 from gol7lb.attempts import CLOSE, AttemptLoop, StartResponse
 from gol7lb.bodies import NO_BODY, ClientBodyError, RequestBody
+from gol7lb.compress import Negotiated
 from gol7lb.counters import SharedCounters
 from gol7lb.exchange import Exchange
 from gol7lb.headers import request_id, upstream_request_headers
 from gol7lb.hosts import WorkerCells
 from gol7lb.manager import ControlClient
 from gol7lb.metrics import RequestRecorder
+from gol7lb.mirror import SKIPPED, TOO_LARGE, Copy, Mirror
+from gol7lb.pools import MirrorSpec
 from gol7lb.pooltable import PoolRuntime, PoolTable
 from gol7lb.routing import strip_prefix
 from gol7lb.target import AmbiguousTarget, normalise_path, valid_authority
+from gol7lb.upstream import request_head
 from gol7lb.view import CachedView
 
 log = logging.getLogger("gol7lb.proxy")
@@ -68,6 +72,7 @@ class ProxyApp(AttemptLoop):
         super().__init__(counters, cells, client, threads, recorder or RequestRecorder())
         self.view = view
         self.access_log = access_log or AccessLog()
+        self.mirror = Mirror(self.recorder)
 
     def __call__(self, environ: dict[str, Any], start_response: StartResponse) -> Iterable[bytes]:
         rid = request_id(environ)
@@ -116,8 +121,28 @@ class ProxyApp(AttemptLoop):
         client_sock = environ.get("gunicorn.socket")
         headers = self.request_headers(environ, table, authority, client_sock, rid)
         body.framing(headers)
+        route = match.route
+        negotiated: Negotiated | None = None
+        if route is not None:
+            if route.mirror is not None and self.mirror.sampled(route.mirror.percent):
+                self._mirror(environ, table, route.mirror, method, target, path, headers, body)
+            if route.compress and table.compression is not None:
+                negotiated = table.compression.negotiate(environ, method)
         return self.forward(environ, start_response, table, pool, exchange, target, path,
-                            headers, body, client_sock)
+                            headers, body, client_sock, negotiated=negotiated)
+
+    def _mirror(self, environ: dict[str, Any], table: PoolTable, spec: MirrorSpec,
+                method: str, target: str, path: str, headers: dict[str, str],
+                body: RequestBody) -> None:
+        """A copy of this request (same method, target, headers and held body) onto the
+        worker's mirror queue; a body the LB does not hold whole is not copied (counted)."""
+        if body.kept is None:
+            self.recorder.mirror(SKIPPED if body.deferred else TOO_LARGE)
+            return
+        shadow = table.pools[spec.pool]
+        self.mirror.submit(Copy(shadow, self._context(table, shadow, environ, path),
+                                table.upstreams, method, request_head(method, target, headers),
+                                body.kept))
 
     @staticmethod
     def request_headers(environ: dict[str, Any], table: PoolTable, authority: str | None,

@@ -38,6 +38,7 @@ class CompiledRoute:
 class Match:
     pool: str
     strip: str  # the prefix to remove from the path ("" for none)
+    route: Route | None = None  # None: the default pool, no route matched
 
 
 def host_matches(pattern: str, host: str) -> bool:
@@ -105,5 +106,6 @@ class Router:
             for compiled in candidates:
                 if compiled.matches(environ, path, method):
                     route = compiled.route
-                    return Match(route.pool, compiled.prefix if route.strip_prefix else "")
+                    return Match(route.pool, compiled.prefix if route.strip_prefix else "",
+                                 route)
         return self._default_match
