@@ -343,15 +343,16 @@ class AttemptLoop:
                     headers: list[tuple[str, str]], negotiated: Negotiated) -> Iterable[bytes]:
         """The answer of a route with `compress = true`: compressed block by block when its
         head and the client allow it (the size of a whole body is its real one)."""
-        body: FinishedBody | UpstreamBody
         if response.complete:
             data = response.take_body()
             encoder = negotiated.apply(response.status, headers, len(data))
-            body = FinishedBody(data, sock, response.keep_alive, upstream, exchange)
-        else:
-            encoder = negotiated.apply(response.status, headers)
-            body = UpstreamBody(response, sock, upstream, client_sock, exchange)
+            if encoder is not None:
+                data = encoder.whole(data)
+            start_response(f"{response.status} {reason}", headers)
+            return FinishedBody(data, sock, response.keep_alive, upstream, exchange)
+        encoder = negotiated.apply(response.status, headers)
         start_response(f"{response.status} {reason}", headers)
+        body = UpstreamBody(response, sock, upstream, client_sock, exchange)
         return body if encoder is None else CompressedBody(body, encoder)
 
     def _body_error(self, start_response: StartResponse, exchange: Exchange,

@@ -19,6 +19,7 @@ from typing import Any, Protocol
 import brotli
 import zstandard
 
+from gol7lb.bodies import UpstreamBody
 from gol7lb.config import CompressionSettings
 
 ACCEPT_CACHE_SIZE = 1024  # distinct Accept-Encoding values remembered; clients choose them
@@ -31,7 +32,10 @@ NEVER_STATUS = frozenset({204, 206, 304})  # no body, or a range of the identity
 
 
 class Encoder(Protocol):
-    """One answer's compressor: `chunk` compresses and flushes a block, `end` closes."""
+    """One answer's compressor: `whole` compresses a body the backend sent in one piece;
+    for a streamed one, `chunk` compresses and flushes each block, `end` closes."""
+
+    def whole(self, data: bytes) -> bytes: ...
 
     def chunk(self, data: bytes) -> bytes: ...
 
@@ -39,10 +43,14 @@ class Encoder(Protocol):
 
 
 class _Zstd:
-    __slots__ = ("_obj",)
+    __slots__ = ("_compressor", "_obj")
 
     def __init__(self, level: int) -> None:
-        self._obj = zstandard.ZstdCompressor(level=level).compressobj()
+        self._compressor = zstandard.ZstdCompressor(level=level)
+        self._obj = self._compressor.compressobj()
+
+    def whole(self, data: bytes) -> bytes:
+        return self._compressor.compress(data)
 
     def chunk(self, data: bytes) -> bytes:
         obj = self._obj
@@ -58,6 +66,9 @@ class _Brotli:
     def __init__(self, level: int) -> None:
         self._obj = brotli.Compressor(quality=level)
 
+    def whole(self, data: bytes) -> bytes:
+        return self._obj.process(data) + self._obj.finish()  # type: ignore[no-any-return]
+
     def chunk(self, data: bytes) -> bytes:
         obj = self._obj
         return obj.process(data) + obj.flush()  # type: ignore[no-any-return]
@@ -71,6 +82,9 @@ class _Gzip:
 
     def __init__(self, level: int) -> None:
         self._obj = zlib.compressobj(level, zlib.DEFLATED, 31)  # 31: the gzip wrapper
+
+    def whole(self, data: bytes) -> bytes:
+        return self._obj.compress(data) + self._obj.flush()
 
     def chunk(self, data: bytes) -> bytes:
         obj = self._obj
@@ -226,15 +240,14 @@ def _add_vary(headers: list[tuple[str, str]]) -> None:
 
 
 class CompressedBody:
-    """The response body as the server writes it, compressed block by block: each block the
-    backend sent goes out compressed and flushed before the next is read. `close` passes on
-    to the backend body (its socket goes back, the request is counted); the access log's
-    byte count is the compressed one (less the few closing bytes)."""
+    """A streamed response body as the server writes it, compressed block by block: each
+    block the backend sent goes out compressed and flushed before the next is read. `close`
+    passes on to the backend body (its socket goes back, the request is counted); the access
+    log's byte count is the compressed one (less the few closing bytes)."""
 
-    def __init__(self, body: Any, encoder: Encoder) -> None:
+    def __init__(self, body: UpstreamBody, encoder: Encoder) -> None:
         self.body = body
         self.encoder = encoder
-        self.sent = 0
 
     def __iter__(self) -> Iterator[bytes]:
         return self._blocks()
@@ -242,14 +255,11 @@ class CompressedBody:
     def _blocks(self) -> Iterator[bytes]:
         encoder = self.encoder
         body = self.body
-        counted = hasattr(body, "sent")
+        sent = 0
         for block in body:
-            if not block:
-                continue
             out = encoder.chunk(block)
-            self.sent += len(out)
-            if counted:
-                body.sent = self.sent  # what the access log says went to the client
+            sent += len(out)
+            body.sent = sent  # what the access log says went to the client
             if out:
                 yield out
         tail = encoder.end()
@@ -257,8 +267,4 @@ class CompressedBody:
             yield tail
 
     def close(self) -> None:
-        close = getattr(self.body, "close", None)
-        if close is not None:
-            if hasattr(self.body, "sent"):
-                self.body.sent = self.sent
-            close()
+        self.body.close()

@@ -26,13 +26,14 @@ from tests.procs import LB
 
 TEXT = b"".join(b"line %d of a compressible answer, repeated a lot\n" % i for i in range(400))
 SMALL = b"tiny\n"
+BIG = TEXT * 20  # 400 kB: several blocks of 64 KiB
 
 
 def decode(encoding: str, data: bytes) -> bytes:
     if encoding == "gzip":
         return gzip.decompress(data)
     if encoding == "br":
-        return brotli.decompress(data)  # type: ignore[no-any-return]
+        return brotli.decompress(data)
     if encoding == "zstd":
         return zstandard.ZstdDecompressor().decompressobj().decompress(data)
     assert encoding == "", encoding
@@ -50,14 +51,14 @@ class Backend(BaseHTTPRequestHandler):
         pass
 
     def _answer(self, status: int, body: bytes, headers: dict[str, str]) -> None:
-        self.send_response(status)
-        for name, value in headers.items():
-            self.send_header(name, value)
-        if "Transfer-Encoding" not in headers:
-            self.send_header("Content-Length", str(len(body)))
-        self.end_headers()
+        """Head and body in one write: the LB gets the answer whole (FinishedBody)."""
+        lines = [f"HTTP/1.1 {status} X", *(f"{k}: {v}" for k, v in headers.items())]
+        if status not in (204, 304):
+            lines.append(f"Content-Length: {len(body)}")
+        raw = ("\r\n".join(lines) + "\r\n\r\n").encode()
         if self.command != "HEAD" and status not in (204, 304):
-            self.wfile.write(body)
+            raw += body
+        self.wfile.write(raw)
 
     def do_HEAD(self) -> None:
         self.do_GET()
@@ -86,6 +87,15 @@ class Backend(BaseHTTPRequestHandler):
                                            f"bytes 0-1999/{len(TEXT)}"})
         elif path == "/404":
             self._answer(404, TEXT, text)
+        elif path == "/pieces":  # a long chunked answer, streamed through the LB
+            self.send_response(200)
+            self.send_header("Content-Type", "text/html")
+            self.send_header("Transfer-Encoding", "chunked")
+            self.end_headers()
+            for i in range(0, len(BIG), 7000):
+                piece = BIG[i:i + 7000]
+                self.wfile.write(b"%x\r\n%b\r\n" % (len(piece), piece))
+            self.wfile.write(b"0\r\n\r\n")
         elif path == "/stream":
             self.send_response(200)
             self.send_header("Content-Type", "text/plain")
@@ -160,6 +170,14 @@ def test_each_encoding_decodes_to_the_backend_body(lb, encoding):
     assert answer.headers["Transfer-Encoding"] == "chunked"
     assert len(answer.content) < len(TEXT) / 4
     assert decode(encoding, answer.content) == TEXT
+
+
+@pytest.mark.parametrize("encoding", ["gzip", "br", "zstd"])
+def test_a_long_streamed_answer_decodes_whole(lb, encoding):
+    answer = get(lb, "/pieces", accept=encoding)
+    assert answer.headers["Content-Encoding"] == encoding
+    assert decode(encoding, answer.content) == BIG
+    assert len(answer.content) < len(BIG) / 4
 
 
 def test_requests_decodes_what_it_asks_for(lb):
