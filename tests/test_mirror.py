@@ -4,7 +4,6 @@ and latency must not change whatever the shadow does."""
 
 from __future__ import annotations
 
-import socket
 import statistics
 import threading
 import time
@@ -16,189 +15,155 @@ import requests
 
 from gol7lb.config import load_settings
 from gol7lb.errors import ConfigError
-from tests.helpers import per_label
+from tests.helpers import RawBackend, per_label
 from tests.procs import LB, free_port, lb_status, wait_until
 from tests.recorder import Recorder
 
 
-class SlowShadow:
-    """Answers every request after `delay` seconds (one thread per connection)."""
+class Shadows:
+    """One LB (module-wide: an LB start is slow on a busy machine) whose routes mirror to a
+    recording shadow, a dead one and a slow one; tests compare metric deltas."""
 
-    def __init__(self, delay: float) -> None:
-        self.delay = delay
-        self.sock = socket.socket()
-        self.sock.bind(("127.0.0.1", 0))
-        self.sock.listen(256)
-        self.port = self.sock.getsockname()[1]
-        self.got = 0
+    def __init__(self, tmp: Path) -> None:
+        self.main = Recorder()
+        self.shadow = Recorder()
         self.stop = threading.Event()
-        threading.Thread(target=self._accept, daemon=True).start()
-
-    def _accept(self) -> None:
-        while True:
-            try:
-                conn, _ = self.sock.accept()
-            except OSError:
-                return
-            threading.Thread(target=self._serve, args=(conn,), daemon=True).start()
-
-    def _serve(self, conn: socket.socket) -> None:
-        with conn:
-            conn.settimeout(30)
-            try:
-                while conn.recv(65536):
-                    self.got += 1
-                    if self.stop.wait(self.delay):
-                        return
-                    conn.sendall(b"HTTP/1.1 200 OK\r\nContent-Length: 2\r\n\r\nok")
-            except OSError:
-                pass
+        self.slow = RawBackend(lambda conn: self.stop.wait(5.0) or conn.sendall(
+            b"HTTP/1.1 200 OK\r\nContent-Length: 2\r\n\r\nok"))
+        self.config = tmp / "lb.toml"
+        pools = {"main": self.main.port, "shadow": self.shadow.port, "dead": free_port(),
+                 "slow": self.slow.port}
+        routes = [("/plain/", None), ("/api/", "shadow"), ("/pct/", "shadow"),
+                  ("/dead/", "dead"), ("/slow/", "slow")]
+        self.config.write_text("".join(
+            f'[pools.{name}]\nbackends = [{{ url = "http://127.0.0.1:{port}" }}]\n'
+            for name, port in pools.items()) + "".join(
+            f'[[routes]]\npath_prefix = "{prefix}"\nstrip_prefix = true\npool = "main"\n'
+            + (f'mirror = {{ pool = "{shadow}", percent = {25 if prefix == "/pct/" else 100} }}\n'
+               if shadow else "") for prefix, shadow in routes))
+        self.lb = LB({"GOL7LB_CONFIG": str(self.config), "GOL7LB_PROXY_RETRY_BUFFER": "4096",
+                      "GOL7LB_HEALTH_INTERVAL": "0.2", "GOL7LB_HEALTH_TIMEOUT": "0.5"},
+                     log=tmp / "lb.log")
 
     def close(self) -> None:
+        self.lb.stop()
         self.stop.set()
-        self.sock.close()
+        for server in (self.main, self.shadow, self.slow):
+            server.close()
 
 
-def start_lb(tmp: Path, main: int, shadow: int, percent: float = 100, env: dict | None = None,
-             ) -> LB:
-    path = tmp / "lb.toml"
-    path.write_text(f"""
-[pools.main]
-backends = [{{ url = "http://127.0.0.1:{main}" }}]
-
-[pools.shadow]
-backends = [{{ url = "http://127.0.0.1:{shadow}" }}]
-
-[[routes]]
-path_prefix = "/plain/"
-pool = "main"
-
-[[routes]]
-path_prefix = "/api/"
-strip_prefix = true
-pool = "main"
-mirror = {{ pool = "shadow", percent = {percent} }}
-""")
-    return LB({"GOL7LB_CONFIG": str(path), "GOL7LB_PROXY_RETRY_BUFFER": "4096",
-               "GOL7LB_HEALTH_INTERVAL": "0.2", "GOL7LB_HEALTH_TIMEOUT": "0.5",
-               **(env or {})}, log=tmp / "lb.log").wait_ready()
-
-
-@pytest.fixture
-def main_backend() -> Iterator[Recorder]:
-    rec = Recorder()
-    yield rec
-    rec.close()
-
-
-@pytest.fixture
-def lbs() -> Iterator[list[LB]]:
-    started: list[LB] = []
-    yield started
-    for lb in started:
-        lb.stop()
+@pytest.fixture(scope="module")
+def shadows(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Shadows]:
+    setup = Shadows(tmp_path_factory.mktemp("mirror"))
+    try:
+        setup.lb.wait_ready()
+        yield setup
+    finally:
+        setup.close()
 
 
 def mirrored(lb: LB) -> dict[str, float]:
     return per_label(lb, "gol7lb_mirror_requests_total", "result")
 
 
-def test_a_copy_reaches_the_shadow_as_the_client_sent_it(tmp_path, main_backend, lbs):
-    shadow = Recorder()
-    try:
-        lb = start_lb(tmp_path, main_backend.port, shadow.port)
-        lbs.append(lb)
-        answer = requests.post(lb.url + "/api/items?x=1", data=b"hello body",
-                               headers={"Host": "shop.example", "X-Custom": "yes"}, timeout=10)
-        assert answer.status_code == 200 and answer.text == "ok\n"
-        wait_until(lambda: b"hello body" in shadow.data(), timeout=10)
-        head, _, body = shadow.data().partition(b"\r\n\r\n")
-        lines = head.decode("latin-1").split("\r\n")
-        assert lines[0] == "POST /items?x=1 HTTP/1.1"  # after strip_prefix
-        fields = {k.lower(): v.strip() for k, _, v in (line.partition(":") for line in lines[1:])}
-        assert fields["host"] == "shop.example"
-        assert fields["x-custom"] == "yes"
-        assert fields["x-forwarded-for"] == "127.0.0.1"
-        assert fields["content-length"] == "10" and body == b"hello body"
-        # the main backend got the same request
-        assert main_backend.data().split(b"\r\n", 1)[0] == b"POST /items?x=1 HTTP/1.1"
-        # a route without mirror sends no copy
-        shadow.clear()
-        assert requests.get(lb.url + "/plain/x", timeout=10).status_code == 200
-        wait_until(lambda: mirrored(lb).get("ok") == 1, timeout=10)
-        # a body over proxy.retry_buffer is not copied, and counted
-        big = b"x" * 10000
-        assert requests.post(lb.url + "/api/big", data=big, timeout=10).status_code == 200
-        wait_until(lambda: mirrored(lb).get("too_large") == 1, timeout=10)
-        time.sleep(0.3)  # nothing more may arrive: the plain route and the big body
-        assert shadow.data() == b""
-    finally:
-        shadow.close()
+def settled(lb: LB, result: str, expected: float) -> None:
+    """Wait until the count of `result` is `expected`, and check it stays there a moment."""
+    wait_until(lambda: mirrored(lb).get(result, 0) == expected, timeout=15)
+    time.sleep(0.3)
+    assert mirrored(lb).get(result, 0) == expected
 
 
-def test_percent_copies_about_that_share(tmp_path, main_backend, lbs):
-    shadow = Recorder()
-    try:
-        lb = start_lb(tmp_path, main_backend.port, shadow.port, percent=25)
-        lbs.append(lb)
-        with requests.Session() as session:
-            for i in range(200):
-                assert session.get(f"{lb.url}/api/{i}", timeout=10).status_code == 200
-        wait_until(lambda: sum(mirrored(lb).values()) >= 20, timeout=10)
-        time.sleep(0.3)
-        copies = mirrored(lb).get("ok", 0)
-        assert 20 <= copies <= 90, copies  # 50 expected; binomial(200, 0.25) is within
-    finally:
-        shadow.close()
+def test_a_copy_reaches_the_shadow_as_the_client_sent_it(shadows):
+    lb, shadow = shadows.lb, shadows.shadow
+    shadow.clear()
+    before = mirrored(lb)
+    answer = requests.post(lb.url + "/api/items?x=1", data=b"hello body",
+                           headers={"Host": "shop.example", "X-Custom": "yes"}, timeout=10)
+    assert answer.status_code == 200 and answer.text == "ok\n"
+    wait_until(lambda: b"hello body" in shadow.data(), timeout=10)
+    head, _, body = shadow.data().partition(b"\r\n\r\n")
+    lines = head.decode("latin-1").split("\r\n")
+    assert lines[0] == "POST /items?x=1 HTTP/1.1"  # after strip_prefix
+    fields = {k.lower(): v.strip() for k, _, v in (line.partition(":") for line in lines[1:])}
+    assert fields["host"] == "shop.example"
+    assert fields["x-custom"] == "yes"
+    assert fields["x-forwarded-for"] == "127.0.0.1"
+    assert fields["x-request-id"] == answer.headers["X-Request-ID"]
+    assert fields["content-length"] == "10" and body == b"hello body"
+    # the main backend got the same request
+    assert b"POST /items?x=1 HTTP/1.1\r\n" in shadows.main.data()
+    settled(lb, "ok", before.get("ok", 0) + 1)
+    # a route without mirror sends no copy; a body over proxy.retry_buffer is not copied
+    shadow.clear()
+    assert requests.get(lb.url + "/plain/x", timeout=10).status_code == 200
+    big = b"x" * 10000
+    assert requests.post(lb.url + "/api/big", data=big, timeout=10).status_code == 200
+    settled(lb, "too_large", before.get("too_large", 0) + 1)
+    assert mirrored(lb).get("ok", 0) == before.get("ok", 0) + 1
+    assert shadow.data() == b""
 
 
-def test_a_dead_shadow_never_fails_the_client(tmp_path, main_backend, lbs):
-    dead = free_port()  # nothing listens there
-    lb = start_lb(tmp_path, main_backend.port, dead)
-    lbs.append(lb)
+def test_percent_copies_about_that_share(shadows):
+    lb = shadows.lb
+    before = mirrored(lb).get("ok", 0)
+    with requests.Session() as session:
+        for i in range(200):
+            assert session.get(f"{lb.url}/pct/{i}", timeout=10).status_code == 200
+    time.sleep(0.5)  # the last copies are on their way
+    copies = wait_until(lambda: mirrored(lb).get("ok", 0) - before, timeout=10)
+    assert 20 <= copies <= 90, copies  # 50 expected; binomial(200, 0.25) stays within
+
+
+def test_a_dead_shadow_never_fails_the_client(shadows):
+    lb = shadows.lb
+    before = mirrored(lb).get("error", 0)
     with requests.Session() as session:
         for i in range(30):
-            answer = session.post(f"{lb.url}/api/{i}", data=b"body", timeout=10)
+            answer = session.post(f"{lb.url}/dead/{i}", data=b"body", timeout=10)
             assert answer.status_code == 200 and answer.text == "ok\n"
-    wait_until(lambda: mirrored(lb).get("error", 0) == 30, timeout=15)
-    assert "ok" not in mirrored(lb)
-    # on reload, an unknown mirror pool is refused with one line and the old config stays
-    config = tmp_path / "lb.toml"
-    config.write_text(config.read_text().replace('pool = "shadow", percent', 'pool = "gone", '
-                                                 'percent'))
-    error = wait_until(lambda: lb_status(lb)["config"]["last_error"], timeout=10)
-    assert "routes[1].mirror.pool = 'gone'" in error and "path_prefix '/api/'" in error
-    assert "\n" not in error
-    assert requests.post(f"{lb.url}/api/again", data=b"body", timeout=10).status_code == 200
-    wait_until(lambda: mirrored(lb).get("error", 0) == 31, timeout=15)
+    settled(lb, "error", before + 30)
 
 
-def test_a_slow_shadow_never_slows_the_client(tmp_path, main_backend, lbs):
-    """Latency of the mirrored route against the plain route, interleaved in the same run,
-    while the shadow takes 5 s per answer: the copies pile up, fill the queues and are
-    dropped (counted), and the client does not notice."""
-    slow = SlowShadow(5.0)
+def test_a_bad_mirror_is_refused_on_reload(shadows):
+    lb, config = shadows.lb, shadows.config
+    good = config.read_text()
+    generation = lb_status(lb)["config"]["generation"]
+    config.write_text(good.replace('pool = "dead", percent', 'pool = "gone", percent'))
     try:
-        lb = start_lb(tmp_path, main_backend.port, slow.port)
-        lbs.append(lb)
-        plain: list[float] = []
-        mirrored_times: list[float] = []
-        with requests.Session() as session:
-            for i in range(200):
-                for path, times in (("/plain/x", plain), (f"/api/{i}", mirrored_times)):
-                    started = time.perf_counter()
-                    answer = session.get(lb.url + path, timeout=10)
-                    times.append(time.perf_counter() - started)
-                    assert answer.status_code == 200 and answer.text == "ok\n"
-        assert slow.got >= 2  # the copies did go out
-        # the shadow's 5 s would show in any request that waited for it
-        assert max(mirrored_times) < 2.0, max(mirrored_times)
-        assert statistics.median(mirrored_times) < statistics.median(plain) + 0.05, (
-            statistics.median(mirrored_times), statistics.median(plain))
-        # 2 workers x (2 sending + 128 queued) < 200: some copies were dropped
-        wait_until(lambda: mirrored(lb).get("dropped", 0) > 0, timeout=10)
+        error = wait_until(lambda: lb_status(lb)["config"]["last_error"], timeout=10)
+        assert "routes[3].mirror.pool = 'gone'" in error and "path_prefix '/dead/'" in error
+        assert "\n" not in error
+        assert lb_status(lb)["config"]["generation"] == generation  # the old one runs on
     finally:
-        slow.close()
+        config.write_text(good)
+        wait_until(lambda: lb_status(lb)["config"]["last_error"] is None, timeout=10)
+    before = mirrored(lb).get("error", 0)
+    assert requests.post(f"{lb.url}/dead/again", data=b"body", timeout=10).status_code == 200
+    settled(lb, "error", before + 1)
+
+
+def test_a_slow_shadow_never_slows_the_client(shadows):
+    """Latency of the mirrored route against the plain route, interleaved in the same run,
+    while the shadow takes 5 s per answer: the copies pile up, fill the queue and are
+    dropped (counted), and the client does not notice. (Last in the module: copies still
+    queued here end as `ok` later.)"""
+    lb = shadows.lb
+    plain: list[float] = []
+    mirrored_times: list[float] = []
+    with requests.Session() as session:  # one connection: one worker's queue fills
+        for i in range(150):
+            for path, times in (("/plain/x", plain), (f"/slow/{i}", mirrored_times)):
+                started = time.perf_counter()
+                answer = session.get(lb.url + path, timeout=10)
+                times.append(time.perf_counter() - started)
+                assert answer.status_code == 200 and answer.text == "ok\n"
+    assert shadows.slow.requests >= 1  # the copies did go out
+    # the shadow's 5 s would show in any request that waited for it
+    assert max(mirrored_times) < 2.0, max(mirrored_times)
+    assert statistics.median(mirrored_times) < statistics.median(plain) + 0.05, (
+        statistics.median(mirrored_times), statistics.median(plain))
+    # 2 sending + 128 queued < 150 on one worker: some copies were dropped
+    wait_until(lambda: mirrored(lb).get("dropped", 0) > 0, timeout=10)
 
 
 def write(tmp_path: Path, text: str) -> dict[str, str]:
