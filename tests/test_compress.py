@@ -22,7 +22,7 @@ import zstandard
 from gol7lb.compress import Compression, choose
 from gol7lb.config import CompressionSettings
 from tests.helpers import read_head
-from tests.procs import LB
+from tests.procs import LB, lb_status, wait_until
 
 TEXT = b"".join(b"line %d of a compressible answer, repeated a lot\n" % i for i in range(400))
 SMALL = b"tiny\n"
@@ -143,6 +143,7 @@ min_bytes = 100
 encodings = ["zstd", "br", "gzip"]
 """)
     proc = LB({"GOL7LB_CONFIG": str(path)}, log=Path(tmp / "lb.log"))
+    proc.config = path  # type: ignore[attr-defined]
     try:
         yield proc.wait_ready()
     finally:
@@ -296,6 +297,22 @@ def test_http10_client_gets_a_close_delimited_compressed_answer(lb):
     head, _, body = data.partition(b"\r\n\r\n")
     assert b"Content-Encoding: gzip" in head and b"Content-Length" not in head
     assert gzip.decompress(body) == TEXT
+
+
+def test_a_reload_changes_the_settings_and_a_bad_one_is_refused(lb):
+    """Last of the LB's tests: it changes the configuration."""
+    config = lb.config
+    good = config.read_text()
+    config.write_text(good.replace('encodings = ["zstd", "br", "gzip"]',
+                                   'encodings = ["gzip"]\nlevel = "default"'))
+    wait_until(lambda: get(lb, "/text", accept="zstd, br, gzip").headers.get(
+        "Content-Encoding") == "gzip", timeout=10)
+    assert get(lb, "/text", accept="zstd, br").headers.get("Content-Encoding") is None
+    config.write_text(good.replace('encodings = ["zstd", "br", "gzip"]',
+                                   'encodings = ["zstd", "lz4"]'))
+    error = wait_until(lambda: lb_status(lb)["config"]["last_error"], timeout=10)
+    assert "compression.encodings" in error and "\n" not in error
+    assert get(lb, "/text", accept="zstd, gzip").headers.get("Content-Encoding") == "gzip"
 
 
 def test_choice_unit():

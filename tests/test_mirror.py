@@ -4,6 +4,7 @@ and latency must not change whatever the shadow does."""
 
 from __future__ import annotations
 
+import socket
 import statistics
 import threading
 import time
@@ -16,7 +17,7 @@ import requests
 from gol7lb.config import load_settings
 from gol7lb.errors import ConfigError
 from tests.helpers import RawBackend, per_label
-from tests.procs import LB, free_port, lb_status, wait_until
+from tests.procs import LB, lb_status, wait_until
 from tests.recorder import Recorder
 
 
@@ -28,10 +29,13 @@ class Shadows:
         self.main = Recorder()
         self.shadow = Recorder()
         self.stop = threading.Event()
-        self.slow = RawBackend(lambda conn: self.stop.wait(5.0) or conn.sendall(
-            b"HTTP/1.1 200 OK\r\nContent-Length: 2\r\n\r\nok"))
+        self.slow = RawBackend(self._slowly)
+        # bound, never listening: connects are refused, and no other process can take it
+        self.dead = socket.socket()
+        self.dead.bind(("127.0.0.1", 0))
         self.config = tmp / "lb.toml"
-        pools = {"main": self.main.port, "shadow": self.shadow.port, "dead": free_port(),
+        pools = {"main": self.main.port, "shadow": self.shadow.port,
+                 "dead": self.dead.getsockname()[1],
                  "slow": self.slow.port}
         routes = [("/plain/", None), ("/api/", "shadow"), ("/pct/", "shadow"),
                   ("/dead/", "dead"), ("/slow/", "slow")]
@@ -45,10 +49,15 @@ class Shadows:
                       "GOL7LB_HEALTH_INTERVAL": "0.2", "GOL7LB_HEALTH_TIMEOUT": "0.5"},
                      log=tmp / "lb.log")
 
+    def _slowly(self, conn: socket.socket) -> None:
+        """The slow shadow: 5 s per answer (or until the module ends)."""
+        if not self.stop.wait(5.0):
+            conn.sendall(b"HTTP/1.1 200 OK\r\nContent-Length: 2\r\n\r\nok")
+
     def close(self) -> None:
         self.lb.stop()
         self.stop.set()
-        for server in (self.main, self.shadow, self.slow):
+        for server in (self.main, self.shadow, self.slow, self.dead):
             server.close()
 
 
