@@ -116,7 +116,7 @@ def accept_encoding(value: str) -> dict[str, float]:
                     q = 0.0
                 if not 0.0 <= q <= 1.0:
                     q = 0.0
-        found[name] = max(q, found.get(name, 0.0)) if name in found else q
+        found[name] = max(q, found.get(name, q))  # repeated: the most favourable
     return found
 
 

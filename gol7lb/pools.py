@@ -93,10 +93,10 @@ class Route:
 
     def describe(self) -> dict[str, Any]:
         """For /status."""
-        found: dict[str, Any] = {"host": self.host or None, "path_prefix": self.path_prefix or None,
-                 "methods": sorted(self.methods) or None,
-                 "headers": dict(self.headers) or None, "pool": self.pool,
-                 "strip_prefix": self.strip_prefix}
+        found: dict[str, Any] = {
+            "host": self.host or None, "path_prefix": self.path_prefix or None,
+            "methods": sorted(self.methods) or None, "headers": dict(self.headers) or None,
+            "pool": self.pool, "strip_prefix": self.strip_prefix}
         if self.compress:
             found["compress"] = True
         if self.mirror is not None:
@@ -104,7 +104,7 @@ class Route:
         return found
 
     def conditions(self) -> str:
-        """What the route matches, for error messages: `host "a.example" path_prefix "/x/"`."""
+        """What the route matches, for error messages: `host 'a.example' path_prefix '/x/'`."""
         parts = [f"{name} {value!r}" for name, value in (
             ("host", self.host), ("path_prefix", self.path_prefix),
             ("methods", ",".join(sorted(self.methods))),
