@@ -147,7 +147,9 @@ class Compression:
         self.prefixes = tuple(t[:-1] for t in settings.types if t.endswith("/*"))
         self.min_bytes = settings.min_bytes
         self.levels = LEVELS[settings.level]
-        self._chosen: dict[str, str | None] = {}
+        # one Negotiated per outcome, shared by every request with it: nothing made per request
+        self._outcomes = {name: Negotiated(self, name) for name in (*self.preference, None)}
+        self._chosen: dict[str, Negotiated] = {}
 
     def negotiate(self, environ: Mapping[str, Any], method: str) -> Negotiated | None:
         """Before the attempts: None when this request's answer is never compressed (HEAD, a
@@ -156,13 +158,12 @@ class Compression:
         if method == "HEAD" or "HTTP_RANGE" in environ:
             return None
         value = environ.get("HTTP_ACCEPT_ENCODING") or ""
-        if value in self._chosen:
-            encoding = self._chosen[value]
-        else:
-            encoding = choose(value, self.preference) if value else None
+        negotiated = self._chosen.get(value)
+        if negotiated is None:
+            negotiated = self._outcomes[choose(value, self.preference) if value else None]
             if len(self._chosen) < ACCEPT_CACHE_SIZE:
-                self._chosen[value] = encoding
-        return Negotiated(self, encoding)
+                self._chosen[value] = negotiated
+        return negotiated
 
     def compressible(self, status: int, headers: list[tuple[str, str]],
                      size: int | None = None) -> bool:
@@ -195,7 +196,8 @@ class Compression:
 
 
 class Negotiated:
-    """One request's side of it: the encoding the client accepts (None: none)."""
+    """The request's side of it: the encoding the client accepts (None: none). Immutable,
+    shared by the requests with the same outcome."""
 
     __slots__ = ("compression", "encoding")
 
