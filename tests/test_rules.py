@@ -99,8 +99,12 @@ rewrite = {{ path_regex = "^/(?P<rest>.*)$", replace = "/echo/stripped/\\\\g<res
 [[routes]]
 path_prefix = "/echo/hdr"
 pool = "default"
-request_headers = {{ set = {{ "X-Env" = "prod" }}, add = {{ "X-Tag" = "lb" }}, remove = ["X-Debug"] }}
-response_headers = {{ set = {{ "X-Frame-Options" = "DENY" }}, add = {{ "X-Extra" = "1" }}, remove = ["X-Backend-Port"] }}
+request_headers.set = {{ "X-Env" = "prod" }}
+request_headers.add = {{ "X-Tag" = "lb" }}
+request_headers.remove = ["X-Debug"]
+response_headers.set = {{ "X-Frame-Options" = "DENY" }}
+response_headers.add = {{ "X-Extra" = "1" }}
+response_headers.remove = ["X-Backend-Port"]
 
 [[routes]]
 path_prefix = "/split/"
