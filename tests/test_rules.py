@@ -386,3 +386,34 @@ def test_a_reload_with_a_bad_rule_is_refused_and_the_old_rules_keep_working(
     assert "routes[0].respond.content_type" in error and "path_prefix=/ping" in error
     assert lb_status(lb)["config"]["generation"] == 1
     assert requests.get(lb.url + "/ping", timeout=10).text == "pong"
+
+
+def test_requests_bringing_the_same_new_credentials_at_once_share_one_bcrypt_check(
+        monkeypatch):
+    import threading
+
+    from gol7lb import rules
+
+    calls = []
+    real = bcrypt.checkpw
+
+    def slow_check(password: bytes, hashed: bytes) -> bool:
+        calls.append(password)
+        gate.wait(10)  # every thread has asked before the check ends
+        return real(password, hashed)
+
+    gate = threading.Event()
+    monkeypatch.setattr(rules.bcrypt, "checkpw", slow_check)
+    check = rules.BasicAuthCheck(rules.BasicAuth("ops", (("alice", ALICE),)))
+    results: list[bool] = []
+    threads = [threading.Thread(target=lambda: results.append(check.passes(GOOD)))
+               for _ in range(8)]
+    for thread in threads:
+        thread.start()
+    wait_until(lambda: len(calls) == 1 and len(check._pending) == 1)
+    gate.set()
+    for thread in threads:
+        thread.join(10)
+    assert results == [True] * 8 and len(calls) == 1
+    assert check.passes(GOOD) and len(calls) == 1  # remembered
+    assert not check.passes(WRONG) and len(calls) == 2
