@@ -535,7 +535,9 @@ class BasicAuthCheck:
         if not colon:
             return False
         hashed = self.users.get(name)
-        ok = bcrypt.checkpw(password, hashed or self._decoy)  # same cost for unknown names
+        # bcrypt reads 72 bytes (htpasswd and bcrypt < 5 cut longer passwords there silently;
+        # bcrypt 5 raises instead), and an unknown name costs the same check as a known one
+        ok = bcrypt.checkpw(password[:72], hashed or self._decoy)
         return ok and hashed is not None
 
 

@@ -417,3 +417,14 @@ def test_requests_bringing_the_same_new_credentials_at_once_share_one_bcrypt_che
     assert results == [True] * 8 and len(calls) == 1
     assert check.passes(GOOD) and len(calls) == 1  # remembered
     assert not check.passes(WRONG) and len(calls) == 2
+
+
+def test_basic_auth_reads_72_bytes_of_a_password_as_bcrypt_does():
+    from gol7lb import rules
+
+    long = b"p" * 72
+    hashed = bcrypt.hashpw(long, bcrypt.gensalt(4)).decode()
+    check = rules.BasicAuthCheck(rules.BasicAuth("ops", (("bob", hashed),)))
+    assert check.passes("Basic " + base64.b64encode(b"bob:" + long + b"-and-more").decode())
+    assert not check.passes("Basic " + base64.b64encode(b"bob:" + long[:71]).decode())
+    assert not check.passes("Basic " + base64.b64encode(b"eve:" + long).decode())
