@@ -428,3 +428,20 @@ def test_basic_auth_reads_72_bytes_of_a_password_as_bcrypt_does():
     assert check.passes("Basic " + base64.b64encode(b"bob:" + long + b"-and-more").decode())
     assert not check.passes("Basic " + base64.b64encode(b"bob:" + long[:71]).decode())
     assert not check.passes("Basic " + base64.b64encode(b"eve:" + long).decode())
+
+
+def test_every_example_of_the_route_rules_docs_loads(tmp_path):
+    import re
+
+    doc = (Path(__file__).parent.parent / "docs" / "configuration.md").read_text()
+    section = doc[doc.index("## Route rules"):doc.index("## Discovery (backends from DNS)")]
+    examples = re.findall(r"```toml\n(.*?)```", section, re.S)
+    assert len(examples) >= 7
+    pools = "".join(f'[pools.{name}]\n[[pools.{name}.backends]]\nurl = "http://127.0.0.1:{i}"\n'
+                    for i, name in enumerate(["ops", "api", "v1", "v2"], start=2))
+    for example in examples:
+        path = tmp_path / "lb.toml"
+        path.write_text(example.replace("$2b$12$3m0n...53 characters", ALICE) + "\n"
+                        + pools + '[[backends]]\nurl = "http://127.0.0.1:1"\n')
+        settings = load_settings({"GOL7LB_CONFIG": str(path)})
+        assert settings.routes and all(route.rules for route in settings.routes), example
