@@ -608,7 +608,7 @@ def _answer_text(status: int, message: str) -> bytes:
     return f"{status} {HTTPStatus(status).phrase}: {message}\n".encode()
 
 
-def access_stage(rules: Rules) -> Stage | None:
+def access_stage(rules: Rules, label: str) -> Stage | None:
     """allow/deny (403), then basic_auth (401 with WWW-Authenticate)."""
     access = Access(rules.allow, rules.deny) if rules.allow or rules.deny else None
     auth = BasicAuthCheck(rules.basic_auth) if rules.basic_auth else None
@@ -628,7 +628,7 @@ def access_stage(rules: Rules) -> Stage | None:
     return run
 
 
-def answer_stage(rules: Rules) -> Stage | None:
+def answer_stage(rules: Rules, label: str) -> Stage | None:
     """redirect (Location from the template) or respond (a fixed answer)."""
     if rules.respond is not None:
         respond = rules.respond
@@ -649,7 +649,7 @@ def answer_stage(rules: Rules) -> Stage | None:
     return run
 
 
-def rewrite_stage(rules: Rules) -> Stage | None:
+def rewrite_stage(rules: Rules, label: str) -> Stage | None:
     """The path (after strip_prefix) through the RE2 pattern, every match replaced (an empty
     match right after a match is not, so "(.*)" rewrites a path once); the query goes on
     unchanged. One RE2 search for the usual anchored patterns."""
@@ -687,9 +687,10 @@ def rewrite_stage(rules: Rules) -> Stage | None:
 
 
 # The contract's order. Another rule inserts its (name, factory) at its place, e.g. the rate
-# limit at PIPELINE.index("access") + 1; a factory returns None when its rule is off, so a route
-# pays only for the rules it has.
-PIPELINE: list[tuple[str, Callable[[Rules], Stage | None]]] = [
+# limit at PIPELINE.index("access") + 1. A factory gets the route's rules and its label (the
+# metrics' route name) once per configuration and returns None when its rule is off, so a
+# route pays only for the rules it has.
+PIPELINE: list[tuple[str, Callable[[Rules, str], Stage | None]]] = [
     ("access", access_stage),
     # ("rate_limit", ...): after access, before redirect/respond (ratelimit.py)
     ("answer", answer_stage),
@@ -705,7 +706,8 @@ class CompiledRules:
         self.label = label  # the metrics route label, e.g. "routes[0] path_prefix=/api/"
         self.prefix = prefix
         self.stages: tuple[Stage, ...] = tuple(
-            stage for stage in (factory(rules) for _, factory in PIPELINE) if stage is not None)
+            stage for stage in (factory(rules, label) for _, factory in PIPELINE)
+            if stage is not None)
         self.request_headers = HeaderEdit(rules.request_headers) if rules.request_headers \
             else None
         self.response_headers = HeaderEdit(rules.response_headers) if rules.response_headers \
