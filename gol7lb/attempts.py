@@ -325,6 +325,9 @@ class AttemptLoop:
             return self._error(start_response, exchange, 502, "bad gateway")
         if cookie:
             headers.append(("Set-Cookie", cookie))
+        rules = exchange.rules
+        if rules is not None and rules.response_headers is not None:
+            headers = rules.response_headers.response(headers)
         exchange.status = response.status
         exchange.answered = True
         if negotiated is not None:  # the route compresses: compress.py decides
@@ -370,16 +373,24 @@ class AttemptLoop:
                close: bool = False) -> list[bytes]:
         """An answer the LB makes itself (no backend's status): counted and logged now.
         `close`: the client connection ends after it (an upgrade request's)."""
-        phrase = HTTPStatus(status).phrase
-        body = f"{status} {phrase}: {message}\n".encode()
-        headers = [("Content-Type", "text/plain; charset=utf-8"),
-                   ("Content-Length", str(len(body))), ("X-Request-ID", exchange.rid),
-                   *(extra or [])]
+        body = f"{status} {HTTPStatus(status).phrase}: {message}\n".encode()
+        headers = [("Content-Type", "text/plain; charset=utf-8"), *(extra or [])]
         if close:
             headers.append(("Connection", "close"))
+        return self._own_answer(start_response, exchange, status, body, headers)
+
+    def _own_answer(self, start_response: StartResponse, exchange: Exchange, status: int,
+                    body: bytes, headers: list[tuple[str, str]]) -> list[bytes]:
+        """Any answer the LB makes itself (errors, and the route rules' redirect, respond,
+        403 and 401): counted and access-logged like a backend's. The route's
+        response_headers apply once the request has passed its rules (rules.py's order)."""
+        headers = [*headers, ("Content-Length", str(len(body))), ("X-Request-ID", exchange.rid)]
+        rules = exchange.rules
+        if rules is not None and rules.response_headers is not None:
+            headers = rules.response_headers.response(headers)
         exchange.status = status
         exchange.answered = False
-        start_response(f"{status} {phrase}", headers)
+        start_response(f"{status} {HTTPStatus(status).phrase}", headers)
         exchange.finish(len(body))
         return [body]
 

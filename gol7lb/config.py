@@ -33,6 +33,7 @@ from gol7lb.pools import (
     pools_from_toml,
     routes_from_toml,
 )
+from gol7lb.rules import NO_RULES, TOP_LEVEL_RULE_KEYS, Rules, rules_from_toml
 
 ENV_PREFIX = "GOL7LB_"
 CONFIG_ENV = "GOL7LB_CONFIG"
@@ -343,6 +344,7 @@ class Settings:
     discover: tuple[DiscoverySpec, ...] = ()  # the default pool's DNS-discovered entries
     named_pools: tuple[Pool, ...] = ()
     routes: tuple[Route, ...] = ()
+    rules: Rules = NO_RULES  # the top-level rule keys: for requests that match no route
     health: HealthSettings = field(default_factory=HealthSettings)
     proxy: ProxySettings = field(default_factory=ProxySettings)
     admin: AdminSettings = field(default_factory=AdminSettings)
@@ -512,10 +514,14 @@ class FileValues:
     discover: list[DiscoverySpec] = field(default_factory=list)
     pools: list[Pool] = field(default_factory=list)
     routes: list[Route] = field(default_factory=list)
+    rules: Rules = NO_RULES
 
 
 def _values_from_toml(data: Mapping[str, Any], origin: str) -> FileValues:
     found = FileValues({})
+    found.rules = rules_from_toml({k: v for k, v in data.items() if k in TOP_LEVEL_RULE_KEYS},
+                                  "", f"{origin}; requests that match no route",
+                                  TOP_LEVEL_RULE_KEYS)
     sections = {s.section for s in SETTINGS if s.section}
     for key, value in data.items():
         if key == "backends":
@@ -526,6 +532,8 @@ def _values_from_toml(data: Mapping[str, Any], origin: str) -> FileValues:
             found.pools = pools_from_toml(value, origin, POOL_DEFAULTS, check)
         elif key == "routes":
             found.routes = routes_from_toml(value, origin)
+        elif key in TOP_LEVEL_RULE_KEYS:
+            continue  # read above
         elif key in sections:
             if not isinstance(value, dict):
                 raise _bad(key, value, origin, f"a table [{key}]")
@@ -540,7 +548,8 @@ def _values_from_toml(data: Mapping[str, Any], origin: str) -> FileValues:
             found.values[key] = _coerce(SETTINGS_BY_NAME[key], value, origin, from_env=False)
         else:
             top = [st.key for st in SETTINGS if not st.section]
-            allowed = ", ".join(["backends", "pools", "routes", *sorted(sections), *top])
+            allowed = ", ".join(["backends", "pools", "routes", *sorted(sections), *top,
+                                 *TOP_LEVEL_RULE_KEYS])
             raise ConfigError(f"unknown setting {key} ({origin}): allowed are {allowed}")
     return found
 
@@ -622,6 +631,7 @@ def load_settings(env: Mapping[str, str] | None = None) -> Settings:
         discover=tuple(found.discover) if env_backends is None else (),
         named_pools=tuple(found.pools),
         routes=tuple(found.routes),
+        rules=found.rules,
         demo_backends=demo,
         source=" < ".join(sources),
         path=path,

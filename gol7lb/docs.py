@@ -61,7 +61,8 @@ ROUTE_DOCS = {
                    "`/api/x`, not `/apix`. Matched against the normalised path.",
     "methods": 'Any of these methods, like `["GET", "POST"]`.',
     "headers": 'Every listed header has exactly this value, like `{ "X-Canary" = "1" }`.',
-    "pool": "Required: where matching requests go (a `[pools.NAME]`, or `default`).",
+    "pool": "Where matching requests go (a `[pools.NAME]`, or `default`). Required, except "
+            "with `split`, `redirect` or `respond` (then left out).",
     "strip_prefix": "`true` (with `path_prefix`): `/api/x?q=1` reaches the pool as `/x?q=1`, "
                     "`/api` as `/`. Default `false`.",
     "compress": "`true`: answers are compressed as `[compression]` says (zstd, br or gzip "
@@ -69,6 +70,26 @@ ROUTE_DOCS = {
     "mirror": '`{ pool = "shadow", percent = 10 }`: a copy of that share of the requests '
               "(percent 0-100, default 100; bodies up to `proxy.retry_buffer`) goes to the "
               "pool off the request path; its answers are discarded.",
+    # route rules (gol7lb/rules.py), applied in this order; examples in docs/configuration.md
+    "allow": 'CIDRs or addresses like `["10.0.0.0/8"]`: only these clients (the address after '
+             "`proxy.trusted_proxies`) pass; others get `403`.",
+    "deny": "CIDRs or addresses refused with `403`; checked before `allow`.",
+    "basic_auth": '`{ realm = "ops", users = { alice = "$2b$12$..." } }`: bcrypt hashes only '
+                  "(`htpasswd -nbBC 12 alice PW`); `401` with `WWW-Authenticate` otherwise.",
+    "redirect": '`{ to = "https://example.com{uri}", status = 308 }`: placeholders `{scheme}` '
+                "`{host}` `{path}` `{path_rest}` `{query}` `{uri}`; status 301, 302 (default), "
+                "303, 307 or 308. No backend.",
+    "respond": '`{ status = 200, body = "pong\\n", content_type = "text/plain" }`: the LB '
+               "answers itself. No backend.",
+    "rewrite": '`{ path_regex = "^/v1/(.*)$", replace = "/v2/\\\\1" }`: the path (after '
+               "`strip_prefix`) through an RE2 pattern (linear time); every match replaced.",
+    "request_headers": '`{ set = { "X-Env" = "prod" }, add = {}, remove = ["X-Debug"] }` on the '
+                       "request sent to the backend.",
+    "response_headers": "`set`, `add`, `remove` as `request_headers`, on the answer to the "
+                        "client (the backend's, and the LB's errors after the pick).",
+    "split": '`[ { pool = "v1", weight = 90 }, { pool = "v2", weight = 10 } ]` instead of '
+             "`pool`: whole-number weights adding up to 100, interleaved (exact per 100 "
+             "requests of each worker).",
 }
 
 
@@ -128,7 +149,12 @@ def settings_markdown() -> str:
               "Tried in file order; the first match wins. A request no route matches goes to "
               "the default pool, or gets `404` when there is none. Conditions left out match "
               "every request.\n",
-              *key_table("[[routes]]", ROUTE_KEYS, ROUTE_DOCS)]
+              *key_table("[[routes]]", ROUTE_KEYS, ROUTE_DOCS), "",
+              "Route rules run in this order: access (`deny`, `allow`, `basic_auth`), "
+              "`redirect` or `respond`, `rewrite`, `request_headers`, the pick (`pool` or "
+              "`split`), `response_headers`. The same keys except `split` on the top level "
+              "apply to requests that match no route. Values that would put CR, LF or NUL "
+              "into a header or a redirect are refused at load."]
     return "\n".join(lines) + "\n"
 
 

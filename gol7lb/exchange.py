@@ -5,13 +5,16 @@ from __future__ import annotations
 
 import logging
 import time
-from typing import Protocol
+from typing import TYPE_CHECKING, Protocol
 
 from gol7lb.accesslog import AccessLog
 from gol7lb.config import LogSettings
 from gol7lb.hosts import WorkerCells
 from gol7lb.metrics import RequestRecorder
 from gol7lb.outcomes import Episode
+
+if TYPE_CHECKING:
+    from gol7lb.rules import CompiledRules
 
 log = logging.getLogger("gol7lb.proxy")  # the request path's logger (logfmt.LOGGERS)
 
@@ -30,7 +33,7 @@ class Exchange:
 
     __slots__ = ("app", "started", "method", "path", "client", "rid", "pool", "backend_id",
                  "slot", "detached", "status", "upstream_s", "answered", "log", "attempts",
-                 "flags")
+                 "flags", "rules")
 
     def __init__(self, app: Books, method: str, path: str, client: str, rid: str,
                  log_settings: LogSettings) -> None:
@@ -50,6 +53,7 @@ class Exchange:
         self.answered = False  # the status came from a backend (metrics label it by address)
         self.attempts = 0  # backends tried
         self.flags = ""  # access-log response flags, comma-separated (docs/operations.md)
+        self.rules: CompiledRules | None = None  # the route's rules once the request passed them
         app.recorder.begin()
 
     def flag(self, code: str) -> None:

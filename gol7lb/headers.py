@@ -83,6 +83,23 @@ class ForwardedPolicy:
                 self._verdicts[address] = verdict
         return verdict
 
+    def client_address(self, environ: Mapping[str, Any]) -> str:
+        """The client's address after `trusted_proxies`: the connection's peer (REMOTE_ADDR,
+        which PROXY protocol sets), or, when that is a trusted proxy, the right-most
+        `X-Forwarded-For` entry that is not one (all trusted: the left-most)."""
+        peer: str = environ.get("REMOTE_ADDR") or ""
+        if not self.networks or not self.trusts(peer):
+            return peer
+        chain: str = environ.get("HTTP_X_FORWARDED_FOR") or ""
+        if not chain:
+            return peer
+        entry = peer
+        for entry in reversed(chain.split(",")):
+            entry = entry.strip().removeprefix("[").split("]")[0]
+            if not self.trusts(entry):
+                return entry
+        return entry
+
 
 DEFAULT_POLICY = ForwardedPolicy()
 _TOKEN_VALUE = re.compile(r"[!#$%&'*+\-.^_`|~0-9A-Za-z]+")

@@ -72,12 +72,15 @@ HELP = {
     "gol7lb_mirror_requests": "Mirrored copies of requests (routes with mirror), by result: "
                               "ok, error, dropped (queue full), too_large (body over "
                               "proxy.retry_buffer), skipped (Expect: 100-continue body).",
+    "gol7lb_denied": "Requests a route's rules refused, by route and by the rule key that "
+                     "refused them (deny, allow: 403; basic_auth: 401).",
 }
 RETRIES = Counter("gol7lb_retries", HELP["gol7lb_retries"], ["backend"])
 EJECTIONS = Counter("gol7lb_backend_ejections", HELP["gol7lb_backend_ejections"], ["backend"])
 CONFIG_RELOADS = Counter("gol7lb_config_reloads", HELP["gol7lb_config_reloads"], ["result"])
 LOCAL_ERRORS = Counter("gol7lb_local_errors", HELP["gol7lb_local_errors"], ["reason"])
 MIRROR_REQUESTS = Counter("gol7lb_mirror_requests", HELP["gol7lb_mirror_requests"], ["result"])
+DENIED = Counter("gol7lb_denied", HELP["gol7lb_denied"], ["route", "reason"])
 WEBSOCKET_CONNECTIONS = Gauge("gol7lb_websocket_connections",
                               HELP["gol7lb_websocket_connections"], ["backend"],
                               multiprocess_mode="livesum")
@@ -100,7 +103,7 @@ class RequestRecorder:
         self._open = 0
         self._requests: dict[tuple[str, str, int, str], int] = {}
         self._durations: dict[tuple[str, str], list[float]] = {}
-        self._events: dict[tuple[Counter, str], int] = {}  # retries, local errors
+        self._events: dict[tuple[Counter, tuple[str, ...]], int] = {}  # retries, errors...
         self._children: dict[tuple[str, str, int, str], Any] = {}
         self._hits: dict[tuple[str, str, int], Any] = {}
         self._sums: dict[tuple[str, str], Any] = {}
@@ -147,7 +150,7 @@ class RequestRecorder:
 
     def _write(self, requests: dict[tuple[str, str, int, str], int],
                durations: dict[tuple[str, str], list[float]],
-               events: dict[tuple[Counter, str], int]) -> None:
+               events: dict[tuple[Counter, tuple[str, ...]], int]) -> None:
         """Each count leaves its batch only once written, so a failure loses nothing."""
         for key in list(requests):
             child = self._children.get(key)
@@ -173,12 +176,12 @@ class RequestRecorder:
                 child = self._sums[(pool, backend)] = _DURATION_SUM.labels(pool, backend)
             child.inc(cells[-1])
             cells[-1] = 0.0
-        for counter, label in list(events):
-            counter.labels(label).inc(events.pop((counter, label)))
+        for counter, labels in list(events):
+            counter.labels(*labels).inc(events.pop((counter, labels)))
 
     def _keep(self, requests: dict[tuple[str, str, int, str], int],
               durations: dict[tuple[str, str], list[float]],
-              events: dict[tuple[Counter, str], int]) -> None:
+              events: dict[tuple[Counter, tuple[str, ...]], int]) -> None:
         with self._lock:
             for request, count in requests.items():
                 self._requests[request] = self._requests.get(request, 0) + count
@@ -189,9 +192,9 @@ class RequestRecorder:
             for event, count in events.items():
                 self._events[event] = self._events.get(event, 0) + count
 
-    def _event(self, counter: Counter, label: str) -> None:
+    def _event(self, counter: Counter, *labels: str) -> None:
         with self._lock:
-            key = (counter, label)
+            key = (counter, labels)
             self._events[key] = self._events.get(key, 0) + 1
 
     def retry(self, backend: str) -> None:
@@ -208,6 +211,9 @@ class RequestRecorder:
         self._event(MIRROR_REQUESTS, result)
         if not self._flusher.started:
             self._flusher.ensure_started()
+    def denied(self, route: str, reason: str) -> None:
+        """A route's rules refused a request (`reason`: the rule key, e.g. "deny")."""
+        self._event(DENIED, route, reason)
 
 
 def worker_exited(pid: int) -> None:
@@ -368,3 +374,21 @@ def _quantile(q: float, bounds: list[float], counts: dict[float, float], total: 
                 count - lower_count)
         lower_bound, lower_count = bound, count
     return lower_bound
+
+
+# Per-route counters /status and the dashboard show: family name -> the key in /status.
+ROUTE_COUNTERS = {"gol7lb_denied": "denied", "gol7lb_rate_limited": "rate_limited"}
+
+
+def route_counts(registry: CollectorRegistry) -> dict[str, dict[str, float]]:
+    """Per route label, the totals of the per-route counters over every reason."""
+    counts: dict[str, dict[str, float]] = {}
+    for metric in registry.collect():
+        key = ROUTE_COUNTERS.get(metric.name)
+        if key is None:
+            continue
+        for sample in metric.samples:
+            if sample.name.endswith("_total"):
+                per = counts.setdefault(sample.labels.get("route", ""), {})
+                per[key] = per.get(key, 0.0) + sample.value
+    return counts

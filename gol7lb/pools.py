@@ -10,7 +10,7 @@ from __future__ import annotations
 import ipaddress
 import re
 from collections.abc import Callable, Mapping, Sequence
-from dataclasses import dataclass, field, replace
+from dataclasses import dataclass, field
 from typing import TYPE_CHECKING, Any, Literal, get_args
 
 from gol7lb.backends import (
@@ -21,6 +21,7 @@ from gol7lb.backends import (
     parse_backend_url,
 )
 from gol7lb.errors import ConfigError
+from gol7lb.rules import NO_RULES, RULE_KEYS, Rules, describe_match, rules_from_toml
 from gol7lb.target import AmbiguousTarget, normalise_path
 
 if TYPE_CHECKING:  # balancer imports this module
@@ -36,8 +37,8 @@ BACKEND_KEYS = ("url", "weight", "max_connections", "discover", "name")
 DiscoveryKind = Literal["dns", "srv"]
 DISCOVERY_KINDS: tuple[DiscoveryKind, ...] = get_args(DiscoveryKind)
 POOL_KEYS = ("algorithm", "hash_key", "sticky_cookie", "backends")
-ROUTE_KEYS = ("host", "path_prefix", "methods", "headers", "pool", "strip_prefix", "compress",
-              "mirror")
+ROUTE_KEYS = ("host", "path_prefix", "methods", "headers", "pool", "strip_prefix", *RULE_KEYS,
+              "compress", "mirror")
 MIRROR_KEYS = ("pool", "percent")
 
 
@@ -80,36 +81,33 @@ class MirrorSpec:
 
 @dataclass(frozen=True)
 class Route:
-    """Requests matching every given condition go to `pool`; conditions left out match all."""
+    """Requests matching every given condition go to `pool` (or its `rules.split`, or are
+    answered by its rules); conditions left out match all."""
 
-    pool: str
+    pool: str  # "" when the rules pick (split) or answer (redirect, respond)
     host: str = ""  # "api.example.com" or "*.example.com"; lower case
     path_prefix: str = ""
     methods: frozenset[str] = field(default_factory=frozenset)
     headers: tuple[tuple[str, str], ...] = ()  # (lower-case name, exact value)
     strip_prefix: bool = False
+    rules: Rules = NO_RULES
+    label: str = ""  # "routes[2] path_prefix=/old/": its name in metrics, /status and errors
     compress: bool = False  # answers compressed by [compression] (compress.py)
     mirror: MirrorSpec | None = None
 
     def describe(self) -> dict[str, Any]:
         """For /status."""
         found: dict[str, Any] = {
-            "host": self.host or None, "path_prefix": self.path_prefix or None,
-            "methods": sorted(self.methods) or None, "headers": dict(self.headers) or None,
-            "pool": self.pool, "strip_prefix": self.strip_prefix}
+            "name": self.label, "host": self.host or None,
+            "path_prefix": self.path_prefix or None,
+            "methods": sorted(self.methods) or None,
+            "headers": dict(self.headers) or None, "pool": self.pool or None,
+            "strip_prefix": self.strip_prefix, "rules": self.rules.describe()}
         if self.compress:
             found["compress"] = True
         if self.mirror is not None:
             found["mirror"] = {"pool": self.mirror.pool, "percent": self.mirror.percent}
         return found
-
-    def conditions(self) -> str:
-        """What the route matches, for error messages: `host 'a.example' path_prefix '/x/'`."""
-        parts = [f"{name} {value!r}" for name, value in (
-            ("host", self.host), ("path_prefix", self.path_prefix),
-            ("methods", ",".join(sorted(self.methods))),
-            ("headers", ",".join(f"{k}={v}" for k, v in self.headers))) if value]
-        return " ".join(parts) or "every request"
 
 
 def bad(name: str, value: Any, origin: str, allowed: str) -> ConfigError:
@@ -268,9 +266,6 @@ def routes_from_toml(items: Any, origin: str) -> list[Route]:
         if not isinstance(item, dict):
             raise bad(at, item, origin, "a table with pool and match conditions")
         unknown_keys(item, ROUTE_KEYS, at, origin)
-        pool = item.get("pool")
-        if not isinstance(pool, str) or not pool:
-            raise ConfigError(f"missing setting {at}.pool ({origin}): every route names a pool")
         host = _host_pattern(item["host"], f"{at}.host", origin) if "host" in item else ""
         prefix = item.get("path_prefix", "")
         if not isinstance(prefix, str) or (prefix and (not prefix.startswith("/")
@@ -299,14 +294,17 @@ def routes_from_toml(items: Any, origin: str) -> list[Route]:
             raise bad(f"{at}.strip_prefix", strip, origin, "true or false")
         if strip and not prefix:
             raise bad(f"{at}.strip_prefix", strip, origin, "used together with path_prefix")
-        route = Route(pool, host, prefix, frozenset(m.upper() for m in methods),
-                      tuple((k.lower(), v) for k, v in headers.items()), strip)
-        where = f"{origin}; the route for {route.conditions()}"
+        match = describe_match(host, prefix, methods, list(headers.items()))
+        where = f"{origin}; the route {at} {match}"
+        rules = rules_from_toml(item, at, where)
+        pool = _route_pool(item, rules, at, where)
         compress = item.get("compress", False)
         if not isinstance(compress, bool):
             raise bad(f"{at}.compress", compress, where, "true or false")
         mirror = _mirror(item["mirror"], f"{at}.mirror", where) if "mirror" in item else None
-        routes.append(replace(route, compress=compress, mirror=mirror))
+        routes.append(Route(pool, host, prefix, frozenset(m.upper() for m in methods),
+                            tuple((k.lower(), v) for k, v in headers.items()), strip, rules,
+                            f"{at} {match}", compress, mirror))
     return routes
 
 
@@ -324,14 +322,32 @@ def _mirror(value: Any, at: str, where: str) -> MirrorSpec:
     return MirrorSpec(pool, float(percent))
 
 
+def _route_pool(item: Mapping[str, Any], rules: Rules, at: str, where: str) -> str:
+    """A route names a pool, or splits between pools, or answers itself (redirect, respond)."""
+    pool = item.get("pool")
+    if rules.answers or rules.split:
+        if pool is not None:
+            given = "split" if rules.split else "redirect" if rules.redirect else "respond"
+            raise bad(f"{at}.pool", pool, where, f"left out: this route has {given}, so it "
+                      "names no pool of its own")
+        return ""
+    if not isinstance(pool, str) or not pool:
+        raise ConfigError(f"missing setting {at}.pool ({where}): every route names a pool, "
+                          "a split, a redirect or a respond")
+    return pool
+
+
 def check_routes(routes: Sequence[Route], pools: Mapping[str, Pool], origin: str) -> None:
+    names = ", ".join(sorted(pools)) or "none (no [[backends]] and no [pools.NAME])"
     for i, route in enumerate(routes):
-        if route.pool not in pools:
-            names = ", ".join(sorted(pools)) or "none (no [[backends]] and no [pools.NAME])"
-            raise ConfigError(f"invalid setting routes[{i}].pool = {route.pool!r} ({origin}): "
+        where = f"{origin}; the route {route.label}"
+        if route.pool and route.pool not in pools:
+            raise ConfigError(f"invalid setting routes[{i}].pool = {route.pool!r} ({where}): "
                               f"no such pool; pools are {names}")
         if route.mirror is not None and route.mirror.pool not in pools:
-            names = ", ".join(sorted(pools))
             raise ConfigError(f"invalid setting routes[{i}].mirror.pool = {route.mirror.pool!r} "
-                              f"({origin}; the route for {route.conditions()}): no such pool; "
-                              f"pools are {names}")
+                              f"({where}): no such pool; pools are {names}")
+        for pool, _ in route.rules.split:
+            if pool not in pools:
+                raise ConfigError(f"invalid setting routes[{i}].split = {pool!r} ({where}): "
+                                  f"no such pool; pools are {names}")

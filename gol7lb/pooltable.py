@@ -129,7 +129,8 @@ def build_table(snapshot: Snapshot, previous: PoolTable | None) -> PoolTable:
         if backend_id not in upstreams:
             upstream.retire()  # idle sockets close now, busy ones when their request ends
     return PoolTable(
-        snapshot, settings, Router(settings.routes, list(snapshot.pools)), pools, upstreams,
+        snapshot, settings, Router(settings.routes, list(snapshot.pools), settings.rules),
+        pools, upstreams,
         dict(snapshot.slots), str(max(1, math.ceil(settings.health.interval))),
         _forwarded_policy(settings, previous),
         rebuild_at=time.monotonic() + RAMP_REBUILD_SECONDS if ramping else math.inf,

@@ -28,6 +28,7 @@ from gol7lb.mirror import SKIPPED, TOO_LARGE, Copy, Mirror
 from gol7lb.pools import MirrorSpec
 from gol7lb.pooltable import PoolRuntime, PoolTable
 from gol7lb.routing import strip_prefix
+from gol7lb.rules import Answer, CompiledRules, RuleRequest
 from gol7lb.target import AmbiguousTarget, normalise_path, valid_authority
 from gol7lb.upstream import request_head
 from gol7lb.view import CachedView
@@ -106,11 +107,27 @@ class ProxyApp(AttemptLoop):
         if match is None:
             return self._error(start_response, exchange, 404, "no route matches this request "
                                "and there is no default pool")
-        pool = table.pools[match.pool]
-        exchange.pool = pool.name
+        original = path
         if match.strip:  # from the normalised path, the one the prefix matched
             target = strip_prefix(path + query_mark + query, match.strip)
             path = target.partition("?")[0]
+        pool_name = match.pool
+        rules = match.rules
+        if rules is not None:  # the route's rules, in the contract's order (rules.py)
+            request = RuleRequest(environ, original, path, target, authority or host or "",
+                                  table.forwarded.client_address(environ), rules.prefix)
+            answer = rules.run(request)  # access, [rate limit], redirect/respond, rewrite
+            if answer is not None:
+                return self._rule_answer(start_response, exchange, rules, answer)
+            target, path = request.target, request.path
+            exchange.rules = rules  # response_headers, from here on (attempts.py)
+            if rules.split is not None:
+                pool_name = rules.split.pick()
+        if not pool_name:  # top-level rules without redirect/respond, and no default pool
+            return self._error(start_response, exchange, 404, "no route matches this request "
+                               "and there is no default pool")
+        pool = table.pools[pool_name]
+        exchange.pool = pool.name
 
         if "HTTP_UPGRADE" in environ and tunnel.is_upgrade(environ):
             return self._upgrade(environ, start_response, table, pool, exchange, target, authority)
@@ -120,6 +137,8 @@ class ProxyApp(AttemptLoop):
             return self._body_error(start_response, exchange, e)
         client_sock = environ.get("gunicorn.socket")
         headers = self.request_headers(environ, table, authority, client_sock, rid)
+        if rules is not None and rules.request_headers is not None:
+            rules.request_headers.request(headers)
         body.framing(headers)
         route = match.route
         negotiated: Negotiated | None = None
@@ -143,6 +162,14 @@ class ProxyApp(AttemptLoop):
         self.mirror.submit(Copy(shadow, self._context(table, shadow, environ, path),
                                 table.upstreams, method, request_head(method, target, headers),
                                 body.kept))
+
+    def _rule_answer(self, start_response: StartResponse, exchange: Exchange,
+                     rules: CompiledRules, answer: Answer) -> Iterable[bytes]:
+        """A route's rules answered (403, 401, a redirect, a fixed answer): no backend."""
+        if answer.denied:
+            self.recorder.denied(rules.label, answer.denied)
+        return self._own_answer(start_response, exchange, answer.status, answer.body,
+                                list(answer.headers))
 
     @staticmethod
     def request_headers(environ: dict[str, Any], table: PoolTable, authority: str | None,
@@ -183,6 +210,9 @@ class ProxyApp(AttemptLoop):
             return self._error(start_response, exchange, 400, "upgrade request with a body",
                                close=True)
         headers = self.request_headers(environ, table, authority, client_sock, exchange.rid)
+        rules = exchange.rules
+        if rules is not None and rules.request_headers is not None:
+            rules.request_headers.request(headers)
         headers["Upgrade"] = environ["HTTP_UPGRADE"]
         headers["Connection"] = "upgrade"
         path = target.split("?", 1)[0]

@@ -13,6 +13,8 @@ from dataclasses import dataclass
 from typing import Any
 
 from gol7lb.pools import DEFAULT_POOL, Route
+from gol7lb.rules import NO_RULES, UNMATCHED, CompiledRules, Rules
+from gol7lb.rules import compiled as compile_rules
 from gol7lb.target import AmbiguousTarget, normalise_path
 
 HOST_CACHE_SIZE = 4096  # distinct Host values remembered; clients choose them, so bounded
@@ -25,6 +27,7 @@ class CompiledRoute:
     prefix_open: str  # the prefix with a trailing "/", for segment-aware matching
     methods: frozenset[str]
     headers: tuple[tuple[str, str], ...]  # (WSGI environ key, exact value)
+    match: Match  # what a request this route takes gets (the same object every time)
 
     def matches(self, environ: Mapping[str, Any], path: str, method: str) -> bool:
         if self.prefix and not (path == self.prefix or path.startswith(self.prefix_open)):
@@ -36,8 +39,9 @@ class CompiledRoute:
 
 @dataclass(frozen=True, slots=True)
 class Match:
-    pool: str
+    pool: str  # "" when the route's rules pick (split) or answer (redirect, respond)
     strip: str  # the prefix to remove from the path ("" for none)
+    rules: CompiledRules | None = None  # the route's rules (rules.py), None when it has none
     route: Route | None = None  # None: the default pool, no route matched
 
 
@@ -71,10 +75,15 @@ def strip_prefix(target: str, prefix: str) -> str:
 class Router:
     """Compiled routes of one configuration."""
 
-    def __init__(self, routes: Sequence[Route], pools: Sequence[str]) -> None:
+    def __init__(self, routes: Sequence[Route], pools: Sequence[str],
+                 rules: Rules = NO_RULES) -> None:
         self.routes = tuple(self._compile(r) for r in routes)
         self.default = DEFAULT_POOL if DEFAULT_POOL in pools else None
-        self._default_match = Match(self.default, "") if self.default else None
+        # The top-level rules apply to requests no route matches; redirect or respond there
+        # answer them even without a default pool.
+        top = compile_rules(rules, UNMATCHED, "")
+        self._default_match = Match(self.default or "", "", top) \
+            if self.default or (top is not None and rules.answers) else None
         self._hosted = any(r.route.host for r in self.routes)
         self._by_host: dict[str, tuple[CompiledRoute, ...]] = {}
 
@@ -87,7 +96,9 @@ class Router:
         open_prefix = prefix if prefix.endswith("/") else prefix + "/"
         headers = tuple(("HTTP_" + name.upper().replace("-", "_"), value)
                         for name, value in route.headers)
-        return CompiledRoute(route, prefix, open_prefix, route.methods, headers)
+        rules = compile_rules(route.rules, route.label, prefix)
+        match = Match(route.pool, prefix if route.strip_prefix else "", rules, route)
+        return CompiledRoute(route, prefix, open_prefix, route.methods, headers, match)
 
     def _for_host(self, host: str) -> tuple[CompiledRoute, ...]:
         found = self._by_host.get(host)
@@ -105,7 +116,5 @@ class Router:
             candidates = self._for_host(normalise_host(host)) if self._hosted else self.routes
             for compiled in candidates:
                 if compiled.matches(environ, path, method):
-                    route = compiled.route
-                    return Match(route.pool, compiled.prefix if route.strip_prefix else "",
-                                 route)
+                    return compiled.match
         return self._default_match

@@ -296,3 +296,35 @@ def test_token_is_asked_once_and_sent_on_mutating_calls(
     browser.until(f"{_id(target)} up again", lambda: browser.states().get(_id(target)) == "up")
     assert not browser.alert_open()
     assert browser.not_reloaded()
+
+
+def test_routes_show_their_rules_and_denied_counts(
+        browser: Browser, lb_factory: Callable[..., LB], backend_factory: Callable[..., Proc],
+        tmp_path: Path) -> None:
+    backend = backend_factory()
+    config = tmp_path / "lb.toml"
+    config.write_text(f'[[backends]]\nurl = "http://127.0.0.1:{backend.port}"\n'
+                      '[[routes]]\npath_prefix = "/private/"\npool = "default"\n'
+                      'deny = ["127.0.0.0/8"]\n'
+                      '[[routes]]\npath_prefix = "/ping"\nrespond = { body = "pong" }\n')
+    lb = lb_factory({"GOL7LB_CONFIG": str(config), **FAST_HEALTH})
+    browser.open(lb.admin_url + "/")
+
+    def routes() -> dict[str, list[str]]:
+        return browser.driver.execute_script(
+            "var out = {};"
+            "document.querySelectorAll('[data-route]').forEach(function (e) {"
+            "  out[e.getAttribute('data-route')] = [e.getAttribute('data-denied'),"
+            "    e.getAttribute('data-rate-limited'), e.textContent]; });"
+            "return out;")
+
+    private, ping = "routes[0] path_prefix=/private/", "routes[1] path_prefix=/ping"
+    browser.until("two route rows", lambda: set(routes()) == {private, ping})
+    assert routes()[private][0] == "0" and "deny" in routes()[private][2]
+    assert "respond 200" in routes()[ping][2]
+    for _ in range(3):
+        assert requests.get(lb.url + "/private/x", timeout=10).status_code == 403
+    assert requests.get(lb.url + "/ping", timeout=10).text == "pong"
+    browser.until("3 denied on the private route", lambda: routes()[private][0] == "3")
+    assert routes()[ping][:2] == ["0", "0"]
+    assert browser.not_reloaded()

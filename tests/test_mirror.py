@@ -183,11 +183,11 @@ def write(tmp_path: Path, text: str) -> dict[str, str]:
 
 @pytest.mark.parametrize(("route", "expected"), [
     ('mirror = { pool = "nope" }',
-     "invalid setting routes[1].mirror.pool = 'nope' (in {path}; the route for path_prefix "
-     "'/api/'): no such pool; pools are main"),
+     "invalid setting routes[1].mirror.pool = 'nope' (in {path}; the route routes[1] path_prefix="
+     "/api/): no such pool; pools are main"),
     ('mirror = { pool = "main", percent = 101 }',
-     "invalid setting routes[1].mirror.percent = 101 (in {path}; the route for path_prefix "
-     "'/api/'): must be a number from 0 to 100"),
+     "invalid setting routes[1].mirror.percent = 101 (in {path}; the route routes[1] path_prefix="
+     "/api/): must be a number from 0 to 100"),
     ('mirror = { pool = "main", percent = -1 }', "routes[1].mirror.percent = -1"),
     ('mirror = { pool = "main", share = 5 }', "unknown setting routes[1].mirror.share"),
     ('mirror = "main"', "routes[1].mirror = 'main'"),

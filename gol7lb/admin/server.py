@@ -107,6 +107,8 @@ class AdminServer(ThreadingHTTPServer):
         self._latency: dict[str, list[float]] = {}
         self._latency_at = -LATENCY_CACHE_SECONDS
         self._latency_lock = threading.Lock()
+        self._counts: dict[str, dict[str, float]] = {}
+        self._counts_at = -LATENCY_CACHE_SECONDS
         self._read_lock = threading.Lock()
         self._known = KnownState(None, 0.0, "not read yet")
         self._attempted_at = -STATE_REUSE_SECONDS
@@ -125,6 +127,15 @@ class AdminServer(ThreadingHTTPServer):
                 self._latency = metrics.latency_percentiles(self.registry)
                 self._latency_at = now
             return self._latency
+
+    def route_counts(self) -> dict[str, dict[str, float]]:
+        """Denied (and rate-limited) requests per route, merged at most once a second too."""
+        now = time.monotonic()
+        with self._latency_lock:
+            if now - self._counts_at >= LATENCY_CACHE_SECONDS:
+                self._counts = metrics.route_counts(self.registry)
+                self._counts_at = now
+            return self._counts
 
     def handle_error(self, request: Any, client_address: Any) -> None:
         """One line, not socketserver's traceback on stderr (a client that hung up, mostly)."""
@@ -393,7 +404,8 @@ class AdminHandler(BaseHTTPRequestHandler):
         known = self.server.known()
         if known.snapshot is None:
             raise ApiError(503, f"shared state unreachable: {known.error}")
-        document = status_document(known.snapshot, self.server.hosts, self.server.latencies())
+        document = status_document(known.snapshot, self.server.hosts, self.server.latencies(),
+                                   self.server.route_counts())
         self._json(200, {**document, **known.freshness()})
 
     def get_metrics(self) -> None:

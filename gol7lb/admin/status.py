@@ -7,6 +7,7 @@ from typing import Any, Literal
 
 from gol7lb.control import Snapshot
 from gol7lb.hosts import HostTable, HostTotals
+from gol7lb.rules import UNMATCHED
 
 _ZERO = HostTotals(0, 0, 0)
 BackendState = Literal["up", "down", "draining", "drained", "ejected"]  # as the dashboard's STATES
@@ -61,9 +62,21 @@ def backend_entries(snapshot: Snapshot, hosts: HostTable,
     return entries
 
 
+def route_entries(settings: Any, counts: dict[str, dict[str, float]]) -> list[dict[str, Any]]:
+    """Each route's match and rules, with its denied and rate-limited counts."""
+    return [{**route.describe(), **_counted(route.label, counts)} for route in settings.routes]
+
+
+def _counted(label: str, counts: dict[str, dict[str, float]]) -> dict[str, int]:
+    per = counts.get(label, {})
+    return {"denied": int(per.get("denied", 0)), "rate_limited": int(per.get("rate_limited", 0))}
+
+
 def status_document(snapshot: Snapshot, hosts: HostTable,
-                    latencies: dict[str, list[float]] | None = None) -> dict[str, Any]:
+                    latencies: dict[str, list[float]] | None = None,
+                    route_counts: dict[str, dict[str, float]] | None = None) -> dict[str, Any]:
     settings = snapshot.settings
+    counts = route_counts or {}
     return {
         "algorithm": settings.algorithm,
         "config": {"generation": snapshot.config_generation, "loaded_at": snapshot.loaded_at,
@@ -72,7 +85,10 @@ def status_document(snapshot: Snapshot, hosts: HostTable,
                          "sticky_cookie": pool.sticky_cookie or None,
                          "backends": [b.id for b in pool.backends]}
                   for name, pool in snapshot.pools.items()},
-        "routes": [route.describe() for route in settings.routes],
+        "routes": route_entries(settings, counts),
+        # the top-level rules, for requests that match no route
+        "unmatched": {"name": UNMATCHED, "rules": settings.rules.describe(),
+                      **_counted(UNMATCHED, counts)},
         "discovery": [{"name": state.get("name"), "addresses": state.get("addresses", []),
                        "error": state.get("error"), "resolved_at": state.get("resolved_at"),
                        "checked_at": state.get("checked_at")}
