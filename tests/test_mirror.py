@@ -140,7 +140,7 @@ def test_a_bad_mirror_is_refused_on_reload(shadows):
     config.write_text(good.replace('pool = "dead", percent', 'pool = "gone", percent'))
     try:
         error = wait_until(lambda: lb_status(lb)["config"]["last_error"], timeout=10)
-        assert "routes[3].mirror.pool = 'gone'" in error and "path_prefix '/dead/'" in error
+        assert "routes[3].mirror.pool = 'gone'" in error and "path_prefix=/dead/" in error
         assert "\n" not in error
         assert lb_status(lb)["config"]["generation"] == generation  # the old one runs on
     finally:

@@ -438,10 +438,11 @@ def test_every_example_of_the_route_rules_docs_loads(tmp_path):
     examples = re.findall(r"```toml\n(.*?)```", section, re.S)
     assert len(examples) >= 7
     pools = "".join(f'[pools.{name}]\n[[pools.{name}.backends]]\nurl = "http://127.0.0.1:{i}"\n'
-                    for i, name in enumerate(["ops", "api", "v1", "v2"], start=2))
+                    for i, name in enumerate(["ops", "api", "v1", "v2", "web"], start=2))
     for example in examples:
         path = tmp_path / "lb.toml"
         path.write_text(example.replace("$2b$12$3m0n...53 characters", ALICE) + "\n"
                         + pools + '[[backends]]\nurl = "http://127.0.0.1:1"\n')
         settings = load_settings({"GOL7LB_CONFIG": str(path)})
-        assert settings.routes and all(route.rules for route in settings.routes), example
+        assert settings.routes and all(route.rules or route.compress or route.mirror
+                                       for route in settings.routes), example
