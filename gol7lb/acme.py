@@ -397,10 +397,14 @@ class Keeper:
             stored = load_stored(acme.storage, name)
             if self._fine(stored, now):
                 assert stored is not None
-                self._plan(name, stored, now)
-                self._pending.discard(name)
-                log.info("acme: %s has a certificate valid until %s; renewal from %s", name,
-                         _when(stored.not_after), _when(stored.renew_at(acme.renew_before_days)))
+                if name in self._pending:  # another instance got it while we waited
+                    log.info("acme: picked up the certificate for %s from %s (valid until %s)",
+                             name, acme.storage, _when(stored.not_after))
+                else:
+                    log.info("acme: %s has a certificate valid until %s; renewal from %s", name,
+                             _when(stored.not_after),
+                             _when(stored.renew_at(acme.renew_before_days)))
+                self._succeeded(name, stored, now)
             else:
                 wanted.append((name, stored))
         if wanted:
