@@ -217,6 +217,12 @@ def storage_lock(storage: str) -> Iterator[bool]:
         os.close(fd)  # releases the lock
 
 
+def _withdraw_stale_answers(storage: str) -> None:
+    with contextlib.suppress(OSError):
+        for entry in challenges.directory(storage).iterdir():
+            challenges.withdraw(storage, entry.name)
+
+
 def lock_holder(storage: str) -> str:
     try:
         return (Path(storage) / "lock").read_text().strip() or "?"
@@ -410,7 +416,11 @@ class Keeper:
         if wanted:
             self._pending.update(name for name, _ in wanted)
             self._write_status()
-            self._order_all(wanted)
+            try:
+                self._order_all(wanted)
+            except OSError as e:  # the storage itself: not writable, disk full...
+                for name, old in wanted:
+                    self._failed(name, old, f"storage {acme.storage}: {e.strerror or e}")
         self._write_status()
         return max(0.0, min(self._due.get(n, 0.0) for n in acme.domains) - time.time())
 
@@ -428,6 +438,9 @@ class Keeper:
                     self._due[name] = time.time() + LOCK_POLL_SECONDS
                 return
             self._waiting_for = None
+            # Only the lock holder publishes answers: any still there were left by an
+            # instance killed while it ordered.
+            _withdraw_stale_answers(acme.storage)
             session: Session | None = None
             for name, old in wanted:
                 if self.stop.is_set():
@@ -530,9 +543,18 @@ def run(address: str, authkey: bytes, counters: Any) -> None:
     stop = helper_main("acme")
     keeper = Keeper(status_file=status_path(), stop=stop)
 
+    warned: list[bool] = []
+
     def apply(snapshot: Any) -> None:
         settings: Settings = snapshot.settings
         logfmt.apply(settings.log)
+        if not warned and settings.acme.domains and getattr(
+                getattr(settings, "tls", None), "redirect_port", None) == 0:
+            warned.append(True)
+            log.warning("acme: tls.redirect_port is 0, so this LB cannot answer the CA's "
+                        "HTTP-01 checks; orders succeed only if another instance sharing %s, "
+                        "or a proxy in front, serves /.well-known/acme-challenge/",
+                        settings.acme.storage)
         keeper.configure(settings.acme)
 
     client_ = ControlClient(address, authkey)

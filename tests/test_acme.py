@@ -7,6 +7,8 @@ the storage lock keeps a second instance from ordering at the same time."""
 from __future__ import annotations
 
 import logging
+import os
+import tempfile
 import threading
 import time
 from collections.abc import Iterator
@@ -85,6 +87,15 @@ def all_stored(storage: str) -> bool:
     return all(acme.load_stored(storage, name) is not None for name in NAMES)
 
 
+def lb_acme_status(lb) -> dict | None:
+    """/status `tls.acme` as this LB's acme process writes it (in the LB's run directory)."""
+    for base in (os.environ.get("XDG_RUNTIME_DIR"), tempfile.gettempdir()):
+        for path in Path(base or tempfile.gettempdir()).glob(
+                f"gol7lb-{lb.pid}-*/{acme.STATUS_FILE}"):
+            return acme.status(str(path))
+    return None
+
+
 def verify_chain(pebble: Pebble, storage: str, name: str) -> None:
     """cert.pem is leaf + intermediate, valid for `name` up to pebble's root (from its
     management port), and key.pem is the leaf's key."""
@@ -151,6 +162,7 @@ def test_lb_obtains_keeps_across_restart_and_renews(env, answerer, lb_factory, b
         (str(acme.certificate_dir(env.storage, n) / "cert.pem"),
          str(acme.certificate_dir(env.storage, n) / "key.pem")) for n in NAMES)
     wait_until(lambda: first.output().count("acme: obtained a certificate for") == 2)
+    wait_until(lambda: lb_acme_status(first) == {"pending": [], "last_error": None})
     before = serials(env.storage)
     first.stop()
 
@@ -170,7 +182,7 @@ def test_lb_obtains_keeps_across_restart_and_renews(env, answerer, lb_factory, b
     for name in NAMES:
         verify_chain(env.pebble, env.storage, name)
     assert "already within acme.renew_before_days = 3650" in renewing.output()
-    time.sleep(3)  # a renewal loop would show within this
+    time.sleep(2)  # a renewal loop would show within this
     assert env.pebble.orders() == 4
     assert serials(env.storage) == after
 
@@ -188,7 +200,7 @@ def test_two_instances_on_one_storage_order_each_name_once(env, answerer, lb_fac
                             or "picked up the certificate" in lb.output()
                             or "obtained a certificate" in lb.output()) for lb in lbs),
                timeout=HELPERS_START)
-    time.sleep(2)
+    time.sleep(1)  # an order under way would show by then
     assert env.pebble.orders() == 2, [lb.output() for lb in lbs]
 
 
@@ -204,6 +216,7 @@ def test_an_instance_waits_for_the_lock_and_picks_up_what_the_holder_got(env, an
         assert held
         lb = lb_factory({**backends, **env.env()})
         wait_until(lambda: "is ordering certificates in" in lb.output(), timeout=HELPERS_START)
+        assert lb_acme_status(lb) == {"pending": list(NAMES), "last_error": None}
         assert env.pebble.orders() == 0
         session = acme.Session(settings)
         for name in NAMES:
@@ -212,6 +225,7 @@ def test_an_instance_waits_for_the_lock_and_picks_up_what_the_holder_got(env, an
         assert env.pebble.orders() == 2
     wait_until(lambda: lb.output().count("picked up the certificate for") == 2, timeout=30)
     assert env.pebble.orders() == 2
+    assert lb_acme_status(lb) == {"pending": [], "last_error": None}
 
 
 # -- failure and backoff (the keeper in this process, with a short backoff) --------------------
