@@ -70,7 +70,9 @@ def test_every_setting_has_its_environment_variable():
              "admin.hosts": ("gol7lb-admin, lb.example.", ("gol7lb-admin", "lb.example.")),
              "discovery.resolvers": ("127.0.0.1:53, [::1]:5353", ("127.0.0.1:53", "[::1]:5353")),
              "log.levels": ("gol7lb.proxy=debug, gol7lb=warning",
-                            ("gol7lb.proxy=debug", "gol7lb=warning"))}
+                            ("gol7lb.proxy=debug", "gol7lb=warning")),
+             "acme.domains": ("Example.com, www.example.com.",
+                              ("example.com", "www.example.com"))}
     for setting in SETTINGS:
         if setting.kind == "str":
             continue
