@@ -300,8 +300,16 @@ def test_lb_answers_http01_on_its_redirect_port_and_serves_the_certificate(env, 
     import socket
     import ssl
 
+    import trustme
+
+    # a default certificate from a file, so PORT serves HTTPS before the ACME ones arrive
+    default = trustme.CA().issue_cert("default.test")
+    default.private_key_pem.write_to_path(str(env.tmp / "default-key.pem"))
+    default.cert_chain_pems[0].write_to_path(str(env.tmp / "default-cert.pem"))
     backends = {"GOL7LB_BACKENDS": f"http://127.0.0.1:{backend_factory().port}"}
     lb = lb_factory({**backends, **env.env(),
+                     "GOL7LB_TLS_CERT": str(env.tmp / "default-cert.pem"),
+                     "GOL7LB_TLS_KEY": str(env.tmp / "default-key.pem"),
                      "GOL7LB_TLS_REDIRECT_PORT": str(env.pebble.http_port)})
     wait_until(lambda: all_stored(env.storage), timeout=HELPERS_START)
     for name in NAMES:
