@@ -370,11 +370,14 @@ class Keeper:
                 acme.directory, acme.renew_before_days, acme.storage):
             self._due.clear()
             self._failures.clear()
-        for name in list(self._due):
-            if name not in acme.domains:
-                del self._due[name]
+        for name in set(self._due) | self._pending | set(self._errors):
+            if name not in acme.domains:  # no longer wanted: forget its plan and errors
+                self._due.pop(name, None)
                 self._failures.pop(name, None)
                 self._errors.pop(name, None)
+                self._pending.discard(name)
+        if not self._errors:
+            self._last_error = None
         self.acme = acme
         self._write_status()
 

@@ -330,3 +330,30 @@ def test_lb_answers_http01_on_its_redirect_port_and_serves_the_certificate(env, 
     for name in NAMES:  # served without a restart
         wait_until(lambda n=name: served_serial(n) == stored(env.storage, n).serial,
                    timeout=30)
+
+
+@pytest.mark.slow
+def test_a_name_added_by_a_reload_is_ordered(env, answerer, lb_factory, backend_factory,
+                                            tmp_path):
+    """The acme process follows the running configuration: a reload that adds a name orders
+    that name only."""
+    import signal
+
+    port = backend_factory().port
+    config = tmp_path / "lb.toml"
+
+    def write(names: tuple[str, ...]) -> None:
+        config.write_text(
+            f'[[backends]]\nurl = "http://127.0.0.1:{port}"\n\n[reload]\nwatch = false\n\n'
+            f"[acme]\ndomains = {list(names)!r}\n".replace("'", '"'))
+
+    write(NAMES[:1])
+    settings = {k: v for k, v in env.env().items() if k != "GOL7LB_ACME_DOMAINS"}
+    lb = lb_factory({"GOL7LB_CONFIG": str(config), **settings})
+    wait_until(lambda: acme.load_stored(env.storage, NAMES[0]), timeout=HELPERS_START)
+    assert acme.load_stored(env.storage, NAMES[1]) is None
+    write(NAMES)
+    lb.signal(signal.SIGHUP)
+    wait_until(lambda: acme.load_stored(env.storage, NAMES[1]), timeout=HELPERS_START)
+    assert env.pebble.orders() == 2
+    assert lb.output().count("acme: obtained a certificate for") == 2
