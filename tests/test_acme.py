@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import logging
 import os
+import signal
 import tempfile
 import threading
 import time
@@ -149,8 +150,8 @@ def test_a_bad_acme_setting_stops_the_start_with_one_line(lb_factory, tmp_path):
 
 @pytest.mark.slow
 def test_lb_obtains_keeps_across_restart_and_renews(env, answerer, lb_factory, backend_factory):
-    """Two names get verified certificates; a restart orders nothing; inside
-    renew_before_days they are renewed, once."""
+    """Two names get verified certificates; a restart orders nothing; a reload that puts them
+    inside renew_before_days renews them, once."""
     backends = {"GOL7LB_BACKENDS": f"http://127.0.0.1:{backend_factory().port}"}
     first = lb_factory({**backends, **env.env()})
     wait_until(lambda: all_stored(env.storage), timeout=HELPERS_START)
@@ -166,22 +167,25 @@ def test_lb_obtains_keeps_across_restart_and_renews(env, answerer, lb_factory, b
     before = serials(env.storage)
     first.stop()
 
-    again = lb_factory({**backends, **env.env()})
+    # the window comes from a file, so a reload can change it
+    config = env.tmp / "lb.toml"
+    config.write_text("[reload]\nwatch = false\n[acme]\nrenew_before_days = 30\n")
+    again = lb_factory({**backends, **env.env(), "GOL7LB_CONFIG": str(config)})
     wait_until(lambda: again.output().count("has a certificate valid until") == 2,
                timeout=HELPERS_START)
     assert env.pebble.orders() == 2, "a restart ordered again"
     assert serials(env.storage) == before
-    again.stop()
 
     # pebble's certificates live 5 years: a 10-year window puts them due now
-    renewing = lb_factory({**backends, **env.env(GOL7LB_ACME_RENEW_BEFORE_DAYS="3650")})
-    wait_until(lambda: renewing.output().count("acme: renewed the certificate for") == 2,
+    config.write_text("[reload]\nwatch = false\n[acme]\nrenew_before_days = 3650\n")
+    again.signal(signal.SIGHUP)
+    wait_until(lambda: again.output().count("acme: renewed the certificate for") == 2,
                timeout=HELPERS_START)
     after = serials(env.storage)
     assert all(after[n] != before[n] for n in NAMES), (before, after)
     for name in NAMES:
         verify_chain(env.pebble, env.storage, name)
-    assert "already within acme.renew_before_days = 3650" in renewing.output()
+    assert "already within acme.renew_before_days = 3650" in again.output()
     time.sleep(2)  # a renewal loop would show within this
     assert env.pebble.orders() == 4
     assert serials(env.storage) == after
@@ -337,8 +341,6 @@ def test_a_name_added_by_a_reload_is_ordered(env, answerer, lb_factory, backend_
                                             tmp_path):
     """The acme process follows the running configuration: a reload that adds a name orders
     that name only."""
-    import signal
-
     port = backend_factory().port
     config = tmp_path / "lb.toml"
 
