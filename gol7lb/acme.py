@@ -49,6 +49,7 @@ from cryptography.hazmat.primitives.asymmetric import ec
 
 from gol7lb import challenges, logfmt, rundir
 from gol7lb.config import AcmeSettings, Settings
+from gol7lb.counters import SharedCounters
 
 if TYPE_CHECKING:
     from acme import client
@@ -535,11 +536,12 @@ def _duration(seconds: float) -> str:
     return f"{seconds:.0f}s" if seconds < 120 else f"{seconds / 60:.0f} min"
 
 
-def run(address: str, authkey: bytes, counters: Any) -> None:
+def run(address: str, authkey: bytes, counters: SharedCounters) -> None:
     """Entry point of the acme process (spawned by the master when `acme.domains` is set,
     restarted if it dies). Follows the running configuration: a reload that adds a name
     orders it."""
     from gol7lb.children import helper_main
+    from gol7lb.control import Snapshot
     from gol7lb.manager import ControlClient
     from gol7lb.view import GenerationFollower
 
@@ -548,8 +550,8 @@ def run(address: str, authkey: bytes, counters: Any) -> None:
 
     warned: list[bool] = []
 
-    def apply(snapshot: Any) -> None:
-        settings: Settings = snapshot.settings
+    def apply(snapshot: Snapshot) -> None:
+        settings = snapshot.settings
         logfmt.apply(settings.log)
         if not warned and settings.acme.domains and getattr(
                 getattr(settings, "tls", None), "redirect_port", None) == 0:
