@@ -357,5 +357,6 @@ def test_a_name_added_by_a_reload_is_ordered(env, answerer, lb_factory, backend_
     write(NAMES)
     lb.signal(signal.SIGHUP)
     wait_until(lambda: acme.load_stored(env.storage, NAMES[1]), timeout=HELPERS_START)
+    # the log line follows the files by a moment
+    wait_until(lambda: lb.output().count("acme: obtained a certificate for") == 2)
     assert env.pebble.orders() == 2
-    assert lb.output().count("acme: obtained a certificate for") == 2
