@@ -276,6 +276,9 @@ def describe(error: BaseException) -> str:
     if isinstance(error, errors.TimeoutError):
         return f"the ACME server did not finish the order within {ORDER_SECONDS}s"
     text = str(error) or type(error).__name__
+    errno_at = text.find("[Errno ")
+    if isinstance(error, OSError) and errno_at >= 0:  # requests' connection errors nest deep
+        return "cannot reach the ACME server: " + text[errno_at:].split('"')[0].rstrip(")")
     return text if len(text) < 300 else text[:297] + "..."
 
 
@@ -533,7 +536,7 @@ def _when(unix: float) -> str:
 
 
 def _duration(seconds: float) -> str:
-    return f"{seconds:.0f}s" if seconds < 120 else f"{seconds / 60:.0f} min"
+    return f"{seconds:g}s" if seconds < 120 else f"{seconds / 60:.0f} min"
 
 
 def run(address: str, authkey: bytes, counters: SharedCounters) -> None:
