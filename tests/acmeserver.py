@@ -45,6 +45,13 @@ class Pebble:
         leaf.cert_chain_pems[0].write_to_path(str(self.dir / "cert.pem"))
         self.ca_bundle = self.dir / "api-ca.pem"
         self.api_ca.cert_pem.write_to_path(str(self.ca_bundle))
+        self.dns_address = dns_address
+        self.runs = 0
+        self.proc: Proc | None = None
+        self.logs: list[Path] = []
+        self._pick_ports()
+
+    def _pick_ports(self) -> None:
         self.port, self.management_port = free_port(), free_port()
         self.http_port, self.tls_port = free_port(), free_port()
         (self.dir / "config.json").write_text(json.dumps({"pebble": {
@@ -53,28 +60,43 @@ class Pebble:
             "certificate": str(self.dir / "cert.pem"), "privateKey": str(self.dir / "key.pem"),
             "httpPort": self.http_port, "tlsPort": self.tls_port,
             "ocspResponderURL": "", "externalAccountBindingRequired": False}}))
-        self.dns_address = dns_address
-        self.runs = 0
-        self.proc: Proc | None = None
-        self.logs: list[Path] = []
 
     @property
     def directory(self) -> str:
         return f"https://127.0.0.1:{self.port}/dir"
 
     def start(self) -> Pebble:
+        """Until its directory answers over HTTPS. On the first start, a port that another
+        process took between the pick and pebble's bind (pebble then exits) means new ports;
+        a restart keeps them (clients know the directory URL)."""
         assert PEBBLE, "pebble is not installed (apt-get install pebble; tests/run.sh does)"
-        self.runs += 1
-        log = self.dir / f"pebble-{self.runs}.log"
-        self.logs.append(log)
-        self.proc = Proc([PEBBLE, "-config", str(self.dir / "config.json"),
-                          "-dnsserver", self.dns_address], env=PEBBLE_ENV, log=log)
+        for attempt in range(5):
+            self.runs += 1
+            log = self.dir / f"pebble-{self.runs}.log"
+            self.logs.append(log)
+            self.proc = Proc([PEBBLE, "-config", str(self.dir / "config.json"),
+                              "-dnsserver", self.dns_address], env=PEBBLE_ENV, log=log)
+            if self._answers():
+                return self
+            self.stop()
+            assert self.runs == attempt + 1, "pebble did not start again:\n" + log.read_text()
+            self._pick_ports()
+        raise AssertionError("pebble did not start:\n" + log.read_text())
+
+    def _answers(self) -> bool:
+        """pebble serves its directory and its management port; False if it exited."""
+        assert self.proc is not None
         deadline = time.monotonic() + 20
-        while "ACME directory available" not in self.proc.output():
-            assert self.proc.popen.poll() is None, self.proc.output()
-            assert time.monotonic() < deadline, "pebble did not start:\n" + self.proc.output()
-            time.sleep(0.05)
-        return self
+        while True:
+            if self.proc.popen.poll() is not None:
+                return False
+            try:
+                return "newOrder" in self._get(self.port, "/dir") and bool(
+                    self._get(self.management_port, "/roots/0"))
+            except OSError:
+                assert time.monotonic() < deadline, "pebble did not answer:\n" + \
+                    self.proc.output()
+                time.sleep(0.05)
 
     def stop(self) -> None:
         if self.proc is not None:
@@ -86,17 +108,17 @@ class Pebble:
         """New orders this pebble run has received (its request log)."""
         return self.proc.output().count("/order-plz ->") if self.proc else 0
 
-    def _management(self, path: str) -> str:
+    def _get(self, port: int, path: str) -> str:
         context = ssl.create_default_context(cafile=str(self.ca_bundle))
-        url = f"https://127.0.0.1:{self.management_port}{path}"
-        with urllib.request.urlopen(url, context=context, timeout=10) as answer:
+        with urllib.request.urlopen(f"https://127.0.0.1:{port}{path}", context=context,
+                                    timeout=10) as answer:
             return str(answer.read().decode())
 
     def root_pem(self) -> str:
-        return self._management("/roots/0")
+        return self._get(self.management_port, "/roots/0")
 
     def intermediate_pem(self) -> str:
-        return self._management("/intermediates/0")
+        return self._get(self.management_port, "/intermediates/0")
 
 
 class ChallengeAnswerer:

@@ -229,7 +229,7 @@ def test_an_instance_waits_for_the_lock_and_picks_up_what_the_holder_got(env, an
         assert env.pebble.orders() == 2
     wait_until(lambda: lb.output().count("picked up the certificate for") == 2, timeout=30)
     assert env.pebble.orders() == 2
-    assert lb_acme_status(lb) == {"pending": [], "last_error": None}
+    wait_until(lambda: lb_acme_status(lb) == {"pending": [], "last_error": None})
 
 
 # -- failure and backoff (the keeper in this process, with a short backoff) --------------------
