@@ -13,7 +13,7 @@ import ipaddress
 import os
 import tomllib
 from collections.abc import Callable, Mapping
-from dataclasses import dataclass, field, fields
+from dataclasses import dataclass, field, fields, replace
 from typing import Any, Literal, TypeVar, get_args
 
 from gol7lb.backends import Backend, BackendError, parse_backend_list, parse_backend_url
@@ -317,6 +317,47 @@ class CompressionSettings:
         "slowest levels (Brotli 11 runs at about 0.5 MB/s) on the fly.")
 
 
+def _acme_name(text: str) -> bool:
+    """A DNS name an ACME CA can validate over HTTP-01: no IP address, no wildcard."""
+    name = text.lower().removesuffix(".")
+    return "." in name and not name.replace(".", "").isdigit() and is_host_name(name) \
+        and ":" not in name
+
+
+@dataclass(frozen=True)
+class AcmeSettings:
+    """Automatic certificates (acme.py): the `acme` process orders and renews them."""
+
+    domains: tuple[str, ...] = setting(
+        (), 'a list of DNS names like "example.com" (no wildcards, no IP addresses)',
+        "Names to get and renew a certificate for, each its own, from the ACME CA (HTTP-01, "
+        "answered on `tls.redirect_port`, which must be reachable as port 80). Empty: ACME "
+        "off. Turning it on needs a restart; names added by a reload are ordered then.",
+        lambda v: all(_acme_name(x) for x in v))
+    email: str = setting(
+        "", "an e-mail address, or \"\"",
+        "Contact address of the ACME account (expiry warnings from the CA).",
+        lambda v: v == "" or ("@" in v and " " not in v and v.isprintable()))
+    directory: str = setting(
+        "https://acme-v02.api.letsencrypt.org/directory", "an https:// URL",
+        "The ACME server's directory URL (Let's Encrypt's production one by default).",
+        lambda v: v.startswith("https://") and " " not in v and v.isprintable())
+    ca_bundle: str = setting(
+        "", "a path to a PEM file, or \"\"",
+        "PEM bundle that verifies the ACME server's HTTPS certificate, for a private or test "
+        "CA (`\"\"`: the system store).")
+    storage: str = setting(
+        "", "a directory path, or \"\"",
+        "Directory kept across restarts: the account key, `certificates/NAME/cert.pem` and "
+        "`key.pem`, the pending HTTP-01 answers and the lock file. Instances that share it "
+        "share the certificates and order one at a time. `\"\"`: `$XDG_STATE_HOME/gol7lb/acme` "
+        "(`~/.local/state/gol7lb/acme`); never the run directory, which goes at exit.")
+    renew_before_days: int = _whole(
+        30, 1, 3650,
+        "Renew a certificate this many days before it expires; a failed renewal is retried "
+        "with backoff while the old certificate is served.")
+
+
 @dataclass(frozen=True)
 class Settings:
     algorithm: Algorithm = _one_of(
@@ -352,6 +393,7 @@ class Settings:
     log: LogSettings = field(default_factory=LogSettings)
     reload: ReloadSettings = field(default_factory=ReloadSettings)
     compression: CompressionSettings = field(default_factory=CompressionSettings)
+    acme: AcmeSettings = field(default_factory=AcmeSettings)
     demo_backends: bool = False  # True when no backend was configured and the demo ones stand in
     source: str = "defaults"  # where the settings came from, for the start-up log
     path: str = ""  # GOL7LB_CONFIG, "" when none
@@ -643,7 +685,37 @@ def load_settings(env: Mapping[str, str] | None = None) -> Settings:
                           "demo backends")
     check_routes(settings.routes, settings.pools, origin)
     _check_admin_exposure(settings.admin)
+    if settings.acme.domains:
+        settings = replace(settings, acme=_acme_paths(settings.acme, env))
     return settings
+
+
+def default_acme_storage(env: Mapping[str, str]) -> str:
+    """Where ACME state lives when `acme.storage` is not set: the XDG state directory, which
+    outlives restarts (unlike the run directory, removed at exit)."""
+    state = env.get("XDG_STATE_HOME", "").strip()
+    if not os.path.isabs(state):  # unset or relative: the XDG default
+        home = env.get("HOME", "").strip() or os.path.expanduser("~")
+        state = os.path.join(home, ".local", "state")
+    return os.path.join(state, "gol7lb", "acme")
+
+
+def _acme_paths(acme: AcmeSettings, env: Mapping[str, str]) -> AcmeSettings:
+    """ACME on: the storage directory resolved to an absolute path (every process, workers
+    included, reads challenge answers from it), and the CA bundle readable."""
+    storage = os.path.abspath(os.path.expanduser(acme.storage or default_acme_storage(env)))
+    if os.path.exists(storage) and not os.path.isdir(storage):
+        raise ConfigError(f"invalid setting acme.storage = {acme.storage!r}: {storage} exists "
+                          "and is not a directory")
+    if acme.ca_bundle:
+        try:
+            with open(acme.ca_bundle, "rb"):
+                pass
+        except OSError as e:
+            raise ConfigError(f"invalid setting acme.ca_bundle = {acme.ca_bundle!r}: cannot "
+                              f"read it ({e.strerror or e})") from None
+    return replace(acme, storage=storage, domains=tuple(
+        dict.fromkeys(d.lower().removesuffix(".") for d in acme.domains)))
 
 
 def _check_admin_exposure(admin: AdminSettings) -> None:

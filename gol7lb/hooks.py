@@ -19,7 +19,7 @@ import time
 from dataclasses import dataclass, field
 from typing import Any
 
-from gol7lb import admin, discovery, logfmt, metrics, reload, rundir, supervisor
+from gol7lb import acme, admin, discovery, logfmt, metrics, reload, rundir, supervisor
 from gol7lb.children import ChildWatcher, DemoBackends, ManagedChild, StartupError
 from gol7lb.config import DEMO_PORTS, ConfigError, Settings
 from gol7lb.control import Snapshot, new_health_record
@@ -180,6 +180,8 @@ def _start(rt: Runtime) -> None:
     if any(pool.discover for pool in settings.pools.values()):
         helpers.append(ManagedChild("discovery", discovery.run,
                                     (rt.address, rt.authkey, rt.counters)))
+    if settings.acme.domains:  # automatic certificates (acme.py)
+        helpers.append(ManagedChild("acme", acme.run, (rt.address, rt.authkey, rt.counters)))
     for child in helpers:
         rt.watcher.children.append(child)
         rt.watcher.start_child(child)

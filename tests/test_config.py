@@ -73,7 +73,9 @@ def test_every_setting_has_its_environment_variable():
                             ("gol7lb.proxy=debug", "gol7lb=warning")),
              "compression.encodings": ("gzip, br", ("gzip", "br")),
              "compression.types": ("text/html, application/*",
-                                   ("text/html", "application/*"))}
+                                   ("text/html", "application/*")),
+             "acme.domains": ("Example.com, www.example.com.",
+                              ("example.com", "www.example.com"))}
     for setting in SETTINGS:
         if setting.kind == "str":
             continue
