@@ -73,7 +73,7 @@ def ramp_factor(snapshot: Snapshot, backend_id: str, slow_start: float, now: flo
     added and checked, or ejection over) gets (>= 0.1); one up since the start gets it all."""
     if slow_start <= 0:
         return 1.0
-    up_since = snapshot.health.get(backend_id, {}).get("up_since") or 0.0
+    up_since = snapshot.health_of(backend_id).up_since
     came_back = max(up_since, snapshot.ejection_ended.get(backend_id, 0.0))
     elapsed = now - came_back
     if not came_back or elapsed >= slow_start:
