@@ -31,9 +31,9 @@ from gol7lb.outcomes import Episode, Outcome, classify_error, classify_status, m
 from gol7lb.pooltable import PoolRuntime, PoolTable
 from gol7lb.upstream import (
     TIMED_OUT,
+    IdleConnections,
     LocalResourceError,
     UpstreamClosed,
-    UpstreamPool,
     UpstreamResponse,
     read_response_head,
     request_head,
@@ -74,8 +74,8 @@ class AttemptLoop:
                 slot = slots.get(backend_id)
                 return hosts.in_flight(slot) if slot is not None else 0
         key = None
-        if pool.pool.algorithm == "consistent_hash":
-            key = request_key(pool.pool.hash_key, environ, path)
+        if pool.config.algorithm == "consistent_hash":
+            key = request_key(pool.config.hash_key, environ, path)
         ticket = self.counters.take_ticket(pool.rotation) if policy.uses_ticket else 0
         return PickContext(ticket, in_flight, key)
 
@@ -121,7 +121,7 @@ class AttemptLoop:
         `101` is one branch of it (tunnel.switch), as in Caddy's reverseproxy.go."""
         method = exchange.method
         settings = table.settings
-        cookie_name = pool.pool.sticky_cookie
+        cookie_name = pool.config.sticky_cookie
         sticky = request_cookie(environ, cookie_name) if cookie_name else None
         sticky_id = pool.sticky_values.get(sticky) if sticky else None
         idempotent_without_body = method in IDEMPOTENT and not body.present
@@ -150,12 +150,12 @@ class AttemptLoop:
             exchange.attempts += 1
             exchange.backend_id = backend.id
             exchange.slot = table.slots.get(backend.id)
-            upstream = table.upstreams[backend.id]
+            connections = table.connections[backend.id]
             started = time.perf_counter()
             sock: socket.socket | None = None
             try:
-                sock, reused = upstream.acquire()
-                sock, response = self._exchange(sock, reused, upstream, method, head, body)
+                sock, reused = connections.acquire()
+                sock, response = self._exchange(sock, reused, connections, method, head, body)
             except ClientBodyError as e:
                 _close(sock)
                 self._attempt_ended(exchange, table, failed=False)
@@ -199,9 +199,9 @@ class AttemptLoop:
                 tunnel.switch(environ, response, sock, client_sock, backend, exchange,
                               settings.proxy.client_idle_timeout)
             cookie = None
-            if pool.pool.sticky_cookie and sticky != pool.sticky_by_id.get(backend.id):
-                cookie = sticky_set_cookie(pool.pool.sticky_cookie, pool.sticky_by_id[backend.id])
-            return self._respond(start_response, response, sock, upstream, client_sock,
+            if pool.config.sticky_cookie and sticky != pool.sticky_by_id.get(backend.id):
+                cookie = sticky_set_cookie(pool.config.sticky_cookie, pool.sticky_by_id[backend.id])
+            return self._respond(start_response, response, sock, connections, client_sock,
                                  exchange, cookie, negotiated)
 
         if last is None:
@@ -251,8 +251,9 @@ class AttemptLoop:
     def _passive_failure(self, exchange: Exchange, table: PoolTable) -> None:
         outlier.passive_failure(self.cells, self.client, exchange.slot, exchange.backend_id, table)
 
-    def _exchange(self, sock: socket.socket, reused: bool, upstream: UpstreamPool, method: str,
-                  head: bytes, body: RequestBody) -> tuple[socket.socket, UpstreamResponse]:
+    def _exchange(self, sock: socket.socket, reused: bool, connections: IdleConnections,
+                  method: str, head: bytes,
+                  body: RequestBody) -> tuple[socket.socket, UpstreamResponse]:
         """Send one request and read the response head.
 
         A kept-alive connection the backend closed meanwhile fails on first use; then the
@@ -273,9 +274,9 @@ class AttemptLoop:
             if not reused or (head_sent and method not in IDEMPOTENT) or not body.replayable:
                 raise
             sock.close()
-            fresh = upstream.connect()
+            fresh = connections.connect()
             try:
-                return self._exchange(fresh, False, upstream, method, head, body)
+                return self._exchange(fresh, False, connections, method, head, body)
             except BaseException:
                 fresh.close()  # the caller only knows the first socket
                 raise
@@ -302,9 +303,9 @@ class AttemptLoop:
         return response
 
     def _respond(self, start_response: StartResponse, response: UpstreamResponse,
-                 sock: socket.socket, upstream: UpstreamPool, client_sock: socket.socket | None,
-                 exchange: Exchange, cookie: str | None,
-                 negotiated: Negotiated | None = None) -> Iterable[bytes]:
+                 sock: socket.socket, connections: IdleConnections,
+                 client_sock: socket.socket | None, exchange: Exchange,
+                 cookie: str | None, negotiated: Negotiated | None = None) -> Iterable[bytes]:
         reason = response.reason if response.reason and response.reason.isprintable() else ""
         if not reason.isascii() or not reason:
             try:
@@ -318,7 +319,7 @@ class AttemptLoop:
             sock.close()
             exchange.flag("UPE")
             log.debug("backend %s sent an invalid response header %s (request %s)",
-                      upstream.backend.id, e, exchange.rid)
+                      connections.backend.id, e, exchange.rid)
             if exchange.slot is not None:
                 self.cells.end(exchange.slot, True)
                 exchange.slot = None
@@ -331,17 +332,17 @@ class AttemptLoop:
         exchange.status = response.status
         exchange.answered = True
         if negotiated is not None:  # the route compresses: compress.py decides
-            return self._compressed(start_response, response, sock, upstream, client_sock,
+            return self._compressed(start_response, response, sock, connections, client_sock,
                                     exchange, reason, headers, negotiated)
         start_response(f"{response.status} {reason}", headers)
         if response.complete:
-            return FinishedBody(response.take_body(), sock, response.keep_alive, upstream,
+            return FinishedBody(response.take_body(), sock, response.keep_alive, connections,
                                 exchange)
-        return UpstreamBody(response, sock, upstream, client_sock, exchange)
+        return UpstreamBody(response, sock, connections, client_sock, exchange)
 
     @staticmethod
     def _compressed(start_response: StartResponse, response: UpstreamResponse,
-                    sock: socket.socket, upstream: UpstreamPool,
+                    sock: socket.socket, connections: IdleConnections,
                     client_sock: socket.socket | None, exchange: Exchange, reason: str,
                     headers: list[tuple[str, str]], negotiated: Negotiated) -> Iterable[bytes]:
         """The answer of a route with `compress = true`: compressed block by block when its
@@ -352,10 +353,10 @@ class AttemptLoop:
             if encoder is not None:
                 data = encoder.whole(data)
             start_response(f"{response.status} {reason}", headers)
-            return FinishedBody(data, sock, response.keep_alive, upstream, exchange)
+            return FinishedBody(data, sock, response.keep_alive, connections, exchange)
         encoder = negotiated.apply(response.status, headers)
         start_response(f"{response.status} {reason}", headers)
-        body = UpstreamBody(response, sock, upstream, client_sock, exchange)
+        body = UpstreamBody(response, sock, connections, client_sock, exchange)
         return body if encoder is None else CompressedBody(body, encoder)
 
     def _body_error(self, start_response: StartResponse, exchange: Exchange,

@@ -11,7 +11,13 @@ from collections.abc import Iterator
 from typing import Any
 
 from gol7lb.exchange import Exchange
-from gol7lb.upstream import BLOCK, TIMED_OUT, UpstreamPool, UpstreamProtocolError, UpstreamResponse
+from gol7lb.upstream import (
+    BLOCK,
+    TIMED_OUT,
+    IdleConnections,
+    UpstreamProtocolError,
+    UpstreamResponse,
+)
 
 log = logging.getLogger("gol7lb.proxy")  # the request path's logger (logfmt.LOGGERS)
 
@@ -24,11 +30,12 @@ class ClientBodyError(Exception):
 class UpstreamBody:
     """The response body as a WSGI iterable: streamed block by block, never held whole."""
 
-    def __init__(self, response: UpstreamResponse, sock: socket.socket, pool: UpstreamPool,
-                 client_sock: socket.socket | None, exchange: Exchange) -> None:
+    def __init__(self, response: UpstreamResponse, sock: socket.socket,
+                 connections: IdleConnections, client_sock: socket.socket | None,
+                 exchange: Exchange) -> None:
         self.response = response
         self.sock = sock
-        self.pool = pool
+        self.connections = connections
         self.client_sock = client_sock
         self.exchange = exchange
         self.sent = 0
@@ -47,7 +54,7 @@ class UpstreamBody:
             return data
         self.done = True
         if self.response.keep_alive:
-            self.pool.release(self.sock)
+            self.connections.release(self.sock)
         else:
             self.sock.close()
         self.exchange.finish(self.sent)
@@ -63,7 +70,7 @@ class UpstreamBody:
         reason = "timed out" if timed_out else str(error) or type(error).__name__
         self.exchange.flag("UT" if timed_out else "UC")
         log.error("backend %s failed mid-response (request %s): %s",
-                  self.pool.backend.id, self.exchange.rid, reason)
+                  self.connections.backend.id, self.exchange.rid, reason)
         self._close(failed=True)
         if self.client_sock is not None:
             with contextlib.suppress(OSError):
@@ -87,29 +94,30 @@ class UpstreamBody:
 
 class FinishedBody(list[bytes]):
     """An answer whose body the backend already sent whole (most small ones come with their
-    head): a plain list to the server, and the backend socket goes back to the pool, and the
-    request is counted and logged, when the server closes it after writing."""
+    head): a plain list to the server, and the backend socket goes back to its backend's idle
+    connections, and the request is counted and logged, when the server closes it after
+    writing."""
 
-    __slots__ = ("sock", "keep", "pool", "exchange", "sent")
+    __slots__ = ("sock", "keep", "connections", "exchange", "sent")
 
-    def __init__(self, data: bytes, sock: socket.socket, keep: bool, pool: UpstreamPool,
+    def __init__(self, data: bytes, sock: socket.socket, keep: bool, connections: IdleConnections,
                  exchange: Exchange) -> None:
         super().__init__((data,) if data else ())
         self.sock: socket.socket | None = sock
         self.keep = keep
-        self.pool = pool
+        self.connections = connections
         self.exchange = exchange
         self.sent = len(data)
 
     def close(self) -> None:
-        """Once only: a second call would pool the same backend socket twice (two requests
+        """Once only: a second call would keep the same backend socket twice (two requests
         would then share it) and count the request again."""
         sock = self.sock
         if sock is None:
             return
         self.sock = None
         if self.keep:
-            self.pool.release(sock)
+            self.connections.release(sock)
         else:
             sock.close()
         self.exchange.finish(self.sent)

@@ -25,6 +25,7 @@ from gol7lb import logfmt, metrics
 from gol7lb.backends import Backend
 from gol7lb.config import Pool, Settings
 from gol7lb.counters import POOL_SLOTS, SharedCounters
+from gol7lb.health import HealthRecord
 from gol7lb.hosts import HostTable
 
 log = logging.getLogger("gol7lb.manager")  # the Manager process
@@ -53,7 +54,7 @@ class Snapshot:
     pools: dict[str, Pool]  # the running pools: the file's plus the admin API's changes
     sources: dict[str, str]  # backend id -> "config" | "api"
     slots: dict[str, int]  # backend id -> host slot in the shared HostTable
-    health: dict[str, dict[str, Any]]  # backend id -> the supervisor's record
+    health: dict[str, HealthRecord]  # backend id -> the supervisor's record
     pool_slots: dict[str, int] = field(default_factory=dict)  # pool name -> rotation slot
     drained: frozenset[str] = field(default_factory=frozenset)
     ejected: dict[str, float] = field(default_factory=dict)  # backend id -> until (Unix time)
@@ -69,19 +70,15 @@ class Snapshot:
                 found.setdefault(backend.id, backend)
         return found
 
+    def health_of(self, backend_id: str) -> HealthRecord:
+        """Its record, or that of a backend never checked (up)."""
+        return self.health.get(backend_id) or _UNCHECKED
+
     def alive(self, backend_id: str) -> bool:
-        return bool(self.health.get(backend_id, {}).get("alive", True))
+        return self.health_of(backend_id).alive
 
 
-def new_health_record(alive: bool, rise: int, fall: int) -> dict[str, Any]:
-    """What the supervisor starts a backend's checks from.
-
-    At start every backend is up but unconfirmed (as in HAProxy: the first failed check
-    takes it out). One that appears later (reload, API) is down until its first check passes.
-    """
-    return {"alive": alive, "successes": 0 if alive else rise - 1,
-            "failures": fall - 1 if alive else 0, "since": time.time(), "checks": 0,
-            "last_check": None}
+_UNCHECKED = HealthRecord()
 
 
 class ControlState:
@@ -110,7 +107,7 @@ class ControlState:
         self.ejection_ended: dict[str, float] = {}
         self.discovered: dict[str, list[Backend]] = {}  # spec key -> its last good answer
         self.discovery: dict[str, dict[str, Any]] = {}  # spec key -> name, error, when
-        self.records: dict[str, dict[str, Any]] = {}  # latest check per backend (not persisted)
+        self.records: dict[str, HealthRecord] = {}  # latest check per backend (not persisted)
         if self._load():
             self._counters.bump_generation()  # a restarted Manager: everybody re-reads
 
@@ -128,7 +125,7 @@ class ControlState:
         for name in self._PERSISTED:
             setattr(self, name, data.get(name, getattr(self, name)))
         for backend_id, alive in self.alive.items():
-            self.records[backend_id] = {"alive": alive, "last_check": None}
+            self.records[backend_id] = HealthRecord(alive)
         return True
 
     def _save(self) -> None:
@@ -217,7 +214,7 @@ class ControlState:
         if backend_id not in self.records:
             health = self.settings.health if self.settings else None
             rise, fall = (health.rise, health.fall) if health else (1, 1)
-            self.records[backend_id] = new_health_record(alive, rise, fall)
+            self.records[backend_id] = HealthRecord.initial(alive, rise, fall)
             self.alive[backend_id] = alive
 
     def _forget_gone(self) -> None:
@@ -359,14 +356,14 @@ class ControlState:
             if ended:
                 self._changed()
 
-    def publish_health(self, backend_id: str, record: dict[str, Any], changed: bool) -> None:
+    def publish_health(self, backend_id: str, record: HealthRecord, changed: bool) -> None:
         """One check result from the supervisor; the generation moves only on a flip."""
         with self._lock:
             if backend_id not in self.records:  # removed meanwhile: a late result
                 return
             self.records[backend_id] = record
-            if changed or self.alive.get(backend_id) != record["alive"]:
-                self.alive[backend_id] = record["alive"]
+            if changed or self.alive.get(backend_id) != record.alive:
+                self.alive[backend_id] = record.alive
                 self._changed()
 
     # readers ---------------------------------------------------------------------------------
@@ -384,7 +381,7 @@ class ControlState:
                 pools=self._pools(),
                 sources=self._sources(),
                 slots=dict(self.slots),
-                health={k: dict(v) for k, v in self.records.items()},
+                health=dict(self.records),
                 pool_slots=dict(self.pool_slots),
                 drained=frozenset(self.drained),
                 ejected=dict(self.ejected),

@@ -157,3 +157,38 @@ class HealthTracker:
                 self.alive = False
                 return True
         return False
+
+
+@dataclass(frozen=True)
+class HealthRecord:
+    """What is known of one backend's active checks. The supervisor publishes a new one after
+    every check; the control state keeps one per running address and every snapshot carries
+    them through the Manager (pickled: keep it small). The defaults are what a backend with no
+    record yet is taken to be: up, never checked."""
+
+    alive: bool = True
+    successes: int = 0  # the rise/fall streaks, so a restarted supervisor carries on
+    failures: int | None = None  # None: fall - 1 (up but unconfirmed, see HealthTracker)
+    since: float | None = None  # when the liveness last flipped (None: unknown, e.g. restored)
+    up_since: float = 0.0  # when it last came back up (0: up since the start): slow start
+    checks: int = 0
+    last_check: CheckResult | None = None
+
+    @classmethod
+    def initial(cls, alive: bool, rise: int, fall: int) -> HealthRecord:
+        """What the supervisor starts a backend's checks from.
+
+        At start every backend is up but unconfirmed (as in HAProxy: the first failed check
+        takes it out). One that appears later (reload, API) is down until its first check
+        passes.
+        """
+        return cls(alive, successes=0 if alive else rise - 1,
+                   failures=fall - 1 if alive else 0, since=time.time())
+
+    def tracker(self, rise: int, fall: int) -> HealthTracker:
+        """The rise/fall state to carry on from."""
+        return HealthTracker(rise, fall, self.alive, self.successes, self.failures)
+
+    def last_check_dict(self) -> dict[str, Any] | None:
+        """The last check as /status shows it."""
+        return self.last_check.as_dict() if self.last_check else None

@@ -22,8 +22,9 @@ from typing import Any
 from gol7lb import acme, admin, discovery, logfmt, metrics, reload, rundir, supervisor
 from gol7lb.children import ChildWatcher, DemoBackends, ManagedChild, StartupError
 from gol7lb.config import DEMO_PORTS, ConfigError, Settings
-from gol7lb.control import Snapshot, new_health_record
+from gol7lb.control import Snapshot
 from gol7lb.counters import SharedCounters
+from gol7lb.health import HealthRecord
 from gol7lb.hosts import HostTable
 from gol7lb.manager import ControlClient, run_manager
 from gol7lb.view import GenerationFollower
@@ -65,7 +66,7 @@ class Runtime:
         return Snapshot(generation=0, config_generation=0, loaded_at=0.0, last_error=None,
                         settings=self.settings, pools=self.settings.pools,
                         sources=dict.fromkeys(ids, "config"), slots={},
-                        health={i: new_health_record(True, health.rise, health.fall)
+                        health={i: HealthRecord.initial(True, health.rise, health.fall)
                                 for i in ids})
 
 

@@ -20,7 +20,7 @@ from typing import Protocol
 
 from gol7lb.balancer import PickContext
 from gol7lb.pooltable import PoolRuntime
-from gol7lb.upstream import UpstreamClosed, UpstreamPool, read_response_head
+from gol7lb.upstream import IdleConnections, UpstreamClosed, read_response_head
 
 log = logging.getLogger("gol7lb.proxy")
 
@@ -42,7 +42,7 @@ class Copy:
 
     pool: PoolRuntime
     context: PickContext
-    upstreams: dict[str, UpstreamPool]
+    connections: dict[str, IdleConnections]
     method: str
     head: bytes
     body: bytes
@@ -100,8 +100,8 @@ def send(copy: Copy) -> str:
     order = copy.pool.policy.order(copy.context)
     if not order:
         return ERROR  # no backend of the shadow pool is up
-    upstream = copy.upstreams[order[0].id]
-    sock, reused = upstream.acquire()
+    connections = copy.connections[order[0].id]
+    sock, reused = connections.acquire()
     try:
         try:
             keep = _exchange(sock, copy)
@@ -109,13 +109,13 @@ def send(copy: Copy) -> str:
             if not reused:
                 raise
             sock.close()  # a kept-alive socket the backend had closed: once more, fresh
-            sock = upstream.connect()
+            sock = connections.connect()
             keep = _exchange(sock, copy)
     except BaseException:
         sock.close()
         raise
     if keep:
-        upstream.release(sock)
+        connections.release(sock)
     else:
         sock.close()
     return OK

@@ -24,7 +24,7 @@ from gol7lb.headers import ForwardedPolicy
 from gol7lb.hosts import PoolPeers
 from gol7lb.pools import Pool
 from gol7lb.routing import Router
-from gol7lb.upstream import UpstreamPool
+from gol7lb.upstream import IdleConnections
 
 RAMP_SCALE = 10  # weights are multiplied by this while some backend of the pool ramps up
 RAMP_REBUILD_SECONDS = 1.0
@@ -34,7 +34,7 @@ RAMP_REBUILD_SECONDS = 1.0
 class PoolRuntime:
     """One pool as a worker serves it."""
 
-    pool: Pool
+    config: Pool  # the pool as configured
     policy: Policy
     available: frozenset[str]
     limits: dict[str, int]  # backend id -> max_connections over all workers (0: none)
@@ -45,7 +45,7 @@ class PoolRuntime:
 
     @property
     def name(self) -> str:
-        return self.pool.name
+        return self.config.name
 
 
 @dataclass
@@ -54,7 +54,7 @@ class PoolTable:
     settings: Settings
     router: Router
     pools: dict[str, PoolRuntime]
-    upstreams: dict[str, UpstreamPool]  # backend id -> this worker's keep-alive sockets
+    connections: dict[str, IdleConnections]  # backend id -> this worker's keep-alive sockets
     slots: dict[str, int]  # backend id -> host slot (in flight, requests, failures)
     retry_after: str
     forwarded: ForwardedPolicy  # proxy.forwarded and proxy.trusted_proxies
@@ -65,7 +65,7 @@ class PoolTable:
         """The host slots of every pool holding the backend, for passive health's
         max_ejected_percent (worked out when a failure streak completes: rarely)."""
         slots = self.slots
-        return [PoolPeers(tuple(slots[b.id] for b in runtime.pool.backends if b.id in slots),
+        return [PoolPeers(tuple(slots[b.id] for b in runtime.config.backends if b.id in slots),
                           tuple(slots[i] for i in runtime.available if i in slots))
                 for runtime in self.pools.values() if backend_id in runtime.by_id]
 
@@ -75,7 +75,7 @@ def ramp_factor(snapshot: Snapshot, backend_id: str, slow_start: float, now: flo
     added and checked, or ejection over) gets (>= 0.1); one up since the start gets it all."""
     if slow_start <= 0:
         return 1.0
-    up_since = snapshot.health.get(backend_id, {}).get("up_since") or 0.0
+    up_since = snapshot.health_of(backend_id).up_since
     came_back = max(up_since, snapshot.ejection_ended.get(backend_id, 0.0))
     elapsed = now - came_back
     if not came_back or elapsed >= slow_start:
@@ -96,14 +96,14 @@ def build_table(snapshot: Snapshot, previous: PoolTable | None) -> PoolTable:
     logfmt.apply(settings.log)
     now = time.time()
     available = available_ids(snapshot, now)
-    old = previous.upstreams if previous else {}
-    upstreams: dict[str, UpstreamPool] = {}
+    old = previous.connections if previous else {}
+    connections: dict[str, IdleConnections] = {}
     pools = {}
     ramping = False
     for index, (name, pool) in enumerate(snapshot.pools.items()):
         for backend in pool.backends:
-            if backend.id not in upstreams:
-                upstreams[backend.id] = _upstream_for(backend, settings, old.get(backend.id))
+            if backend.id not in connections:
+                connections[backend.id] = _connections_for(backend, settings, old.get(backend.id))
         pool_available = frozenset(b.id for b in pool.backends if b.id in available)
         factors = {b.id: ramp_factor(snapshot, b.id, settings.health.slow_start, now)
                    for b in pool.backends}
@@ -125,12 +125,12 @@ def build_table(snapshot: Snapshot, previous: PoolTable | None) -> PoolTable:
                                     for b in pool.backends}
             runtime.sticky_values = {v: k for k, v in runtime.sticky_by_id.items()}
         pools[name] = runtime
-    for backend_id, upstream in old.items():
-        if backend_id not in upstreams:
-            upstream.retire()  # idle sockets close now, busy ones when their request ends
+    for backend_id, idle in old.items():
+        if backend_id not in connections:
+            idle.retire()  # idle sockets close now, busy ones when their request ends
     return PoolTable(
         snapshot, settings, Router(settings.routes, list(snapshot.pools), settings.rules),
-        pools, upstreams,
+        pools, connections,
         dict(snapshot.slots), str(max(1, math.ceil(settings.health.interval))),
         _forwarded_policy(settings, previous),
         rebuild_at=time.monotonic() + RAMP_REBUILD_SECONDS if ramping else math.inf,
@@ -158,10 +158,10 @@ def _forwarded_policy(settings: Settings, previous: PoolTable | None) -> Forward
     return ForwardedPolicy(proxy.forwarded, proxy.trusted_proxies)
 
 
-def _upstream_for(backend: Backend, settings: Settings,
-                  existing: UpstreamPool | None) -> UpstreamPool:
+def _connections_for(backend: Backend, settings: Settings,
+                     existing: IdleConnections | None) -> IdleConnections:
     connect, read = settings.proxy.connect_timeout, settings.proxy.read_timeout
     if existing is None:
-        return UpstreamPool(backend, connect, read)
+        return IdleConnections(backend, connect, read)
     existing.configure(backend, connect, read)
     return existing

@@ -160,7 +160,7 @@ class ProxyApp(AttemptLoop):
             return
         shadow = table.pools[spec.pool]
         self.mirror.submit(Copy(shadow, self._context(table, shadow, environ, path),
-                                table.upstreams, method, request_head(method, target, headers),
+                                table.connections, method, request_head(method, target, headers),
                                 body.kept))
 
     def _rule_answer(self, start_response: StartResponse, exchange: Exchange,

@@ -15,7 +15,6 @@ import os
 import sys
 import threading
 import time
-from typing import Any
 
 from gol7lb import logfmt, metrics
 from gol7lb.backends import Backend
@@ -23,7 +22,7 @@ from gol7lb.children import helper_main
 from gol7lb.config import HealthSettings
 from gol7lb.control import Snapshot
 from gol7lb.counters import SharedCounters
-from gol7lb.health import CheckResult, HealthTracker, run_check
+from gol7lb.health import CheckResult, HealthRecord, run_check
 from gol7lb.manager import ControlClient
 from gol7lb.view import GenerationFollower
 
@@ -31,35 +30,21 @@ log = logging.getLogger("gol7lb.supervisor")
 RECONCILE_SECONDS = 0.25  # how often the generation counter is looked at (a shared-memory read)
 
 
-def record_for(tracker: HealthTracker, result: CheckResult | None, since: float,
-               checks: int, up_since: float = 0.0) -> dict[str, Any]:
-    return {
-        "alive": tracker.alive,
-        "successes": tracker.successes,
-        "failures": tracker.failures,
-        "since": since,
-        "up_since": up_since,  # when it last came back up (0: up since the start): slow start
-        "checks": checks,
-        "last_check": result.as_dict() if result else None,
-    }
-
-
 class BackendChecker(threading.Thread):
     """Checks one backend on its own schedule, so a black-holed one cannot delay the others."""
 
     def __init__(self, backend: Backend, health: HealthSettings, client: ControlClient,
-                 record: dict[str, Any], stop: threading.Event) -> None:
+                 record: HealthRecord, stop: threading.Event) -> None:
         super().__init__(name=f"check {backend.id}", daemon=True)
         self.backend = backend
         self.health = health
         self.client = client
         self.stop = stop
         self.retired = threading.Event()
-        self.tracker = HealthTracker(health.rise, health.fall, record["alive"],
-                                     record.get("successes", 0), record.get("failures"))
-        self.since = record.get("since") or time.time()
-        self.up_since = record.get("up_since", 0.0)
-        self.checks = record.get("checks", 0)
+        self.tracker = record.tracker(health.rise, health.fall)
+        self.since = record.since or time.time()
+        self.up_since = record.up_since
+        self.checks = record.checks
         self.unpublished = False
         self._checks_ok = metrics.HEALTH_CHECKS.labels(backend.id, "ok")
         self._checks_fail = metrics.HEALTH_CHECKS.labels(backend.id, "fail")
@@ -92,7 +77,9 @@ class BackendChecker(threading.Thread):
                 break
 
     def _publish(self, result: CheckResult | None, changed: bool) -> None:
-        record = record_for(self.tracker, result, self.since, self.checks, self.up_since)
+        tracker = self.tracker
+        record = HealthRecord(tracker.alive, tracker.successes, tracker.failures, self.since,
+                              self.up_since, self.checks, result)
         try:
             self.client.call("publish_health", self.backend.id, record,
                              changed or self.unpublished)
@@ -147,7 +134,7 @@ class Supervisor:
             if checker is not None:
                 checker.update(backend, health)
                 continue
-            record = snapshot.health.get(backend_id) or {"alive": True}
+            record = snapshot.health_of(backend_id)
             checker = BackendChecker(backend, health, self.client, record, self.stop)
             self.checkers[backend_id] = checker
             checker.start()

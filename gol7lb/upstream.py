@@ -54,7 +54,7 @@ class UpstreamClosed(UpstreamProtocolError):
     """The backend closed the connection before sending any answer."""
 
 
-class UpstreamPool:
+class IdleConnections:
     """Idle keep-alive sockets to one backend, owned by one worker process."""
 
     def __init__(self, backend: Backend, connect_timeout: float, read_timeout: float) -> None:
@@ -108,7 +108,7 @@ class UpstreamPool:
 
 def open_connection(backend: Backend, connect_timeout: float,
                     read_timeout: float) -> socket.socket:
-    """A new connection to a backend (the proxy's pools and the health checks both use it);
+    """A new connection to a backend (IdleConnections and the health checks both use it);
     ConnectFailed says why not, in words fit for a log line or /status."""
     try:
         sock = socket.create_connection(backend.address, timeout=connect_timeout)

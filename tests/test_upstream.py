@@ -19,7 +19,7 @@ from gol7lb.pooltable import build_table
 from gol7lb.proxy import ProxyApp
 from gol7lb.upstream import (
     MAX_HEAD,
-    UpstreamPool,
+    IdleConnections,
     UpstreamProtocolError,
     UpstreamResponse,
     request_head,
@@ -188,12 +188,12 @@ class Finishes:
 
 def test_a_finished_body_closed_twice_pools_its_socket_once_and_counts_once():
     ours, theirs = socket.socketpair()
-    pool = UpstreamPool(Backend("http://127.0.0.1:1", "127.0.0.1", 1), 1.0, 1.0)
+    connections = IdleConnections(Backend("http://127.0.0.1:1", "127.0.0.1", 1), 1.0, 1.0)
     exchange = Finishes()
-    body = FinishedBody(b"ok", ours, True, pool, exchange)  # type: ignore[arg-type]
+    body = FinishedBody(b"ok", ours, True, connections, exchange)  # type: ignore[arg-type]
     body.close()
     body.close()
-    assert list(pool._idle) == [ours]
+    assert list(connections._idle) == [ours]
     assert exchange.calls == [(2, False)]
     ours.close()
     theirs.close()
@@ -205,13 +205,13 @@ def test_a_streamed_body_closed_twice_is_counted_once():
     theirs.sendall(b"HTTP/1.1 200 OK\r\nContent-Length: 10\r\n\r\nabc")
     response = UpstreamResponse(ours, "GET")
     response.read_head()
-    pool = UpstreamPool(Backend("http://127.0.0.1:1", "127.0.0.1", 1), 1.0, 1.0)
+    connections = IdleConnections(Backend("http://127.0.0.1:1", "127.0.0.1", 1), 1.0, 1.0)
     exchange = Finishes()
-    body = UpstreamBody(response, ours, pool, None, exchange)  # type: ignore[arg-type]
+    body = UpstreamBody(response, ours, connections, None, exchange)  # type: ignore[arg-type]
     assert next(body) == b"abc"
     body.close()
     body.close()
-    assert exchange.calls == [(-1, True), (3, False)] and not pool._idle  # DC: cut short
+    assert exchange.calls == [(-1, True), (3, False)] and not connections._idle  # DC: cut short
     assert ours.fileno() == -1  # closed: the unread rest must not reach another request
     theirs.close()
 

@@ -32,10 +32,10 @@ def backend_entries(snapshot: Snapshot, hosts: HostTable,
     entries = []
     settings = snapshot.settings
     for backend_id, backend in snapshot.backends().items():
-        record = snapshot.health.get(backend_id) or {}
+        record = snapshot.health_of(backend_id)
         slot = snapshot.slots.get(backend_id)
         totals = hosts.totals(slot) if slot is not None else _ZERO
-        alive = snapshot.alive(backend_id)
+        alive = record.alive
         latency = (latencies or {}).get(backend_id)
         ejected_until = snapshot.ejected.get(backend_id)
         entries.append({
@@ -50,12 +50,12 @@ def backend_entries(snapshot: Snapshot, hosts: HostTable,
             "failures": totals.failures,
             "ejected_until": ejected_until,
             "max_connections": backend.max_connections or settings.proxy.max_connections,
-            "last_check": record.get("last_check"),
+            "last_check": record.last_check_dict(),
             "source": snapshot.sources.get(backend_id, "config"),
             "discovered_from": snapshot.discovered_from.get(backend_id),
             "pools": pools_of.get(backend_id, []),
-            "since": record.get("since"),
-            "checks": record.get("checks", 0),
+            "since": record.since,
+            "checks": record.checks,
             "latency": ({"p50_ms": round(latency[0], 3), "p99_ms": round(latency[1], 3)}
                         if latency else None),
         })
