@@ -33,6 +33,7 @@ from gol7lb.pools import (
     pools_from_toml,
     routes_from_toml,
 )
+from gol7lb.ratelimit import RateLimitSpec, check_rate_limit_names, rate_limits_from_toml
 
 ENV_PREFIX = "GOL7LB_"
 CONFIG_ENV = "GOL7LB_CONFIG"
@@ -306,10 +307,15 @@ class Settings:
         "auto: pin worker i to CPU i mod n of the CPUs the LB may use, so each worker's threads "
         "hand the GIL over on one core. off: let the kernel move workers, for hosts where other "
         "busy processes share the CPUs.")
+    rate_limit: str = setting(
+        "", "the name of a [rate_limits.NAME], or \"\"",
+        "The rate limit of requests that match no route (routes name their own with "
+        "`rate_limit`); see [Rate limits](configuration.md#rate-limits).")
     backends: tuple[Backend, ...] = ()  # the default pool; empty: there is none
     discover: tuple[DiscoverySpec, ...] = ()  # the default pool's DNS-discovered entries
     named_pools: tuple[Pool, ...] = ()
     routes: tuple[Route, ...] = ()
+    rate_limits: tuple[RateLimitSpec, ...] = ()  # [rate_limits.NAME] tables
     health: HealthSettings = field(default_factory=HealthSettings)
     proxy: ProxySettings = field(default_factory=ProxySettings)
     admin: AdminSettings = field(default_factory=AdminSettings)
@@ -478,6 +484,7 @@ class FileValues:
     discover: list[DiscoverySpec] = field(default_factory=list)
     pools: list[Pool] = field(default_factory=list)
     routes: list[Route] = field(default_factory=list)
+    rate_limits: list[RateLimitSpec] = field(default_factory=list)
 
 
 def _values_from_toml(data: Mapping[str, Any], origin: str) -> FileValues:
@@ -492,6 +499,8 @@ def _values_from_toml(data: Mapping[str, Any], origin: str) -> FileValues:
             found.pools = pools_from_toml(value, origin, POOL_DEFAULTS, check)
         elif key == "routes":
             found.routes = routes_from_toml(value, origin)
+        elif key == "rate_limits":
+            found.rate_limits = rate_limits_from_toml(value, origin)
         elif key in sections:
             if not isinstance(value, dict):
                 raise _bad(key, value, origin, f"a table [{key}]")
@@ -506,7 +515,8 @@ def _values_from_toml(data: Mapping[str, Any], origin: str) -> FileValues:
             found.values[key] = _coerce(SETTINGS_BY_NAME[key], value, origin, from_env=False)
         else:
             top = [st.key for st in SETTINGS if not st.section]
-            allowed = ", ".join(["backends", "pools", "routes", *sorted(sections), *top])
+            allowed = ", ".join(["backends", "pools", "routes", "rate_limits", *sorted(sections),
+                                 *top])
             raise ConfigError(f"unknown setting {key} ({origin}): allowed are {allowed}")
     return found
 
@@ -588,6 +598,7 @@ def load_settings(env: Mapping[str, str] | None = None) -> Settings:
         discover=tuple(found.discover) if env_backends is None else (),
         named_pools=tuple(found.pools),
         routes=tuple(found.routes),
+        rate_limits=tuple(found.rate_limits),
         demo_backends=demo,
         source=" < ".join(sources),
         path=path,
@@ -598,6 +609,7 @@ def load_settings(env: Mapping[str, str] | None = None) -> Settings:
                           "list [[backends]], [pools.NAME] backends, or leave both out for the "
                           "demo backends")
     check_routes(settings.routes, settings.pools, origin)
+    check_rate_limit_names(settings.routes, settings.rate_limit, settings.rate_limits, origin)
     _check_admin_exposure(settings.admin)
     return settings
 

@@ -69,11 +69,18 @@ HELP = {
     "gol7lb_websocket_connections": "Open upgraded tunnels.",
     "gol7lb_local_errors": "Requests the LB answered 503 for lack of its own resources (no "
                            "descriptor, buffer or memory for a backend socket), by errno.",
+    "gol7lb_rate_limited": "Requests refused (429) by a rate limit, by route (its index in the "
+                           "file; none: no route matched).",
+    "gol7lb_rate_limit_store_errors": "Requests whose rate-limit store (Redis) could not be "
+                                      "asked, so on_store_error decided, by rate limit.",
 }
 RETRIES = Counter("gol7lb_retries", HELP["gol7lb_retries"], ["backend"])
 EJECTIONS = Counter("gol7lb_backend_ejections", HELP["gol7lb_backend_ejections"], ["backend"])
 CONFIG_RELOADS = Counter("gol7lb_config_reloads", HELP["gol7lb_config_reloads"], ["result"])
 LOCAL_ERRORS = Counter("gol7lb_local_errors", HELP["gol7lb_local_errors"], ["reason"])
+RATE_LIMITED = Counter("gol7lb_rate_limited", HELP["gol7lb_rate_limited"], ["route"])
+RATE_LIMIT_STORE_ERRORS = Counter("gol7lb_rate_limit_store_errors",
+                                  HELP["gol7lb_rate_limit_store_errors"], ["limit"])
 WEBSOCKET_CONNECTIONS = Gauge("gol7lb_websocket_connections",
                               HELP["gol7lb_websocket_connections"], ["backend"],
                               multiprocess_mode="livesum")
@@ -197,6 +204,14 @@ class RequestRecorder:
     def local_error(self, reason: str) -> None:
         """The LB answered 503 for lack of its own resources (`reason`: the errno's name)."""
         self._event(LOCAL_ERRORS, reason)
+
+    def rate_limited(self, route: str) -> None:
+        """A rate limit refused a request on `route` (its index, or "none")."""
+        self._event(RATE_LIMITED, route)
+
+    def rate_limit_store_error(self, limit: str) -> None:
+        """The store of rate limit `limit` could not be asked for a request."""
+        self._event(RATE_LIMIT_STORE_ERRORS, limit)
 
 
 def worker_exited(pid: int) -> None:

@@ -36,7 +36,7 @@ BACKEND_KEYS = ("url", "weight", "max_connections", "discover", "name")
 DiscoveryKind = Literal["dns", "srv"]
 DISCOVERY_KINDS: tuple[DiscoveryKind, ...] = get_args(DiscoveryKind)
 POOL_KEYS = ("algorithm", "hash_key", "sticky_cookie", "backends")
-ROUTE_KEYS = ("host", "path_prefix", "methods", "headers", "pool", "strip_prefix")
+ROUTE_KEYS = ("host", "path_prefix", "methods", "headers", "pool", "strip_prefix", "rate_limit")
 
 
 @dataclass(frozen=True)
@@ -77,13 +77,14 @@ class Route:
     methods: frozenset[str] = field(default_factory=frozenset)
     headers: tuple[tuple[str, str], ...] = ()  # (lower-case name, exact value)
     strip_prefix: bool = False
+    rate_limit: str = ""  # a [rate_limits.NAME], checked once the route matched
 
     def describe(self) -> dict[str, Any]:
         """For /status."""
         return {"host": self.host or None, "path_prefix": self.path_prefix or None,
                 "methods": sorted(self.methods) or None,
                 "headers": dict(self.headers) or None, "pool": self.pool,
-                "strip_prefix": self.strip_prefix}
+                "strip_prefix": self.strip_prefix, "rate_limit": self.rate_limit or None}
 
 
 def bad(name: str, value: Any, origin: str, allowed: str) -> ConfigError:
@@ -273,8 +274,12 @@ def routes_from_toml(items: Any, origin: str) -> list[Route]:
             raise bad(f"{at}.strip_prefix", strip, origin, "true or false")
         if strip and not prefix:
             raise bad(f"{at}.strip_prefix", strip, origin, "used together with path_prefix")
+        rate_limit = item.get("rate_limit", "")
+        if not isinstance(rate_limit, str):
+            raise bad(f"{at}.rate_limit", rate_limit, origin, "the name of a [rate_limits.NAME]")
         routes.append(Route(pool, host, prefix, frozenset(m.upper() for m in methods),
-                            tuple((k.lower(), v) for k, v in headers.items()), strip))
+                            tuple((k.lower(), v) for k, v in headers.items()), strip,
+                            rate_limit))
     return routes
 
 

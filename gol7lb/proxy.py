@@ -24,6 +24,7 @@ from gol7lb.hosts import WorkerCells
 from gol7lb.manager import ControlClient
 from gol7lb.metrics import RequestRecorder
 from gol7lb.pooltable import PoolRuntime, PoolTable
+from gol7lb.ratelimit import Limiter
 from gol7lb.routing import strip_prefix
 from gol7lb.target import AmbiguousTarget, normalise_path, valid_authority
 from gol7lb.view import CachedView
@@ -103,6 +104,11 @@ class ProxyApp(AttemptLoop):
                                "and there is no default pool")
         pool = table.pools[match.pool]
         exchange.pool = pool.name
+        limiter = table.limits.by_route[match.index]
+        if limiter is not None:  # rate limit (the rules order puts it after access rules)
+            limited = self._rate_limit(limiter, environ, path, start_response, exchange)
+            if limited is not None:
+                return limited
         if match.strip:  # from the normalised path, the one the prefix matched
             target = strip_prefix(path + query_mark + query, match.strip)
             path = target.partition("?")[0]
@@ -118,6 +124,21 @@ class ProxyApp(AttemptLoop):
         body.framing(headers)
         return self.forward(environ, start_response, table, pool, exchange, target, path,
                             headers, body, client_sock)
+
+    def _rate_limit(self, limiter: Limiter, environ: dict[str, Any], path: str,
+                    start_response: StartResponse, exchange: Exchange) -> list[bytes] | None:
+        """None when the request took a token (or the store is down and on_store_error is
+        allow); else the 429."""
+        outcome = limiter.check(environ, path)
+        if outcome is None:
+            return None
+        if outcome.store_error:
+            self.recorder.rate_limit_store_error(limiter.spec.name)
+        if outcome.refused is None:
+            return None
+        self.recorder.rate_limited(limiter.route)
+        return self._error(start_response, exchange, 429, "rate limit exceeded",
+                           outcome.refused)
 
     @staticmethod
     def request_headers(environ: dict[str, Any], table: PoolTable, authority: str | None,

@@ -25,6 +25,7 @@ class CompiledRoute:
     prefix_open: str  # the prefix with a trailing "/", for segment-aware matching
     methods: frozenset[str]
     headers: tuple[tuple[str, str], ...]  # (WSGI environ key, exact value)
+    index: int = -1  # the route's place in the file
 
     def matches(self, environ: Mapping[str, Any], path: str, method: str) -> bool:
         if self.prefix and not (path == self.prefix or path.startswith(self.prefix_open)):
@@ -38,6 +39,7 @@ class CompiledRoute:
 class Match:
     pool: str
     strip: str  # the prefix to remove from the path ("" for none)
+    index: int = -1  # the route's place in the file; -1: no route matched (the default pool)
 
 
 def host_matches(pattern: str, host: str) -> bool:
@@ -71,14 +73,14 @@ class Router:
     """Compiled routes of one configuration."""
 
     def __init__(self, routes: Sequence[Route], pools: Sequence[str]) -> None:
-        self.routes = tuple(self._compile(r) for r in routes)
+        self.routes = tuple(self._compile(r, i) for i, r in enumerate(routes))
         self.default = DEFAULT_POOL if DEFAULT_POOL in pools else None
         self._default_match = Match(self.default, "") if self.default else None
         self._hosted = any(r.route.host for r in self.routes)
         self._by_host: dict[str, tuple[CompiledRoute, ...]] = {}
 
     @staticmethod
-    def _compile(route: Route) -> CompiledRoute:
+    def _compile(route: Route, index: int) -> CompiledRoute:
         try:  # requests are matched on normalised paths, so the prefix is normalised too
             prefix = normalise_path(route.path_prefix) if route.path_prefix else ""
         except AmbiguousTarget:
@@ -86,7 +88,7 @@ class Router:
         open_prefix = prefix if prefix.endswith("/") else prefix + "/"
         headers = tuple(("HTTP_" + name.upper().replace("-", "_"), value)
                         for name, value in route.headers)
-        return CompiledRoute(route, prefix, open_prefix, route.methods, headers)
+        return CompiledRoute(route, prefix, open_prefix, route.methods, headers, index)
 
     def _for_host(self, host: str) -> tuple[CompiledRoute, ...]:
         found = self._by_host.get(host)
@@ -105,5 +107,6 @@ class Router:
             for compiled in candidates:
                 if compiled.matches(environ, path, method):
                     route = compiled.route
-                    return Match(route.pool, compiled.prefix if route.strip_prefix else "")
+                    return Match(route.pool, compiled.prefix if route.strip_prefix else "",
+                                 compiled.index)
         return self._default_match

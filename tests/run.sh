@@ -16,7 +16,9 @@ python -m pip install -q -c requirements.lock -e '.[test]'
 # * chromium and chromium-driver (/usr/bin/chromium, /usr/bin/chromedriver), the headless
 #   browser tests/test_dashboard.py drives with Selenium; never a downloaded browser build;
 # * prometheus, for its promtool: tests/test_metrics.py runs `promtool check metrics` on the
-#   admin listener's /metrics (only the checker is used; the tests never start the server).
+#   admin listener's /metrics (only the checker is used; the tests never start the server);
+# * redis-server, the real Redis that tests/test_rate_limits.py starts on a free port (and
+#   stops by PID) for the rate limits shared by several instances.
 # --no-install-recommends keeps the Docker engine (docker.io, recommended) off the machine.
 apt_packages=()
 command -v docker-compose >/dev/null 2>&1 || apt_packages+=(docker-compose)
@@ -24,6 +26,7 @@ if [ ! -x /usr/bin/chromium ] || [ ! -x /usr/bin/chromedriver ]; then
     apt_packages+=(chromium chromium-driver)
 fi
 command -v promtool >/dev/null 2>&1 || apt_packages+=(prometheus)
+command -v redis-server >/dev/null 2>&1 || apt_packages+=(redis-server)
 if [ "${#apt_packages[@]}" -gt 0 ]; then
     sudo=()
     if [ "$(id -u)" -ne 0 ]; then
