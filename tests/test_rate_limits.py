@@ -217,6 +217,11 @@ def test_budgets_survive_a_reload_and_unknown_names_are_refused(lb_factory, back
                    ["generation"])
 
     before = generation()
+    doc = requests.get(lb.admin_url + "/status", timeout=5).json()
+    assert doc["rate_limit"] == "ten"
+    assert doc["rate_limits"]["ten"] == {"key": "client_ip", "rate": 10.0, "per": 600.0,
+                                         "burst": 10, "store": "local",
+                                         "on_store_error": "allow"}
     # Same limit, a faster rate and a new route: the budget spent stays spent.
     write_config(path, backend.port, LIMIT_10.replace("per = 600", "per = 300"),
                  routes='[[routes]]\npath_prefix = "/x/"\npool = "default"\n',

@@ -73,6 +73,8 @@ def status_document(snapshot: Snapshot, hosts: HostTable,
                          "backends": [b.id for b in pool.backends]}
                   for name, pool in snapshot.pools.items()},
         "routes": [route.describe() for route in settings.routes],
+        "rate_limits": {spec.name: spec.describe() for spec in settings.rate_limits},
+        "rate_limit": settings.rate_limit or None,  # requests that match no route
         "discovery": [{"name": state.get("name"), "addresses": state.get("addresses", []),
                        "error": state.get("error"), "resolved_at": state.get("resolved_at"),
                        "checked_at": state.get("checked_at")}
