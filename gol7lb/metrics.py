@@ -334,11 +334,17 @@ def exposition(registry: CollectorRegistry) -> tuple[bytes, str]:
 
 
 def latency_percentiles(registry: CollectorRegistry,
-                        quantiles: tuple[float, ...] = (0.5, 0.99)) -> dict[str, list[float]]:
+                        quantiles: tuple[float, ...] = (0.5, 0.99),
+                        counts: dict[str, dict[str, float]] | None = None
+                        ) -> dict[str, list[float]]:
     """Per backend, the request-duration quantiles in milliseconds, estimated from the merged
-    histogram buckets by linear interpolation (as PromQL's histogram_quantile does)."""
+    histogram buckets by linear interpolation (as PromQL's histogram_quantile does).
+    `counts`: counter families (by name, like "gol7lb_rate_limited") whose totals by their
+    first label are wanted from the same merge of the files (the expensive part)."""
     buckets: dict[str, dict[float, float]] = {}
     for metric in registry.collect():
+        if counts is not None and metric.name in counts:
+            _totals_by_label(metric, counts[metric.name])
         if metric.name != DURATION_NAME:
             continue
         for sample in metric.samples:
@@ -356,6 +362,13 @@ def latency_percentiles(registry: CollectorRegistry,
             continue
         result[backend] = [_quantile(q, bounds, per, total) * 1000 for q in quantiles]
     return result
+
+
+def _totals_by_label(metric: Metric, into: dict[str, float]) -> None:
+    for sample in metric.samples:
+        if sample.name.endswith("_total") and sample.labels:
+            label = next(iter(sample.labels.values()))
+            into[label] = into.get(label, 0.0) + sample.value
 
 
 def _quantile(q: float, bounds: list[float], counts: dict[float, float], total: float) -> float:

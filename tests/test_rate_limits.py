@@ -141,6 +141,10 @@ burst = 2
     time.sleep(max(0.0, refused_at + 2.0 - time.monotonic()))
     assert get(lb.port, "/api/x")[0] == 200  # Retry-After later: it passes
     assert per_label(lb, "gol7lb_rate_limited_total", "route") == {"0": 2}
+    routes = wait_until(lambda: (lambda doc: doc["routes"] if doc["routes"][0]["rate_limited"]
+                                 else None)(requests.get(lb.admin_url + "/status",
+                                                         timeout=5).json()))
+    assert routes[0]["rate_limit"] == "slow" and routes[0]["rate_limited"] == 2
 
 
 def test_keys_by_header_path_client_ip_and_route(lb_factory, backend_factory, tmp_path):
@@ -217,8 +221,9 @@ def test_budgets_survive_a_reload_and_unknown_names_are_refused(lb_factory, back
                    ["generation"])
 
     before = generation()
-    doc = requests.get(lb.admin_url + "/status", timeout=5).json()
-    assert doc["rate_limit"] == "ten"
+    doc = wait_until(lambda: (lambda d: d if d["unrouted"]["rate_limited"] == 2 else None)(
+        requests.get(lb.admin_url + "/status", timeout=5).json()))
+    assert doc["unrouted"] == {"rate_limit": "ten", "rate_limited": 2}
     assert doc["rate_limits"]["ten"] == {"key": "client_ip", "rate": 10.0, "per": 600.0,
                                          "burst": 10, "store": "local",
                                          "on_store_error": "allow"}

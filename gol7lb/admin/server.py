@@ -105,6 +105,7 @@ class AdminServer(ThreadingHTTPServer):
         self.registry = metrics.scrape_registry(
             [metrics.BackendStateCollector(self.snapshot_or_none, hosts)], self.backend_ids)
         self._latency: dict[str, list[float]] = {}
+        self._counts: dict[str, dict[str, float]] = {"gol7lb_rate_limited": {}}
         self._latency_at = -LATENCY_CACHE_SECONDS
         self._latency_lock = threading.Lock()
         self._read_lock = threading.Lock()
@@ -122,9 +123,16 @@ class AdminServer(ThreadingHTTPServer):
         now = time.monotonic()
         with self._latency_lock:
             if now - self._latency_at >= LATENCY_CACHE_SECONDS:
-                self._latency = metrics.latency_percentiles(self.registry)
+                counts: dict[str, dict[str, float]] = {name: {} for name in self._counts}
+                self._latency = metrics.latency_percentiles(self.registry, counts=counts)
+                self._counts = counts
                 self._latency_at = now
             return self._latency
+
+    def route_counts(self, name: str) -> dict[str, float]:
+        """Totals of a per-route counter by route label, from latencies()'s merge."""
+        self.latencies()
+        return self._counts.get(name, {})
 
     def handle_error(self, request: Any, client_address: Any) -> None:
         """One line, not socketserver's traceback on stderr (a client that hung up, mostly)."""
@@ -393,7 +401,8 @@ class AdminHandler(BaseHTTPRequestHandler):
         known = self.server.known()
         if known.snapshot is None:
             raise ApiError(503, f"shared state unreachable: {known.error}")
-        document = status_document(known.snapshot, self.server.hosts, self.server.latencies())
+        document = status_document(known.snapshot, self.server.hosts, self.server.latencies(),
+                                   self.server.route_counts("gol7lb_rate_limited"))
         self._json(200, {**document, **known.freshness()})
 
     def get_metrics(self) -> None:

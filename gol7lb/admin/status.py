@@ -3,10 +3,12 @@ snapshot of the control state plus the shared per-host counters."""
 
 from __future__ import annotations
 
+from collections.abc import Mapping
 from typing import Any, Literal
 
 from gol7lb.control import Snapshot
 from gol7lb.hosts import HostTable, HostTotals
+from gol7lb.ratelimit import NO_ROUTE
 
 _ZERO = HostTotals(0, 0, 0)
 BackendState = Literal["up", "down", "draining", "drained", "ejected"]  # as the dashboard's STATES
@@ -62,8 +64,10 @@ def backend_entries(snapshot: Snapshot, hosts: HostTable,
 
 
 def status_document(snapshot: Snapshot, hosts: HostTable,
-                    latencies: dict[str, list[float]] | None = None) -> dict[str, Any]:
+                    latencies: dict[str, list[float]] | None = None,
+                    rate_limited: Mapping[str, float] | None = None) -> dict[str, Any]:
     settings = snapshot.settings
+    limited = rate_limited or {}
     return {
         "algorithm": settings.algorithm,
         "config": {"generation": snapshot.config_generation, "loaded_at": snapshot.loaded_at,
@@ -72,9 +76,11 @@ def status_document(snapshot: Snapshot, hosts: HostTable,
                          "sticky_cookie": pool.sticky_cookie or None,
                          "backends": [b.id for b in pool.backends]}
                   for name, pool in snapshot.pools.items()},
-        "routes": [route.describe() for route in settings.routes],
+        "routes": [{**route.describe(), "rate_limited": int(limited.get(str(i), 0))}
+                   for i, route in enumerate(settings.routes)],
+        "unrouted": {"rate_limit": settings.rate_limit or None,  # requests matching no route
+                     "rate_limited": int(limited.get(NO_ROUTE, 0))},
         "rate_limits": {spec.name: spec.describe() for spec in settings.rate_limits},
-        "rate_limit": settings.rate_limit or None,  # requests that match no route
         "discovery": [{"name": state.get("name"), "addresses": state.get("addresses", []),
                        "error": state.get("error"), "resolved_at": state.get("resolved_at"),
                        "checked_at": state.get("checked_at")}
