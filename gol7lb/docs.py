@@ -70,8 +70,8 @@ ROUTE_DOCS = {
 }
 
 RATE_LIMIT_DOCS = {
-    "key": "What one budget counts: `client_ip` (default; the client address after "
-           "`proxy.trusted_proxies`), `header:NAME` (each value its own budget; a request "
+    "key": "What one budget counts: `client_ip` (default; the connection's peer, or the "
+           "PROXY protocol's source), `header:NAME` (each value its own budget; a request "
            "without it counts by its address), `path` (the normalised path), `route` (one "
            "budget per route that names the limit).",
     "rate": f"Required: requests per `per` seconds, the bucket's refill (> 0, up to "

@@ -296,32 +296,46 @@ class SharedBuckets:
         fingerprint = int.from_bytes(digest[:8], "little") or 1
         set_index = region * SETS + int.from_bytes(digest[8:12], "little") % SETS
         base = _HEADERS + set_index * WAYS * _SLOT
-        cells, floats = self.cells, self.floats
-        with self._locked(set_index):
-            now = time.monotonic()  # read under the lock: stamps never go backwards
-            slot = -1
-            for i in range(base, base + WAYS * _SLOT, _SLOT):
-                if cells[i] == fingerprint:
-                    slot = i
-                    tokens = floats[i + 1]
-                    elapsed = now - floats[i + 2]
-                    break
-            else:  # a new key: the slot whose bucket is fullest (an empty one counts full)
-                best = -1.0
-                for i in range(base, base + WAYS * _SLOT, _SLOT):
-                    held = burst if cells[i] == 0 else min(
-                        burst, floats[i + 1] + max(0.0, now - floats[i + 2]) * refill)
-                    if held > best:
-                        slot, best = i, held
-                tokens, elapsed = float(burst), 0.0
-            allowed, tokens = refill_and_take(tokens, elapsed, refill, burst)
-            cells[slot] = fingerprint
-            floats[slot + 1] = tokens
-            floats[slot + 2] = now
-            header = region * _HEADER + 1
-            if now - floats[header] > IDLE_REGION_SECONDS:
-                floats[header] = now
+        cells, floats, fd = self.cells, self.floats, self.lock_fd
+        with self.lock:  # the byte lock inline: this runs on every limited request
+            if fd is not None:
+                fcntl.lockf(fd, fcntl.LOCK_EX, 1, set_index)
+            try:
+                now = time.monotonic()  # read under the lock: stamps never go backwards
+                ways = cells[base:base + WAYS * _SLOT:_SLOT].tolist()
+                if fingerprint in ways:
+                    slot = base + ways.index(fingerprint) * _SLOT
+                    tokens, elapsed = floats[slot + 1], now - floats[slot + 2]
+                else:
+                    slot = self._victim(base, ways, now, refill, burst)
+                    tokens, elapsed = float(burst), 0.0
+                allowed, tokens = refill_and_take(tokens, elapsed, refill, burst)
+                cells[slot] = fingerprint
+                floats[slot + 1] = tokens
+                floats[slot + 2] = now
+                header = region * _HEADER + 1
+                if now - floats[header] > IDLE_REGION_SECONDS:
+                    floats[header] = now
+            finally:
+                if fd is not None:
+                    fcntl.lockf(fd, fcntl.LOCK_UN, 1, set_index)
         return allowed, tokens
+
+    def _victim(self, base: int, ways: list[int], now: float, refill: float,
+                burst: int) -> int:
+        """A new key's slot in its set: an empty one, else the one whose bucket holds most
+        tokens (a full bucket is the same as none; a partly spent one's key starts from a
+        full bucket when it comes back)."""
+        if 0 in ways:
+            return base + ways.index(0) * _SLOT
+        floats = self.floats
+        best, slot = -1.0, base
+        for way in range(WAYS):
+            i = base + way * _SLOT
+            held = min(burst, floats[i + 1] + max(0.0, now - floats[i + 2]) * refill)
+            if held > best:
+                slot, best = i, held
+        return slot
 
 
 class _ByteLock:
@@ -414,7 +428,7 @@ class Limiter:
         self._key = spec.key
         self._header = "HTTP_" + spec.key[7:].upper().replace("-", "_") \
             if spec.key.startswith("header:") else ""
-        self._identity = spec.identity
+        self._identity = spec.identity[:16]  # hashed before the key: each limit its own keys
 
     def key(self, environ: Mapping[str, Any], path: str) -> bytes:
         """What the bucket is chosen by; a request without the header counts by its address."""
@@ -433,8 +447,8 @@ class Limiter:
     def check(self, environ: Mapping[str, Any], path: str) -> Outcome | None:
         """None: the request took a token. Otherwise what to do instead."""
         spec = self.spec
-        digest = hashlib.blake2b(self.key(environ, path), digest_size=16,
-                                 key=self._identity).digest()
+        digest = hashlib.blake2b(self._identity + self.key(environ, path),
+                                 digest_size=16).digest()
         try:
             allowed, tokens = self.store.take(spec, digest)
         except StoreDown:
