@@ -4,6 +4,7 @@ by two LB instances, real clients (issue 17 item 2)."""
 from __future__ import annotations
 
 import shutil
+import signal
 import socket
 import subprocess
 import sys
@@ -314,9 +315,26 @@ def test_redis_budget_is_shared_by_two_instances(lb_factory, backend_factory, re
     first = lb_factory({**env, "WEB_CONCURRENCY": "2"})
     second = lb_factory({**env, "WEB_CONCURRENCY": "2"})
     results = []
-    for _ in range(12):
+    for _ in range(3):  # one after the other, through both
         results += [get(first.port)[0], get(second.port)[0]]
-    assert Counter(results) == {200: 10, 429: 14}
+    assert results == [200] * 6
+    # 24 at the same instant, half through each instance: exactly the 4 tokens left pass
+    start = threading.Barrier(24)
+    lock = threading.Lock()
+
+    def one(port: int) -> None:
+        start.wait()
+        status = get(port)[0]
+        with lock:
+            results.append(status)
+
+    threads = [threading.Thread(target=one, args=(lb.port,))
+               for lb in (first, second) for _ in range(12)]
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join(60)
+    assert Counter(results[6:]) == {200: 4, 429: 20}
     status, head = get(second.port)
     assert status == 429 and head["ratelimit-limit"] == ["10"]
     assert int(head["retry-after"][0]) in (59, 60)  # one token a minute, by Redis's clock
@@ -336,7 +354,8 @@ def test_redis_down_follows_on_store_error_and_recovers(lb_factory, backend_fact
     assert statuses(lb.port, 5) == [expected] * 5
     errors = per_label(lb, "gol7lb_rate_limit_store_errors_total", "limit")
     assert errors == {"shared": 5}
-    assert lb.output().count("unreachable") == 1  # logged once for the outage
+    assert lb.output().count("rate limit store") == 1  # logged once for the outage
+    assert "unreachable" in lb.output()
     # Back on the same port: within the back-off (5 s at most) limiting resumes, from an
     # empty store (a Redis that saves nothing lost the budget).
     redis_server(redis.port)
@@ -354,3 +373,28 @@ def _probe_until_back(lb: LB) -> bool:
             return True
         time.sleep(0.2)
     return False
+
+
+def test_a_frozen_redis_costs_one_timeout_not_one_per_request(lb_factory, backend_factory,
+                                                              redis_server, tmp_path):
+    """A Redis that stops answering (SIGSTOP: connections hang, nothing is refused) costs the
+    request that meets it its 0.25 s timeout; later ones skip it until the back-off ends."""
+    redis = redis_server()
+    backend = backend_factory()
+    env = write_config(tmp_path / "lb.toml", backend.port, redis_limit(redis.port, "allow"),
+                       top='rate_limit = "shared"')
+    lb = lb_factory({**env, "WEB_CONCURRENCY": "1"})
+    assert statuses(lb.port, 2) == [200, 200]
+    redis.signal(signal.SIGSTOP)
+    try:
+        started = time.monotonic()
+        assert statuses(lb.port, 20) == [200] * 20
+        took = time.monotonic() - started
+    finally:
+        redis.signal(signal.SIGCONT)
+    # 20 x 0.25 s = 5 s if each request waited for Redis; one timeout, a probe or two and
+    # 20 quick requests take about 1 s
+    assert took < 3.5, took
+    errors = per_label(lb, "gol7lb_rate_limit_store_errors_total", "limit")
+    assert errors == {"shared": 20}
+    assert lb.output().count("unreachable") == 1
