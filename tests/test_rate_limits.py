@@ -17,7 +17,7 @@ import psutil
 import pytest
 import requests
 
-from tests.helpers import per_label, split_response
+from tests.helpers import per_label, scrape_text, split_response
 from tests.procs import LB, ROOT, Proc, free_port, wait_for_port, wait_until, workers_of
 
 REDIS_SERVER = shutil.which("redis-server") or "/usr/bin/redis-server"
@@ -354,6 +354,13 @@ def test_redis_down_follows_on_store_error_and_recovers(lb_factory, backend_fact
     assert statuses(lb.port, 5) == [expected] * 5
     errors = per_label(lb, "gol7lb_rate_limit_store_errors_total", "limit")
     assert errors == {"shared": 5}
+    if policy == "deny":  # refused: counted as rate limited too, in a valid exposition
+        assert per_label(lb, "gol7lb_rate_limited_total", "route") == {"none": 5}
+        promtool = shutil.which("promtool")
+        if promtool is not None:
+            checked = subprocess.run([promtool, "check", "metrics"], input=scrape_text(lb),
+                                     text=True, capture_output=True, timeout=60)
+            assert checked.returncode == 0 and not checked.stdout.strip(), checked.stdout
     assert lb.output().count("rate limit store") == 1  # logged once for the outage
     assert "unreachable" in lb.output()
     # Back on the same port: within the back-off (5 s at most) limiting resumes, from an
