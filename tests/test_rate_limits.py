@@ -246,6 +246,14 @@ def test_budgets_survive_a_reload_and_unknown_names_are_refused(lb_factory, back
     assert "routes[0].rate_limit = 'tne'" in error and "path_prefix='/api/'" in error
     assert "host='a.example'" in error and "\n" not in error
     assert get(lb.port)[0] == 429
+    # SIGHUP replaces the workers; the new ones inherit the master's buckets.
+    write_config(path, backend.port, LIMIT_10, top='rate_limit = "ten"')
+    wait_until(lambda: last_error() is None, timeout=10)
+    before_hup = {w.pid for w in workers_of(lb)}
+    lb.signal(signal.SIGHUP)
+    wait_until(lambda: (lambda now: len(now) == 2 and not now & before_hup)(
+        {w.pid for w in workers_of(lb)}), timeout=30)
+    assert get(lb.port)[0] == 429
 
 
 def test_unknown_rate_limit_stops_the_start_with_one_line(backend_factory, tmp_path):
