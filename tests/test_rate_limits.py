@@ -17,7 +17,7 @@ import psutil
 import pytest
 import requests
 
-from tests.helpers import per_label, scrape_text, split_response
+from tests.helpers import per_label, read_exactly, read_head, scrape_text, split_response
 from tests.procs import LB, ROOT, Proc, free_port, wait_for_port, wait_until, workers_of
 
 REDIS_SERVER = shutil.which("redis-server") or "/usr/bin/redis-server"
@@ -78,12 +78,11 @@ def concurrent_burst(lb: LB, count: int) -> tuple[list[int], int]:
 
         def one(s: socket.socket) -> None:
             start.wait()
-            s.sendall(b"GET / HTTP/1.1\r\nHost: lb\r\nConnection: close\r\n\r\n")
-            data = b""
-            while chunk := s.recv(65536):
-                data += chunk
+            s.sendall(b"GET / HTTP/1.1\r\nHost: lb\r\n\r\n")
+            status, head, _ = split_response(read_head(s))  # the answer, not the close
+            read_exactly(s, int(head["content-length"][0]))
             with lock:
-                results.append(split_response(data)[0])
+                results.append(status)
 
         threads = [threading.Thread(target=one, args=(s,)) for s in socks]
         for t in threads:
