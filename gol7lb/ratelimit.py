@@ -77,7 +77,7 @@ class RateLimitSpec:
 
     def describe(self) -> dict[str, Any]:
         return {"key": self.key, "rate": self.rate, "per": self.per, "burst": self.burst,
-                "store": _safe_url(self.store), "on_store_error": self.on_store_error}
+                "store": safe_url(self.store), "on_store_error": self.on_store_error}
 
 
 # -- configuration -----------------------------------------------------------------------------
@@ -195,7 +195,7 @@ def check_rate_limit_names(routes: Sequence[Route], top_level: str,
                           f"limit; rate limits are {known}")
 
 
-def _safe_url(url: str) -> str:
+def safe_url(url: str) -> str:
     """A store URL without its password, for /status and logs."""
     if url == LOCAL:
         return url

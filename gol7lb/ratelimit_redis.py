@@ -24,7 +24,7 @@ import redis
 from redis.backoff import NoBackoff
 from redis.retry import Retry
 
-from gol7lb.ratelimit import RateLimitSpec, StoreDown, _safe_url
+from gol7lb.ratelimit import RateLimitSpec, StoreDown, safe_url
 
 log = logging.getLogger("gol7lb.ratelimit")
 
@@ -119,7 +119,7 @@ class RedisStore:
                 return
             self._failing = True
         log.error("rate limit store %s unreachable (%s); on_store_error decides until it is "
-                  "back", _safe_url(self.url), error or type(error).__name__)
+                  "back", safe_url(self.url), error or type(error).__name__)
 
     def _recovered(self) -> None:
         with self._state:
@@ -127,7 +127,7 @@ class RedisStore:
                 return
             self._failing = False
             self._backoff = 0.0
-        log.info("rate limit store %s reachable again", _safe_url(self.url))
+        log.info("rate limit store %s reachable again", safe_url(self.url))
 
 
 _stores: dict[str, RedisStore] = {}
