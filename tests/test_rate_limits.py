@@ -3,6 +3,7 @@ by two LB instances, real clients (issue 17 item 2)."""
 
 from __future__ import annotations
 
+import os
 import shutil
 import signal
 import socket
@@ -19,8 +20,6 @@ import requests
 
 from tests.helpers import per_label, read_exactly, read_head, scrape_text, split_response
 from tests.procs import LB, ROOT, Proc, free_port, wait_for_port, wait_until, workers_of
-
-REDIS_SERVER = shutil.which("redis-server") or "/usr/bin/redis-server"
 
 
 def write_config(path: Path, backend: int, limits: str, routes: str = "",
@@ -280,7 +279,7 @@ class Redis(Proc):
 
     def __init__(self, tmp_path: Path, port: int | None = None) -> None:
         port = port or free_port()
-        super().__init__([REDIS_SERVER, "--port", str(port), "--bind", "127.0.0.1",
+        super().__init__(["redis-server", "--port", str(port), "--bind", "127.0.0.1",
                           "--save", "", "--appendonly", "no", "--dir", str(tmp_path)],
                          log=tmp_path / f"redis-{port}.log", port=port)
         wait_for_port(port)
@@ -288,6 +287,11 @@ class Redis(Proc):
 
 @pytest.fixture
 def redis_server(tmp_path):
+    if shutil.which("redis-server") is None:
+        if os.environ.get("CI") == "true":
+            pytest.fail("redis-server is missing in CI: tests/run.sh installs it")
+        pytest.skip("redis-server is not installed (Debian: apt-get install redis-server; "
+                    "tests/run.sh installs it)")
     started: list[Redis] = []
 
     def start(port: int | None = None) -> Redis:
