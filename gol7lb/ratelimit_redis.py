@@ -54,7 +54,8 @@ if tokens >= 1 then
   took = 1
 end
 redis.call('HSET', KEYS[1], 't', string.format('%.17g', tokens), 's', string.format('%.6f', now))
-redis.call('PEXPIRE', KEYS[1], math.ceil((burst - tokens) / refill * 1000) + 1000)
+local ttl = math.min(math.ceil((burst - tokens) / refill * 1000) + 1000, 9007199254740991)
+redis.call('PEXPIRE', KEYS[1], string.format('%.0f', ttl))
 return {took, string.format('%.17g', tokens)}
 """
 
