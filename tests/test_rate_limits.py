@@ -416,3 +416,25 @@ def test_a_frozen_redis_costs_one_timeout_not_one_per_request(lb_factory, backen
     errors = per_label(lb, "gol7lb_rate_limit_store_errors_total", "limit")
     assert errors == {"shared": 20}
     assert lb.output().count("unreachable") == 1
+
+
+def test_redis_buckets_refill_by_the_server_clock_and_expire(redis_server):
+    """The Lua script alone, against the real server: refill, the token left, the expiry
+    (written in whole milliseconds even when it is very long)."""
+    import redis as redis_library
+
+    from gol7lb.ratelimit import RateLimitSpec
+    from gol7lb.ratelimit_redis import RedisStore
+
+    server = redis_server()
+    store = RedisStore(f"redis://127.0.0.1:{server.port}/0")
+    fast = RateLimitSpec("fast", rate=20.0, per=1.0, burst=2)
+    assert [store.take(fast, b"k" * 16)[0] for _ in range(3)] == [True, True, False]
+    time.sleep(0.1)  # 20 a second: two tokens back after 0.1 s
+    assert store.take(fast, b"k" * 16)[0]
+    huge = RateLimitSpec("huge", rate=1.0, per=86400.0, burst=10**9)
+    assert store.take(huge, b"k" * 16) == (True, 10**9 - 1)
+    client = redis_library.Redis(port=server.port, decode_responses=True)
+    ttls = {str(key).split(":")[2]: client.pttl(key) for key in client.keys("gol7lb:rl:*")}
+    assert 0 < ttls["fast"] <= 1100 and ttls["huge"] > 86400 * 1000
+    client.close()
