@@ -4,7 +4,9 @@ one real nginx backend: what each operator feature costs on the hot path.
 Run: bash benchmarks/setup.sh && python benchmarks/app_cost.py
 
 Prints the CPU microseconds per request (best of 3 runs of 5,000 requests) with everything as
-shipped, without the access log, without metrics, and without both.
+shipped, without the access log, without metrics, and without both; and as shipped with a
+local rate limit on every request (a budget that never runs out, so each request pays the
+check and goes on).
 """
 
 from __future__ import annotations
@@ -33,6 +35,7 @@ from gol7lb.counters import SharedCounters  # noqa: E402
 from gol7lb.hosts import HostTable  # noqa: E402
 from gol7lb.pooltable import build_table  # noqa: E402
 from gol7lb.proxy import ProxyApp  # noqa: E402
+from gol7lb.ratelimit import RateLimitSpec, install  # noqa: E402
 
 
 class FixedView:
@@ -48,9 +51,14 @@ class FixedView:
         return self.table
 
 
-def app_for(port: int, tmp: Path, access_log: bool, metrics: bool) -> ProxyApp:
+def app_for(port: int, tmp: Path, access_log: bool, metrics: bool,
+            rate_limit: bool = False) -> ProxyApp:
     backends = (parse_backend_url(f"http://127.0.0.1:{port}"),)
     settings = Settings(backends=backends)
+    if rate_limit:  # the buckets as workers share them: with the cross-process byte locks
+        install(str(tmp / "ratelimit.lock"))
+        settings = Settings(backends=backends, rate_limit="all",
+                            rate_limits=(RateLimitSpec("all", 1e9, 1.0, 10**9),))
     backend_id = backends[0].id
     snapshot = Snapshot(1, 1, 0.0, None, settings, settings.pools, {backend_id: "config"},
                         {backend_id: 0}, {backend_id: {"alive": True}})
@@ -91,9 +99,11 @@ def main() -> None:
         tmp = Path(tmp_text)
         backend = start_backend(tmp, 0, workers=1)
         try:
-            for name, log, metrics in (("as shipped", True, True), ("no access log", False, True),
-                                       ("no metrics", True, False), ("neither", False, False)):
-                cost = cpu_per_request(app_for(backend.port, tmp, log, metrics))
+            for name, log, metrics, limit in (
+                    ("as shipped", True, True, False), ("no access log", False, True, False),
+                    ("no metrics", True, False, False), ("neither", False, False, False),
+                    ("rate limit", True, True, True)):
+                cost = cpu_per_request(app_for(backend.port, tmp, log, metrics, limit))
                 print(f"{name:<14} {cost:6.1f} us CPU per request (proxy app only)")
         finally:
             backend.proc.stop()

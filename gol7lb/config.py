@@ -33,6 +33,7 @@ from gol7lb.pools import (
     pools_from_toml,
     routes_from_toml,
 )
+from gol7lb.ratelimit import RateLimitSpec, check_rate_limit_names, rate_limits_from_toml
 from gol7lb.rules import NO_RULES, TOP_LEVEL_RULE_KEYS, Rules, rules_from_toml
 
 ENV_PREFIX = "GOL7LB_"
@@ -381,11 +382,16 @@ class Settings:
         "auto: pin worker i to CPU i mod n of the CPUs the LB may use, so each worker's threads "
         "hand the GIL over on one core. off: let the kernel move workers, for hosts where other "
         "busy processes share the CPUs.")
+    rate_limit: str = setting(
+        "", "the name of a [rate_limits.NAME], or \"\"",
+        "The rate limit of requests that match no route (routes name their own with "
+        "`rate_limit`); see [Rate limits](configuration.md#rate-limits).")
     backends: tuple[Backend, ...] = ()  # the default pool; empty: there is none
     discover: tuple[DiscoverySpec, ...] = ()  # the default pool's DNS-discovered entries
     named_pools: tuple[Pool, ...] = ()
     routes: tuple[Route, ...] = ()
     rules: Rules = NO_RULES  # the top-level rule keys: for requests that match no route
+    rate_limits: tuple[RateLimitSpec, ...] = ()  # [rate_limits.NAME] tables
     health: HealthSettings = field(default_factory=HealthSettings)
     proxy: ProxySettings = field(default_factory=ProxySettings)
     admin: AdminSettings = field(default_factory=AdminSettings)
@@ -557,6 +563,7 @@ class FileValues:
     pools: list[Pool] = field(default_factory=list)
     routes: list[Route] = field(default_factory=list)
     rules: Rules = NO_RULES
+    rate_limits: list[RateLimitSpec] = field(default_factory=list)
 
 
 def _values_from_toml(data: Mapping[str, Any], origin: str) -> FileValues:
@@ -576,6 +583,8 @@ def _values_from_toml(data: Mapping[str, Any], origin: str) -> FileValues:
             found.routes = routes_from_toml(value, origin)
         elif key in TOP_LEVEL_RULE_KEYS:
             continue  # read above
+        elif key == "rate_limits":
+            found.rate_limits = rate_limits_from_toml(value, origin)
         elif key in sections:
             if not isinstance(value, dict):
                 raise _bad(key, value, origin, f"a table [{key}]")
@@ -590,8 +599,8 @@ def _values_from_toml(data: Mapping[str, Any], origin: str) -> FileValues:
             found.values[key] = _coerce(SETTINGS_BY_NAME[key], value, origin, from_env=False)
         else:
             top = [st.key for st in SETTINGS if not st.section]
-            allowed = ", ".join(["backends", "pools", "routes", *sorted(sections), *top,
-                                 *TOP_LEVEL_RULE_KEYS])
+            allowed = ", ".join(["backends", "pools", "routes", "rate_limits", *sorted(sections),
+                                 *top, *TOP_LEVEL_RULE_KEYS])
             raise ConfigError(f"unknown setting {key} ({origin}): allowed are {allowed}")
     return found
 
@@ -674,6 +683,7 @@ def load_settings(env: Mapping[str, str] | None = None) -> Settings:
         named_pools=tuple(found.pools),
         routes=tuple(found.routes),
         rules=found.rules,
+        rate_limits=tuple(found.rate_limits),
         demo_backends=demo,
         source=" < ".join(sources),
         path=path,
@@ -684,6 +694,7 @@ def load_settings(env: Mapping[str, str] | None = None) -> Settings:
                           "list [[backends]], [pools.NAME] backends, or leave both out for the "
                           "demo backends")
     check_routes(settings.routes, settings.pools, origin)
+    check_rate_limit_names(settings.routes, settings.rate_limit, settings.rate_limits, origin)
     _check_admin_exposure(settings.admin)
     if settings.acme.domains:
         settings = replace(settings, acme=_acme_paths(settings.acme, env))

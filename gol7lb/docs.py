@@ -17,6 +17,7 @@ from typing import Any
 
 from gol7lb.config import BACKENDS_ENV, CONFIG_ENV, POOL_DEFAULTS, SETTINGS, SETTINGS_BY_NAME
 from gol7lb.pools import BACKEND_KEYS, MAX_CONNECTIONS, POOL_KEYS, ROUTE_KEYS
+from gol7lb.ratelimit import MAX_LOCAL_LIMITS, MAX_RATE, RATE_LIMIT_KEYS
 
 COMMAND = "python -m gol7lb.docs > docs/settings.md"
 
@@ -90,6 +91,24 @@ ROUTE_DOCS = {
     "split": '`[ { pool = "v1", weight = 90 }, { pool = "v2", weight = 10 } ]` instead of '
              "`pool`: whole-number weights adding up to 100, interleaved (exact per 100 "
              "requests of each worker).",
+    "rate_limit": "The name of a `[rate_limits.NAME]`: requests on this route over its "
+                  "budget get `429`. An unknown name is refused.",
+}
+
+RATE_LIMIT_DOCS = {
+    "key": "What one budget counts: `client_ip` (default; the connection's peer, or the "
+           "PROXY protocol's source), `header:NAME` (each value its own budget; a request "
+           "without it counts by its address), `path` (the normalised path), `route` (one "
+           "budget per route that names the limit).",
+    "rate": f"Required: requests per `per` seconds, the bucket's refill (> 0, up to "
+            f"{MAX_RATE}).",
+    "per": "Seconds (default 1).",
+    "burst": "The bucket's size, most requests at once (default: `rate` rounded up).",
+    "store": '`"local"` (default): one budget for all workers of this instance (N instances '
+             'let N x `rate` through). `"redis://host:6379/0"`: one budget for every instance '
+             f"naming that server. At most {MAX_LOCAL_LIMITS} local limits.",
+    "on_store_error": "`allow` (default) or `deny` (`429`): what happens while the Redis "
+                      "store cannot be reached (logged once, counted).",
 }
 
 
@@ -151,10 +170,15 @@ def settings_markdown() -> str:
               "every request.\n",
               *key_table("[[routes]]", ROUTE_KEYS, ROUTE_DOCS), "",
               "Route rules run in this order: access (`deny`, `allow`, `basic_auth`), "
-              "`redirect` or `respond`, `rewrite`, `request_headers`, the pick (`pool` or "
-              "`split`), `response_headers`. The same keys except `split` on the top level "
-              "apply to requests that match no route. Values that would put CR, LF or NUL "
-              "into a header or a redirect are refused at load."]
+              "`rate_limit`, `redirect` or `respond`, `rewrite`, `request_headers`, the pick "
+              "(`pool` or `split`), `mirror`, `response_headers`, `compress`. The same keys "
+              "except `split` on the top level apply to requests that match no route. Values "
+              "that would put CR, LF or NUL into a header or a redirect are refused at load.\n",
+              "## `[rate_limits.NAME]`\n",
+              "Token buckets a route names with `rate_limit` (the top-level `rate_limit`: "
+              "requests that match no route). A name is letters, digits, `_`, `.` and `-` (up "
+              "to 64). See [Rate limits](configuration.md#rate-limits).\n",
+              *key_table("[rate_limits.NAME]", RATE_LIMIT_KEYS, RATE_LIMIT_DOCS)]
     return "\n".join(lines) + "\n"
 
 

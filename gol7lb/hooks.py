@@ -19,7 +19,7 @@ import time
 from dataclasses import dataclass, field
 from typing import Any
 
-from gol7lb import acme, admin, discovery, logfmt, metrics, reload, rundir, supervisor
+from gol7lb import acme, admin, discovery, logfmt, metrics, ratelimit, reload, rundir, supervisor
 from gol7lb.children import ChildWatcher, DemoBackends, ManagedChild, StartupError
 from gol7lb.config import DEMO_PORTS, ConfigError, Settings
 from gol7lb.control import Snapshot
@@ -118,6 +118,7 @@ def on_starting(server: Any) -> None:
     rt = Runtime(settings=settings, workers=_boot.workers,
                  hosts=HostTable(worker_slots=max(16, 2 * _boot.workers + 8),
                                  lock_path=rundir.path("hosts.lock")))
+    ratelimit.install(rundir.path("ratelimit.lock"))  # local rate limits: shared by the workers
     logfmt.apply(settings.log)
     try:
         _start(rt)

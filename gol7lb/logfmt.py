@@ -32,6 +32,7 @@ LOGGERS = {
     "gol7lb.worker": "a worker's accept loop and shutdown",
     "gol7lb.proxy": "the request path in a worker: no healthy backend, failed attempts (debug)",
     "gol7lb.tunnel": "upgraded connections (WebSocket) in a worker",
+    "gol7lb.ratelimit": "a rate limit's Redis store unreachable, and back",
     "gol7lb.serve": "errors writing a response to a client",
     "gol7lb.metrics": "the Prometheus multiprocess files",
     "gol7lb.state": "a process reading the shared state from the manager",

@@ -74,6 +74,10 @@ HELP = {
                               "proxy.retry_buffer), skipped (Expect: 100-continue body).",
     "gol7lb_denied": "Requests a route's rules refused, by route and by the rule key that "
                      "refused them (deny, allow: 403; basic_auth: 401).",
+    "gol7lb_rate_limited": "Requests refused (429) by a rate limit, by route (its name, e.g. "
+                           "'routes[0] path_prefix=/api/'; unmatched: no route matched).",
+    "gol7lb_rate_limit_store_errors": "Requests whose rate-limit store (Redis) could not be "
+                                      "asked, so on_store_error decided, by rate limit.",
 }
 RETRIES = Counter("gol7lb_retries", HELP["gol7lb_retries"], ["backend"])
 EJECTIONS = Counter("gol7lb_backend_ejections", HELP["gol7lb_backend_ejections"], ["backend"])
@@ -81,6 +85,9 @@ CONFIG_RELOADS = Counter("gol7lb_config_reloads", HELP["gol7lb_config_reloads"],
 LOCAL_ERRORS = Counter("gol7lb_local_errors", HELP["gol7lb_local_errors"], ["reason"])
 MIRROR_REQUESTS = Counter("gol7lb_mirror_requests", HELP["gol7lb_mirror_requests"], ["result"])
 DENIED = Counter("gol7lb_denied", HELP["gol7lb_denied"], ["route", "reason"])
+RATE_LIMITED = Counter("gol7lb_rate_limited", HELP["gol7lb_rate_limited"], ["route"])
+RATE_LIMIT_STORE_ERRORS = Counter("gol7lb_rate_limit_store_errors",
+                                  HELP["gol7lb_rate_limit_store_errors"], ["limit"])
 WEBSOCKET_CONNECTIONS = Gauge("gol7lb_websocket_connections",
                               HELP["gol7lb_websocket_connections"], ["backend"],
                               multiprocess_mode="livesum")
@@ -214,6 +221,14 @@ class RequestRecorder:
     def denied(self, route: str, reason: str) -> None:
         """A route's rules refused a request (`reason`: the rule key, e.g. "deny")."""
         self._event(DENIED, route, reason)
+
+    def rate_limited(self, route: str) -> None:
+        """A rate limit refused a request on `route` (its name, or "unmatched")."""
+        self._event(RATE_LIMITED, route)
+
+    def rate_limit_store_error(self, limit: str) -> None:
+        """The store of rate limit `limit` could not be asked for a request."""
+        self._event(RATE_LIMIT_STORE_ERRORS, limit)
 
 
 def worker_exited(pid: int) -> None:

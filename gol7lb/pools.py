@@ -38,7 +38,7 @@ DiscoveryKind = Literal["dns", "srv"]
 DISCOVERY_KINDS: tuple[DiscoveryKind, ...] = get_args(DiscoveryKind)
 POOL_KEYS = ("algorithm", "hash_key", "sticky_cookie", "backends")
 ROUTE_KEYS = ("host", "path_prefix", "methods", "headers", "pool", "strip_prefix", *RULE_KEYS,
-              "compress", "mirror")
+              "rate_limit", "compress", "mirror")
 MIRROR_KEYS = ("pool", "percent")
 
 
@@ -94,6 +94,7 @@ class Route:
     label: str = ""  # "routes[2] path_prefix=/old/": its name in metrics, /status and errors
     compress: bool = False  # answers compressed by [compression] (compress.py)
     mirror: MirrorSpec | None = None
+    rate_limit: str = ""  # a [rate_limits.NAME], checked after the access rules
 
     def describe(self) -> dict[str, Any]:
         """For /status."""
@@ -102,7 +103,8 @@ class Route:
             "path_prefix": self.path_prefix or None,
             "methods": sorted(self.methods) or None,
             "headers": dict(self.headers) or None, "pool": self.pool or None,
-            "strip_prefix": self.strip_prefix, "rules": self.rules.describe()}
+            "strip_prefix": self.strip_prefix, "rules": self.rules.describe(),
+            "rate_limit": self.rate_limit or None}
         if self.compress:
             found["compress"] = True
         if self.mirror is not None:
@@ -302,9 +304,12 @@ def routes_from_toml(items: Any, origin: str) -> list[Route]:
         if not isinstance(compress, bool):
             raise bad(f"{at}.compress", compress, where, "true or false")
         mirror = _mirror(item["mirror"], f"{at}.mirror", where) if "mirror" in item else None
+        rate_limit = item.get("rate_limit", "")
+        if not isinstance(rate_limit, str):
+            raise bad(f"{at}.rate_limit", rate_limit, where, "the name of a [rate_limits.NAME]")
         routes.append(Route(pool, host, prefix, frozenset(m.upper() for m in methods),
                             tuple((k.lower(), v) for k, v in headers.items()), strip, rules,
-                            f"{at} {match}", compress, mirror))
+                            f"{at} {match}", compress, mirror, rate_limit))
     return routes
 
 

@@ -23,6 +23,7 @@ from gol7lb.counters import rotation_cell
 from gol7lb.headers import ForwardedPolicy
 from gol7lb.hosts import PoolPeers
 from gol7lb.pools import Pool
+from gol7lb.ratelimit import RouteLimits, compile_limits
 from gol7lb.routing import Router
 from gol7lb.upstream import IdleConnections
 
@@ -58,6 +59,7 @@ class PoolTable:
     slots: dict[str, int]  # backend id -> host slot (in flight, requests, failures)
     retry_after: str
     forwarded: ForwardedPolicy  # proxy.forwarded and proxy.trusted_proxies
+    limits: RouteLimits  # rate limits: limits.by_route[Match.index] (-1: no route matched)
     rebuild_at: float = math.inf  # monotonic time of the next slow-start step
     compression: Compression | None = None  # [compression], when a route has compress
 
@@ -133,6 +135,8 @@ def build_table(snapshot: Snapshot, previous: PoolTable | None) -> PoolTable:
         pools, connections,
         dict(snapshot.slots), str(max(1, math.ceil(settings.health.interval))),
         _forwarded_policy(settings, previous),
+        compile_limits(settings.rate_limits, settings.routes, settings.rate_limit,
+                       previous.limits if previous else None),
         rebuild_at=time.monotonic() + RAMP_REBUILD_SECONDS if ramping else math.inf,
         compression=_compression(settings, previous))
 

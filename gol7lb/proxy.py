@@ -27,6 +27,7 @@ from gol7lb.metrics import RequestRecorder
 from gol7lb.mirror import SKIPPED, TOO_LARGE, Copy, Mirror
 from gol7lb.pools import MirrorSpec
 from gol7lb.pooltable import PoolRuntime, PoolTable
+from gol7lb.ratelimit import Limiter
 from gol7lb.routing import strip_prefix
 from gol7lb.rules import Answer, CompiledRules, RuleRequest
 from gol7lb.target import AmbiguousTarget, normalise_path, valid_authority
@@ -113,10 +114,20 @@ class ProxyApp(AttemptLoop):
             path = target.partition("?")[0]
         pool_name = match.pool
         rules = match.rules
+        request = None
         if rules is not None:  # the route's rules, in the contract's order (rules.py)
             request = RuleRequest(environ, original, path, target, authority or host or "",
                                   table.forwarded.client_address(environ), rules.prefix)
-            answer = rules.run(request)  # access, [rate limit], redirect/respond, rewrite
+            answer = rules.admit(request)  # access: deny, allow, basic_auth
+            if answer is not None:
+                return self._rule_answer(start_response, exchange, rules, answer)
+        limiter = table.limits.by_route[match.index]
+        if limiter is not None:  # the rate limit, after access and before redirect/respond
+            limited = self._rate_limit(limiter, environ, original, start_response, exchange)
+            if limited is not None:
+                return limited
+        if rules is not None and request is not None:
+            answer = rules.run(request)  # redirect/respond, rewrite
             if answer is not None:
                 return self._rule_answer(start_response, exchange, rules, answer)
             target, path = request.target, request.path
@@ -170,6 +181,21 @@ class ProxyApp(AttemptLoop):
             self.recorder.denied(rules.label, answer.denied)
         return self._own_answer(start_response, exchange, answer.status, answer.body,
                                 list(answer.headers))
+
+    def _rate_limit(self, limiter: Limiter, environ: dict[str, Any], path: str,
+                    start_response: StartResponse, exchange: Exchange) -> list[bytes] | None:
+        """None when the request took a token (or the store is down and on_store_error is
+        allow); else the 429."""
+        outcome = limiter.check(environ, path)
+        if outcome is None:
+            return None
+        if outcome.store_error:
+            self.recorder.rate_limit_store_error(limiter.spec.name)
+        if outcome.refused is None:
+            return None
+        self.recorder.rate_limited(limiter.route)
+        return self._error(start_response, exchange, 429, "rate limit exceeded",
+                           outcome.refused)
 
     @staticmethod
     def request_headers(environ: dict[str, Any], table: PoolTable, authority: str | None,

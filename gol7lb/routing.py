@@ -28,6 +28,7 @@ class CompiledRoute:
     methods: frozenset[str]
     headers: tuple[tuple[str, str], ...]  # (WSGI environ key, exact value)
     match: Match  # what a request this route takes gets (the same object every time)
+    index: int = -1  # the route's place in the file
 
     def matches(self, environ: Mapping[str, Any], path: str, method: str) -> bool:
         if self.prefix and not (path == self.prefix or path.startswith(self.prefix_open)):
@@ -43,6 +44,7 @@ class Match:
     strip: str  # the prefix to remove from the path ("" for none)
     rules: CompiledRules | None = None  # the route's rules (rules.py), None when it has none
     route: Route | None = None  # None: the default pool, no route matched
+    index: int = -1  # the route's place in the file; -1: no route matched (the default pool)
 
 
 def host_matches(pattern: str, host: str) -> bool:
@@ -77,7 +79,7 @@ class Router:
 
     def __init__(self, routes: Sequence[Route], pools: Sequence[str],
                  rules: Rules = NO_RULES) -> None:
-        self.routes = tuple(self._compile(r) for r in routes)
+        self.routes = tuple(self._compile(r, i) for i, r in enumerate(routes))
         self.default = DEFAULT_POOL if DEFAULT_POOL in pools else None
         # The top-level rules apply to requests no route matches; redirect or respond there
         # answer them even without a default pool.
@@ -88,7 +90,7 @@ class Router:
         self._by_host: dict[str, tuple[CompiledRoute, ...]] = {}
 
     @staticmethod
-    def _compile(route: Route) -> CompiledRoute:
+    def _compile(route: Route, index: int) -> CompiledRoute:
         try:  # requests are matched on normalised paths, so the prefix is normalised too
             prefix = normalise_path(route.path_prefix) if route.path_prefix else ""
         except AmbiguousTarget:
@@ -97,8 +99,8 @@ class Router:
         headers = tuple(("HTTP_" + name.upper().replace("-", "_"), value)
                         for name, value in route.headers)
         rules = compile_rules(route.rules, route.label, prefix)
-        match = Match(route.pool, prefix if route.strip_prefix else "", rules, route)
-        return CompiledRoute(route, prefix, open_prefix, route.methods, headers, match)
+        match = Match(route.pool, prefix if route.strip_prefix else "", rules, route, index)
+        return CompiledRoute(route, prefix, open_prefix, route.methods, headers, match, index)
 
     def _for_host(self, host: str) -> tuple[CompiledRoute, ...]:
         found = self._by_host.get(host)

@@ -6,7 +6,7 @@ into a `CompiledRules` the proxy runs per request without parsing anything.
 The request side is a short ordered pipeline (`PIPELINE`), in the contract's order:
 
     access (allow/deny, then basic_auth)
-    rate_limit            <- ratelimit.py inserts its stage here (after access, before answers)
+    rate_limit            (ratelimit.py; the proxy runs it between `admit` and `run`)
     answer (redirect or respond: the LB answers, no backend)
     rewrite
 then the proxy applies request_headers, the pick (pool or split), mirror (another module),
@@ -692,7 +692,8 @@ def rewrite_stage(rules: Rules, label: str) -> Stage | None:
 # route pays only for the rules it has.
 PIPELINE: list[tuple[str, Callable[[Rules, str], Stage | None]]] = [
     ("access", access_stage),
-    # ("rate_limit", ...): after access, before redirect/respond (ratelimit.py)
+    # the rate limit comes here: after access, before redirect/respond (proxy.py runs it
+    # between CompiledRules.admit and CompiledRules.run, with ratelimit.py's limiters)
     ("answer", answer_stage),
     ("rewrite", rewrite_stage),
 ]
@@ -705,8 +706,12 @@ class CompiledRules:
         self.rules = rules
         self.label = label  # the metrics route label, e.g. "routes[0] path_prefix=/api/"
         self.prefix = prefix
+        # access first (`admit`); the rate limit (ratelimit.py, whose budgets belong to the
+        # per-configuration table) runs between it and the other stages (`run`)
+        self.access = access_stage(rules, label)
         self.stages: tuple[Stage, ...] = tuple(
-            stage for stage in (factory(rules, label) for _, factory in PIPELINE)
+            stage for stage in (factory(rules, label) for name, factory in PIPELINE
+                                if name != "access")
             if stage is not None)
         self.request_headers = HeaderEdit(rules.request_headers) if rules.request_headers \
             else None
@@ -714,7 +719,12 @@ class CompiledRules:
             else None
         self.split = Split(rules.split) if rules.split else None
 
+    def admit(self, request: RuleRequest) -> Answer | None:
+        """The access rules (deny, allow, basic_auth): a 403/401, or None to go on."""
+        return self.access(request) if self.access is not None else None
+
     def run(self, request: RuleRequest) -> Answer | None:
+        """The stages after the rate limit: redirect or respond, then rewrite."""
         for stage in self.stages:
             answer = stage(request)
             if answer is not None:

@@ -18,6 +18,8 @@ python -m pip install -q -c requirements.lock -e '.[test]'
 # * prometheus, for its promtool: tests/test_metrics.py runs `promtool check metrics` on the
 #   admin listener's /metrics (only the checker is used; the tests never start the server);
 # * pebble, Let's Encrypt's ACME test server: tests/test_acme.py gets certificates from it.
+# * redis-server, the real Redis that tests/test_rate_limits.py starts on a free port (and
+#   stops by PID) for the rate limits shared by several instances.
 # --no-install-recommends keeps the Docker engine (docker.io, recommended) off the machine.
 apt_packages=()
 command -v docker-compose >/dev/null 2>&1 || apt_packages+=(docker-compose)
@@ -26,6 +28,7 @@ if [ ! -x /usr/bin/chromium ] || [ ! -x /usr/bin/chromedriver ]; then
 fi
 command -v promtool >/dev/null 2>&1 || apt_packages+=(prometheus)
 command -v pebble >/dev/null 2>&1 || apt_packages+=(pebble)
+command -v redis-server >/dev/null 2>&1 || apt_packages+=(redis-server)
 if [ "${#apt_packages[@]}" -gt 0 ]; then
     sudo=()
     if [ "$(id -u)" -ne 0 ]; then

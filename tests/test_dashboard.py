@@ -327,4 +327,36 @@ def test_routes_show_their_rules_and_denied_counts(
     assert requests.get(lb.url + "/ping", timeout=10).text == "pong"
     browser.until("3 denied on the private route", lambda: routes()[private][0] == "3")
     assert routes()[ping][:2] == ["0", "0"]
+
+
+def test_routes_show_their_rate_limited_counts(
+        browser: Browser, lb_factory: Callable[..., LB], three_backends: list[Proc],
+        tmp_path: Path) -> None:
+    backends = "".join(f'[[backends]]\nurl = "http://127.0.0.1:{b.port}"\n'
+                       for b in three_backends)
+    config = tmp_path / "lb.toml"
+    config.write_text(
+        'rate_limit = "two"\n' + backends
+        + '[[routes]]\npath_prefix = "/api/"\npool = "default"\nrate_limit = "one"\n'
+        + '[[routes]]\npath_prefix = "/free/"\npool = "default"\n'
+        + '[rate_limits.one]\nrate = 1\nper = 600\nburst = 1\n'
+        + '[rate_limits.two]\nrate = 2\nper = 600\nburst = 2\n')
+    lb = lb_factory({"GOL7LB_CONFIG": str(config), **FAST_HEALTH})
+    _open_all_up(browser, lb, three_backends)
+
+    def counts() -> dict[str, str]:
+        return browser.driver.execute_script(
+            "var out = {};"
+            "document.querySelectorAll('[data-route]').forEach(function (e) {"
+            "  out[e.getAttribute('data-route')] = e.getAttribute('data-rate-limited'); });"
+            "return out;")
+
+    api, free = "routes[0] path_prefix=/api/", "routes[1] path_prefix=/free/"
+    browser.until("a row per route and one for no route, nothing limited yet",
+                  lambda: counts() == {api: "0", free: "0", "unmatched": "0"})
+    answers = [requests.get(lb.url + path, timeout=10).status_code
+               for path in ["/api/x"] * 4 + ["/free/x"] * 3 + ["/"] * 3]
+    assert answers.count(429) == 4, answers
+    browser.until("3 limited on route 0, 1 without a route",
+                  lambda: counts() == {api: "3", free: "0", "unmatched": "1"})
     assert browser.not_reloaded()
