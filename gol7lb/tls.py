@@ -31,7 +31,7 @@ from cryptography import x509
 from cryptography.hazmat.primitives import serialization
 from cryptography.x509.oid import NameOID
 
-from gol7lb.config import CertPair, ConfigError, Settings, TlsSettings
+from gol7lb.config import ConfigError, Settings, TlsSettings
 
 log = logging.getLogger("gol7lb.tls")
 

@@ -17,6 +17,7 @@ python -m pip install -q -c requirements.lock -e '.[test]'
 #   browser tests/test_dashboard.py drives with Selenium; never a downloaded browser build;
 # * prometheus, for its promtool: tests/test_metrics.py runs `promtool check metrics` on the
 #   admin listener's /metrics (only the checker is used; the tests never start the server).
+# * curl and openssl: tests/test_tls.py's HTTPS clients besides Python's (s_client).
 # --no-install-recommends keeps the Docker engine (docker.io, recommended) off the machine.
 apt_packages=()
 command -v docker-compose >/dev/null 2>&1 || apt_packages+=(docker-compose)
@@ -24,6 +25,8 @@ if [ ! -x /usr/bin/chromium ] || [ ! -x /usr/bin/chromedriver ]; then
     apt_packages+=(chromium chromium-driver)
 fi
 command -v promtool >/dev/null 2>&1 || apt_packages+=(prometheus)
+command -v curl >/dev/null 2>&1 || apt_packages+=(curl)
+command -v openssl >/dev/null 2>&1 || apt_packages+=(openssl)
 if [ "${#apt_packages[@]}" -gt 0 ]; then
     sudo=()
     if [ "$(id -u)" -ne 0 ]; then

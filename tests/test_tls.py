@@ -21,6 +21,7 @@ import psutil
 import pytest
 import requests
 import trustme
+from cryptography import x509
 
 from tests.conftest import FAST_HEALTH, _stop_and_check, backends_env
 from tests.helpers import header, per_label, scrape_text
@@ -60,6 +61,10 @@ def write_pair(cert: trustme.LeafCert, cert_file: Path, key_file: Path) -> None:
         temporary.replace(path)
 
 
+def serial_of(leaf: trustme.LeafCert) -> int:
+    return x509.load_pem_x509_certificate(leaf.cert_chain_pems[0].bytes()).serial_number
+
+
 def tls_env(cert: Path, key: Path, **more: str) -> dict[str, str]:
     return {"GOL7LB_TLS_CERT": str(cert), "GOL7LB_TLS_KEY": str(key), **more}
 
@@ -70,8 +75,8 @@ def peer_names(port: int, context: ssl.SSLContext, server_name: str | None) -> l
         context.check_hostname = False
     with socket.create_connection(("127.0.0.1", port), timeout=10) as raw, \
             context.wrap_socket(raw, server_hostname=server_name) as tls:
-        cert = tls.getpeercert()
-    return [value for kind, value in cert.get("subjectAltName", ()) if kind == "DNS"]
+        cert: dict = tls.getpeercert() or {}
+    return [str(value) for kind, value in cert.get("subjectAltName", ()) if kind == "DNS"]
 
 
 def https_get(port: int, context: ssl.SSLContext, path: str = "/",
@@ -85,7 +90,7 @@ def https_get(port: int, context: ssl.SSLContext, path: str = "/",
         answer = b""
         while chunk := tls.recv(65536):
             answer += chunk
-        return answer, Resumed(tls.session, tls.session_reused)
+        return answer, Resumed(tls.session, bool(tls.session_reused))
 
 
 class Resumed:
@@ -331,26 +336,27 @@ def test_changed_certificates_reload_without_failed_requests(certs, lb_factory,
     for t in threads:
         t.start()
     try:
-        old = serial()
+        def everywhere(leaf: trustme.LeafCert) -> bool:  # both workers, by a few handshakes
+            return all(serial() == serial_of(leaf) for _ in range(8))
+
         new = certs.ca.issue_cert("localhost")
         write_pair(new, cert, key)
         changed_at = time.monotonic()
-        wait_until(lambda: serial() != old, timeout=10)
+        wait_until(lambda: everywhere(new), timeout=10)
         assert time.monotonic() - changed_at < 2.0
-        fresh = serial()
         # a pair that does not load: refused, named, the served one stays
         key.write_bytes(b"-----BEGIN PRIVATE KEY-----\nbroken\n-----END PRIVATE KEY-----\n")
         error = wait_until(lambda: lb_status(lb)["config"]["last_error"], timeout=10)
         assert str(key) in error
-        assert serial() == fresh
+        assert everywhere(new)
         # a key from another pair: refused as well, naming the key file
         other = certs.ca.issue_cert("localhost")
         key.write_bytes(other.private_key_pem.bytes())
         wait_until(lambda: "does not match" in (lb_status(lb)["config"]["last_error"] or ""),
                    timeout=10)
-        assert serial() == fresh
+        assert everywhere(new)
         write_pair(other, cert, key)  # fixed: served, and the error is gone
-        wait_until(lambda: serial() != fresh, timeout=10)
+        wait_until(lambda: everywhere(other), timeout=10)
         wait_until(lambda: lb_status(lb)["config"]["last_error"] is None, timeout=10)
     finally:
         done.set()
@@ -439,3 +445,73 @@ def test_another_worker_class_refuses_tls(certs, lb_factory, worker):
     lb = lb_factory(tls_env(cert, key), ready=False, extra_args=("--worker-class", worker))
     assert lb.wait(30) == 2
     assert "tls.cert needs gol7lb's own worker" in lb.output()
+
+
+# units: settings, selection, the redirect app ---------------------------------------------
+
+def test_tls_settings_from_toml_and_environment(tmp_path):
+    from gol7lb.config import CertPair, ConfigError, load_settings
+
+    path = tmp_path / "lb.toml"
+    path.write_text('[tls]\ncert = "a.crt"\nkey = "a.key"\nhsts = 60\n'
+                    'certificates = [{ cert = "b.crt", key = "b.key" }]\n')
+    settings = load_settings({"GOL7LB_CONFIG": str(path)})
+    assert settings.tls.certificates == (CertPair("b.crt", "b.key"),)
+    assert settings.tls.hsts == 60 and settings.tls.min_version == "1.2"
+    env = {"GOL7LB_TLS_CERT": "a.crt", "GOL7LB_TLS_KEY": "a.key",
+           "GOL7LB_TLS_CERTIFICATES": "/x/b.crt:/x/b.key, c.crt:c.key"}
+    assert load_settings(env).tls.certificates == (CertPair("/x/b.crt", "/x/b.key"),
+                                                  CertPair("c.crt", "c.key"))
+    for bad, words in ((
+            {"GOL7LB_TLS_CERT": "a.crt"}, "set both"),
+            ({"GOL7LB_TLS_HSTS": "5"}, "tls.hsts"),
+            ({"GOL7LB_TLS_MIN_VERSION": "1.1"}, "tls.min_version"),
+            ({**env, "GOL7LB_TLS_CERTIFICATES": "nokey"}, "tls.certificates")):
+        with pytest.raises(ConfigError, match=words):
+            load_settings(bad)
+    path.write_text('[tls]\ncert = "a.crt"\nkey = "a.key"\ncertificates = [{ cert = "b" }]\n')
+    with pytest.raises(ConfigError, match="tls.certificates"):
+        load_settings({"GOL7LB_CONFIG": str(path)})
+
+
+def test_sni_selection_exact_then_one_label_wildcards(certs):
+    from gol7lb.config import TlsSettings
+    from gol7lb.tls import Source, TLSServer
+
+    a = certs.issue("sel-a", "a.test", "*.wild.test")
+    b = certs.issue("sel-b", "exact.wild.test")
+    server = TLSServer(TlsSettings(cert=str(a[0]), key=str(a[1])),
+                       lambda: [Source(str(a[0]), str(a[1])), Source(str(b[0]), str(b[1]))])
+    first, second = (server.loaded[s].context for s in server.order)
+    assert server.select("exact.wild.test") is second  # exact beats the wildcard
+    assert server.select("Other.Wild.Test.") is first
+    assert server.select("deep.other.wild.test") is first  # default: no match
+    assert server.select(None) is first
+    assert server.select("nobody.test") is first
+
+
+def test_redirect_app_locations_and_acme_challenges(tmp_path):
+    from gol7lb import challenges
+    from gol7lb.redirect import RedirectApp
+
+    seen: list[tuple[str, list[tuple[str, str]]]] = []
+
+    def call(app, target, host="example.com:80"):  # noqa: ANN001
+        body = b"".join(app({"RAW_URI": target, "HTTP_HOST": host},
+                            lambda status, headers: seen.append((status, headers))))
+        status, headers = seen[-1]
+        return status[:3], dict(headers), body
+
+    storage = str(tmp_path)
+    app = RedirectApp(443, lambda: storage)
+    assert call(app, "/x?y=1")[1]["Location"] == "https://example.com/x?y=1"
+    assert call(app, "/", "[::1]:8080")[1]["Location"] == "https://[::1]/"
+    assert call(app, "http://example.com/p?q")[1]["Location"] == "https://example.com/p?q"
+    assert call(RedirectApp(8443, lambda: ""), "/")[1]["Location"] == \
+        "https://example.com:8443/"
+    assert call(app, "/", "")[0] == "400"
+    challenges.publish(storage, "tok_EN-1", "tok_EN-1.thumb")
+    assert call(app, "/.well-known/acme-challenge/tok_EN-1") == \
+        ("200", {"Content-Length": "14", "Content-Type": "application/octet-stream"},
+         b"tok_EN-1.thumb")
+    assert call(app, "/.well-known/acme-challenge/other")[0] == "404"
