@@ -24,6 +24,9 @@ from gol7lb.view import GenerationFollower
 
 log = logging.getLogger("gol7lb.tls")
 CHECK_EVERY = 0.25  # seconds: a changed pair is judged well within the 2 s workers take it in
+# A pair replaced file by file is briefly a new certificate with the old key: an error is
+# reported only once it has lasted this long.
+SETTLE_SECONDS = 0.6
 
 
 class CertificateWatcher:
@@ -34,9 +37,8 @@ class CertificateWatcher:
         self.settings = settings
         self.server = TLSServer(settings.tls, lambda: all_sources(self.settings), strict=False)
         self.reported: dict[str, str] = {}  # error line -> the message given to last_error
+        self.seen: dict[str, float] = {}  # error line -> when it was first seen
         self.served = self._served()
-        for error in self.server.error_lines():
-            self._refused(error)
 
     def follow(self, settings: Settings) -> None:
         self.settings = settings
@@ -45,8 +47,14 @@ class CertificateWatcher:
         return {i.file: (i.names, i.not_after) for i in self.server.infos()}
 
     def check(self) -> None:
-        for error in self.server.refresh():
-            self._refused(error)
+        self.server.refresh()
+        now = time.monotonic()
+        current = set(self.server.error_lines())
+        for error in current:
+            first = self.seen.setdefault(error, now)
+            if error not in self.reported and now - first >= SETTLE_SECONDS:
+                self._refused(error)
+        self.seen = {e: t for e, t in self.seen.items() if e in current}
         served = self._served()
         for file, (names, not_after) in served.items():
             if self.served.get(file) != (names, not_after):
@@ -54,7 +62,6 @@ class CertificateWatcher:
                          file, ", ".join(names),
                          time.strftime("%Y-%m-%d %H:%M:%SZ", time.gmtime(not_after)))
         self.served = served
-        current = set(self.server.error_lines())
         for error in [e for e in self.reported if e not in current]:
             message = self.reported.pop(error)
             log.info("certificate error resolved: %s", error)
