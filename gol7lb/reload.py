@@ -27,7 +27,7 @@ from gol7lb import logfmt, metrics
 from gol7lb.children import helper_main
 from gol7lb.config import ConfigError, Settings, load_settings
 from gol7lb.manager import ControlClient, ManagerUnavailable
-from gol7lb.tls import TLSServer
+from gol7lb.tls import check_pairs
 
 log = logging.getLogger("gol7lb.reload")
 
@@ -71,8 +71,8 @@ def reload_config(client: ControlClient, trigger: str,
     """Validate and publish the configuration now in the file and the environment."""
     try:
         settings = load_settings(env)
-        if settings.tls.enabled:  # every pair it names must load (the running ones stay)
-            TLSServer.from_settings(settings)
+        if settings.tls.enabled:  # the pairs it adds must load
+            check_pairs(settings, _running_settings(client))
     except ConfigError as e:
         log.error("reload (%s) refused, the running configuration stays: %s", trigger, e)
         metrics.CONFIG_RELOADS.labels("error").inc()
@@ -103,6 +103,13 @@ def reload_config(client: ControlClient, trigger: str,
              trigger, generation, settings.source,
              sum(len(p.backends) for p in settings.pools.values()), len(settings.pools))
     return True
+
+
+def _running_settings(client: ControlClient) -> Settings | None:
+    try:
+        return client.snapshot().settings
+    except Exception:  # unreachable: every pair is checked
+        return None
 
 
 def file_digest(path: str) -> str | None:

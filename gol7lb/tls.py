@@ -179,6 +179,18 @@ def settings_sources(settings: TlsSettings) -> list[Source]:
         Source(p.cert, p.key) for p in settings.certificates]
 
 
+def check_pairs(settings: Settings, running: Settings | None) -> None:
+    """A reloaded configuration's pairs that the running one does not name must load
+    (ConfigError naming the file); the pairs it already serves are followed by the workers
+    and the certificate watcher, whatever their files hold now."""
+    if not settings.tls.enabled:
+        return
+    known = set(settings_sources(running.tls)) if running is not None else set()
+    for source in settings_sources(settings.tls):
+        if source not in known:
+            load_pair(settings.tls, source)
+
+
 def acme_sources(storage: str) -> list[Source]:
     """Pairs the ACME client stored: `{storage}/certificates/NAME/{cert,key}.pem`, those
     complete on disk (an order under way has none yet)."""

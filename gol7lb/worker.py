@@ -117,6 +117,7 @@ class EdgeTLS:
         # the pool threads last read (never a Manager call on the loop).
         server.sources = lambda: tls.all_sources(view_settings())
         self.redirect_app = RedirectApp(https_port, lambda: _acme_storage(view_settings()))
+        self.reading = threading.Lock()  # a thread reading the shared state for new pairs
         self.counted = {result: metrics.TLS_HANDSHAKES.labels(result)
                         for result in ("ok", "failed", "timeout")}
 
@@ -444,12 +445,22 @@ class ProxyWorker(Worker):
     def _refresh_certificates(self, edge: EdgeTLS) -> None:
         """A stat of each certificate file; a changed pair is loaded for the next handshakes.
         What does not load is logged and kept out by the certificate watcher (certwatch.py);
-        here it only stays unused."""
+        here it only stays unused. A reload that names other files reaches the view through
+        requests; without any, a short thread reads it (never the loop: that is IPC)."""
+        view = self.proxy_app.view if self.proxy_app is not None else None
+        if view is not None and view.stale() and not edge.reading.locked():
+            threading.Thread(target=self._read_state, args=(edge,), daemon=True).start()
         try:
             for error in edge.server.refresh():
                 log.debug("certificate not loaded, the previous one stays: %s", error)
         except Exception:
             log.exception("error reloading certificates")
+
+    def _read_state(self, edge: EdgeTLS) -> None:
+        with edge.reading:
+            if self.proxy_app is not None:
+                with contextlib.suppress(Exception):
+                    self.proxy_app.view.current()
 
     def _listen(self, listeners: dict[int, socket.socket], on: bool) -> None:
         for fd in listeners:

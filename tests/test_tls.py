@@ -11,6 +11,7 @@ import socket
 import ssl
 import statistics
 import subprocess
+import sys
 import threading
 import time
 from collections.abc import Iterator
@@ -70,9 +71,9 @@ def tls_env(cert: Path, key: Path, **more: str) -> dict[str, str]:
 
 
 def peer_names(port: int, context: ssl.SSLContext, server_name: str | None) -> list[str]:
-    """The SAN DNS names of the certificate the LB presents for `server_name`."""
-    if server_name is None:
-        context.check_hostname = False
+    """The SAN DNS names of the certificate the LB presents for `server_name` (the chain
+    verified, the name not: the test compares the names)."""
+    context.check_hostname = False
     with socket.create_connection(("127.0.0.1", port), timeout=10) as raw, \
             context.wrap_socket(raw, server_hostname=server_name) as tls:
         cert: dict = tls.getpeercert() or {}
@@ -515,3 +516,31 @@ def test_redirect_app_locations_and_acme_challenges(tmp_path):
         ("200", {"Content-Length": "14", "Content-Type": "application/octet-stream"},
          b"tok_EN-1.thumb")
     assert call(app, "/.well-known/acme-challenge/other")[0] == "404"
+
+
+@pytest.mark.slow
+def test_a_reload_adds_certificates_and_refuses_a_pair_that_does_not_load(
+        certs, lb_factory, backend_factory, tmp_path):
+    backend = backend_factory()
+    cert, key = certs.issue("base", "localhost")
+    extra_cert, extra_key = certs.issue("added", "added.test")
+    config = tmp_path / "lb.toml"
+    head = (f'[[backends]]\nurl = "http://127.0.0.1:{backend.port}"\n\n'
+            f'[tls]\ncert = "{cert}"\nkey = "{key}"\n')
+    config.write_text(head)
+    lb = lb_factory({"GOL7LB_CONFIG": str(config)})
+    context = certs.client_context()
+    assert peer_names(lb.port, context, "added.test") == ["localhost"]  # the default
+    config.write_text(head + f'certificates = [{{ cert = "{extra_cert}", key = "{extra_key}" }}]\n')
+    # no request needed: the workers read the reloaded configuration by themselves
+    wait_until(lambda: all(peer_names(lb.port, context, "added.test") == ["added.test"]
+                           for _ in range(6)), timeout=15)
+    broken = tmp_path / "broken.key"
+    broken.write_text("not a key\n")
+    config.write_text(head + f'certificates = [{{ cert = "{extra_cert}", key = "{broken}" }}]\n')
+    error = wait_until(lambda: lb_status(lb)["config"]["last_error"], timeout=15)
+    assert str(broken) in error
+    assert peer_names(lb.port, context, "added.test") == ["added.test"]  # the running one stays
+    out = subprocess.run([sys.executable, "-m", "gol7lb", "check", str(config)],
+                         capture_output=True, text=True, timeout=60)
+    assert out.returncode == 2 and str(broken) in out.stderr
