@@ -298,6 +298,7 @@ def test_token_is_asked_once_and_sent_on_mutating_calls(
     assert browser.not_reloaded()
 
 
+@pytest.mark.lean_worker  # HTTPS needs gol7lb's own worker
 def test_certificates_show_their_expiry(
         browser: Browser, lb_factory: Callable[..., LB], three_backends: list[Proc],
         tmp_path: Path) -> None:

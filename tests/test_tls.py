@@ -135,15 +135,20 @@ def test_https_request_with_forwarding_headers_and_hsts(https_lb, certs):
     assert header(doc, "X-Forwarded-Port") == [str(https_lb.port)]
 
 
-def test_rfc7239_forwarded_says_https(certs, lb_factory, backend_factory):
+def test_rfc7239_forwarded_and_min_version_13(certs, lb_factory, backend_factory):
     backend = backend_factory()
     cert, key = certs.issue("fwd", "localhost")
     lb = lb_factory({"GOL7LB_BACKENDS": backends_env([backend.port]),
-                     "GOL7LB_PROXY_FORWARDED": "rfc7239", **tls_env(cert, key)})
+                     "GOL7LB_PROXY_FORWARDED": "rfc7239",
+                     **tls_env(cert, key, GOL7LB_TLS_MIN_VERSION="1.3")})
     with httpx.Client(verify=certs.client_context(), timeout=10) as client:
-        doc = client.get(f"https://localhost:{lb.port}/echo").json()
-    assert "proto=https" in header(doc, "Forwarded")[0]
-    assert "Strict-Transport-Security" not in str(doc)  # hsts off: not on the request either
+        answer = client.get(f"https://localhost:{lb.port}/echo")
+    assert "proto=https" in header(answer.json(), "Forwarded")[0]
+    assert "Strict-Transport-Security" not in answer.headers  # tls.hsts off
+    old = certs.client_context()
+    old.maximum_version = ssl.TLSVersion.TLSv1_2
+    with pytest.raises(ssl.SSLError):
+        https_get(lb.port, old)
 
 
 def test_sni_picks_the_certificate_by_san_names_and_wildcards(https_lb, certs):
@@ -401,19 +406,6 @@ def test_client_certificates_are_required_with_client_ca(certs, lb_factory, back
     assert answer.startswith(b"HTTP/1.1 200")
 
 
-def test_min_version_13_refuses_tls12_clients(certs, lb_factory, backend_factory):
-    backend = backend_factory()
-    cert, key = certs.issue("v13", "localhost")
-    lb = lb_factory({"GOL7LB_BACKENDS": backends_env([backend.port]),
-                     **tls_env(cert, key, GOL7LB_TLS_MIN_VERSION="1.3")})
-    old = certs.client_context()
-    old.maximum_version = ssl.TLSVersion.TLSv1_2
-    with pytest.raises(ssl.SSLError):
-        https_get(lb.port, old)
-    answer, _ = https_get(lb.port, certs.client_context())
-    assert answer.startswith(b"HTTP/1.1 200")
-
-
 def test_websocket_over_tls(certs, lb_factory):
     from websockets.sync.client import connect
     from websockets.sync.server import serve
@@ -544,3 +536,18 @@ def test_a_reload_adds_certificates_and_refuses_a_pair_that_does_not_load(
     out = subprocess.run([sys.executable, "-m", "gol7lb", "check", str(config)],
                          capture_output=True, text=True, timeout=60)
     assert out.returncode == 2 and str(broken) in out.stderr
+
+
+def test_ciphers_and_client_ca_are_checked_when_the_contexts_are_built(certs, tmp_path):
+    from gol7lb.config import ConfigError, TlsSettings
+    from gol7lb.tls import new_context
+
+    assert new_context(TlsSettings(ciphers="ECDHE+AESGCM")).get_ciphers()
+    with pytest.raises(ConfigError, match="tls.ciphers"):
+        new_context(TlsSettings(ciphers="NOTHING-AT-ALL"))
+    missing = tmp_path / "nope.pem"
+    with pytest.raises(ConfigError, match=f"tls.client_ca = '{missing}'"):
+        new_context(TlsSettings(client_ca=str(missing)))
+    context = new_context(TlsSettings(client_ca=str(certs.ca_file), min_version="1.3"))
+    assert context.verify_mode == ssl.CERT_REQUIRED
+    assert context.minimum_version == ssl.TLSVersion.TLSv1_3
