@@ -280,20 +280,20 @@ def test_stalled_handshakes_do_not_delay_others_and_time_out(certs, lb_factory,
     baseline = statistics.median(_timed_requests(lb.port, context, 15))
     hello = _client_hello_start()
     stalled = []
+    first_opened = time.monotonic()
     try:
         for i in range(1000):
             s = socket.create_connection(("127.0.0.1", lb.port), timeout=10)
             if i % 2:
                 s.sendall(hello)  # a partial ClientHello: the handshake waits for the rest
             stalled.append(s)
-        opened = time.monotonic()
         loaded = _timed_requests(lb.port, context, 15)
         delay = statistics.median(loaded) - baseline
         assert delay < 0.05, f"median {statistics.median(loaded):.4f}s vs {baseline:.4f}s"
         # closed at the timeout (4 s), by the loop's sweep
         wait_until(lambda: per_label(lb, "gol7lb_tls_handshakes_total", "result")
                    .get("timeout", 0) >= 1000, timeout=30, interval=0.25)
-        assert time.monotonic() - opened >= 3.0
+        assert time.monotonic() - first_opened >= 3.9  # none before its 4 s
         for s in stalled[:20]:
             s.settimeout(5)
             assert s.recv(1) == b""  # closed by the LB
