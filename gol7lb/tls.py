@@ -209,12 +209,16 @@ def acme_sources(storage: str) -> list[Source]:
     return found
 
 
-def all_sources(settings: Settings) -> list[Source]:
-    """What a process serves: the settings' pairs, then the ACME storage's."""
+def acme_storage(settings: Settings) -> str:
+    """The ACME storage directory, "" when there is none."""
     # TODO(lead): `settings.acme.storage` is the ACME helper's AcmeSettings; read defensively
     # until both branches are merged.
-    storage = getattr(getattr(settings, "acme", None), "storage", "") or ""
-    return settings_sources(settings.tls) + acme_sources(storage)
+    return str(getattr(getattr(settings, "acme", None), "storage", "") or "")
+
+
+def all_sources(settings: Settings) -> list[Source]:
+    """What a process serves: the settings' pairs, then the ACME storage's."""
+    return settings_sources(settings.tls) + acme_sources(acme_storage(settings))
 
 
 class TLSServer:

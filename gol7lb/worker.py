@@ -116,7 +116,7 @@ class EdgeTLS:
         # New certificates come from the files (refresh) and from the running configuration
         # the pool threads last read (never a Manager call on the loop).
         server.sources = lambda: tls.all_sources(view_settings())
-        self.redirect_app = RedirectApp(https_port, lambda: _acme_storage(view_settings()))
+        self.redirect_app = RedirectApp(https_port, lambda: tls.acme_storage(view_settings()))
         self.reading = threading.Lock()  # a thread reading the shared state for new pairs
         self.counted = {result: metrics.TLS_HANDSHAKES.labels(result)
                         for result in ("ok", "failed", "timeout")}
@@ -124,11 +124,6 @@ class EdgeTLS:
     def count(self, result: str) -> None:
         with contextlib.suppress(OSError):  # out of descriptors for the metrics file
             self.counted[result].inc()
-
-
-def _acme_storage(settings: Settings) -> str:
-    # TODO(lead): `settings.acme.storage` comes with the ACME branch (AcmeSettings).
-    return str(getattr(getattr(settings, "acme", None), "storage", "") or "")
 
 
 def proxy_app() -> ProxyApp | None:
@@ -194,8 +189,8 @@ class ProxyWorker(Worker):
     @classmethod
     def check_config(cls, cfg: Any, log: Any) -> None:
         if cfg.is_ssl:
-            log.warning("gol7lb.worker.ProxyWorker does not terminate TLS; use "
-                        "--worker-class gthread with --certfile")
+            log.warning("gol7lb.worker.ProxyWorker ignores --certfile: set tls.cert and "
+                        "tls.key (GOL7LB_TLS_CERT, GOL7LB_TLS_KEY) for HTTPS")
 
     # threads ----------------------------------------------------------------------------------
 
