@@ -16,6 +16,7 @@ rundir.prepare()  # before anything imports prometheus_client: it reads its dire
 
 from gol7lb import admin, cpus, hooks, logfmt  # noqa: E402
 from gol7lb.config import ConfigError, env_int, load_settings  # noqa: E402
+from gol7lb.tls import TLSServer  # noqa: E402
 
 if hooks.boot() is None:  # the first read, at start: a bad setting stops the start here
     try:
@@ -23,15 +24,26 @@ if hooks.boot() is None:  # the first read, at start: a bad setting stops the st
         _port = env_int(os.environ, "PORT", 8080, 1, 65535)
         _workers = env_int(os.environ, "WEB_CONCURRENCY", cpus.default_workers(), 1, 512)
         hooks.check_listen_port(_port)
+        _redirect = _settings.tls.redirect_port
+        if _redirect == _port:
+            raise ConfigError(f"invalid setting tls.redirect_port = {_redirect}: it is PORT; "
+                              "choose another port for the plain-HTTP redirects")
+        if _redirect:
+            hooks.check_listen_port(_redirect)
         admin.check_bind(_settings.admin.bind, _settings.admin.address)
+        # HTTPS: the contexts are built here, before any fork, so every worker shares their
+        # session-ticket keys; a pair that does not load stops the start naming its file.
+        _tls = TLSServer.from_settings(_settings) if _settings.tls.enabled else None
     except ConfigError as _error:
         sys.stderr.write(f"gol7lb: {_error}\n")
         sys.exit(2)
-    hooks.configure(_settings, _port, _workers)
+    hooks.configure(_settings, _port, _workers, _tls)
     logfmt.apply(_settings.log)  # before gunicorn logs "Starting gunicorn"
 
 _boot = hooks.boot()
 bind = [f"0.0.0.0:{_boot.port}"]
+if _boot.tls is not None and _boot.settings.tls.redirect_port:  # plain HTTP: 308 to HTTPS
+    bind.append(f"0.0.0.0:{_boot.settings.tls.redirect_port}")
 workers = _boot.workers
 worker_class = "gol7lb.worker.ProxyWorker"
 threads = 32

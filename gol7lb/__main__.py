@@ -11,6 +11,7 @@ import sys
 from collections.abc import Sequence
 
 from gol7lb.config import CONFIG_ENV, ConfigError, env_int, load_settings
+from gol7lb.tls import TLSServer
 
 USAGE = "usage: python -m gol7lb check [FILE]   (FILE defaults to $GOL7LB_CONFIG)"
 
@@ -21,6 +22,8 @@ def check(path: str | None) -> int:
         env[CONFIG_ENV] = path
     try:
         settings = load_settings(env)
+        if settings.tls.enabled:  # the certificate files load, as at start
+            TLSServer.from_settings(settings)
         env_int(env, "PORT", 8080, 1, 65535)
         env_int(env, "WEB_CONCURRENCY", 1, 1, 512)
     except ConfigError as e:

@@ -49,6 +49,8 @@ CpuAffinity = Literal["auto", "off"]
 CPU_AFFINITY: tuple[CpuAffinity, ...] = get_args(CpuAffinity)
 ForwardedMode = Literal["x-forwarded", "rfc7239", "both"]
 FORWARDED_MODES: tuple[ForwardedMode, ...] = get_args(ForwardedMode)
+TlsVersion = Literal["1.2", "1.3"]
+TLS_VERSIONS: tuple[TlsVersion, ...] = get_args(TlsVersion)
 DEMO_PORTS = (8081, 8082, 8083)
 ContentEncoding = Literal["zstd", "br", "gzip"]
 CONTENT_ENCODINGS: tuple[ContentEncoding, ...] = get_args(ContentEncoding)
@@ -65,6 +67,9 @@ class Setting:
     allowed: str  # what the error message says is allowed
     meaning: str
     check: Callable[[Any], bool] = lambda value: True
+    # A list setting whose items are not plain strings: (TOML value or environment text) ->
+    # the stored value; raises TypeError or ValueError on anything else.
+    convert: Callable[[Any, bool], Any] | None = None
 
     @property
     def name(self) -> str:
@@ -110,12 +115,15 @@ def _parses(parser: Callable[[str], Any]) -> Callable[[str], bool]:
 
 
 def setting(default: _T, allowed: str, meaning: str,
-            check: Callable[[Any], bool] = _anything) -> _T:
+            check: Callable[[Any], bool] = _anything,
+            convert: Callable[[Any, bool], Any] | None = None) -> _T:
     """A field of a settings dataclass that is a setting: its default, what a refusal says is
     allowed, its meaning (docs/settings.md) and its check. Its section, key, kind and
     environment variable come from where it is declared, so each is written once."""
-    return field(default=default, metadata={"allowed": allowed, "meaning": meaning,
-                                            "check": check})
+    metadata = {"allowed": allowed, "meaning": meaning, "check": check}
+    if convert is not None:
+        metadata["convert"] = convert
+    return field(default=default, metadata=metadata)
 
 
 def _seconds(default: float, meaning: str, zero: bool = False) -> float:
@@ -360,6 +368,77 @@ class AcmeSettings:
 
 
 @dataclass(frozen=True)
+class CertPair:
+    """One certificate chain and its key, both PEM files (`tls.certificates` items)."""
+
+    cert: str
+    key: str
+
+
+def _cert_pairs(value: Any, from_env: bool) -> tuple[CertPair, ...]:
+    """[{cert = "...", key = "..."}, ...] in the file; "cert.pem:key.pem,..." in the
+    environment."""
+    if from_env:
+        pairs = []
+        for item in str(value).split(","):
+            if item.strip():
+                cert, sep, key = item.strip().rpartition(":")
+                if not sep or not cert or not key:
+                    raise ValueError(item)
+                pairs.append(CertPair(cert, key))
+        return tuple(pairs)
+    if not isinstance(value, list):
+        raise TypeError(value)
+    found = []
+    for item in value:
+        if not isinstance(item, dict) or set(item) != {"cert", "key"} or not all(
+                isinstance(v, str) and v for v in item.values()):
+            raise TypeError(item)
+        found.append(CertPair(item["cert"], item["key"]))
+    return tuple(found)
+
+
+@dataclass(frozen=True)
+class TlsSettings:
+    cert: str = setting(
+        "", "a path to a PEM file, or \"\"",
+        "PEM certificate chain (leaf first). `tls.cert` + `tls.key` make `PORT` serve HTTPS; "
+        "this pair is the default certificate. The files are watched: a changed pair is "
+        "served to new handshakes within 2 s.")
+    key: str = setting("", "a path to a PEM file, or \"\"",
+                       "PEM private key of `tls.cert` (unencrypted).")
+    certificates: tuple[CertPair, ...] = setting(
+        (), "a list of { cert = \"...\", key = \"...\" } tables (environment: "
+        "cert.pem:key.pem pairs, comma-separated)",
+        "More certificates, chosen by the client's SNI name from each certificate's SAN names "
+        "(`*.example.com` wildcards too); a name none of them has gets `tls.cert`.",
+        convert=_cert_pairs)
+    min_version: TlsVersion = _one_of("1.2", TLS_VERSIONS, "Lowest TLS version accepted.")
+    ciphers: str = setting(
+        "", "an OpenSSL cipher string, or \"\"",
+        "Cipher suites for TLS 1.2 (\"\": the ssl module's defaults); TLS 1.3's are fixed.")
+    handshake_timeout: float = _seconds(
+        10.0, "Seconds a client has to complete its TLS handshake; then the connection closes "
+        "(`gol7lb_tls_handshakes_total{result=\"timeout\"}`). A handshake never holds a "
+        "thread.")
+    client_ca: str = setting(
+        "", "a path to a PEM bundle, or \"\"",
+        "When set, clients must present a certificate this bundle verifies (mTLS); others fail "
+        "the handshake.")
+    redirect_port: int = _whole(
+        0, 0, 65535,
+        "When > 0, also listen on this port for plain HTTP: every request gets `308` to "
+        "`https://host{uri}`, except ACME HTTP-01 challenges, which are answered.")
+    hsts: int = _whole(
+        0, 0, 1_000_000_000,
+        "When > 0, HTTPS answers carry `Strict-Transport-Security: max-age=N` (seconds).")
+
+    @property
+    def enabled(self) -> bool:
+        return bool(self.cert)
+
+
+@dataclass(frozen=True)
 class Settings:
     algorithm: Algorithm = _one_of(
         "round_robin", ALGORITHMS,
@@ -400,6 +479,7 @@ class Settings:
     reload: ReloadSettings = field(default_factory=ReloadSettings)
     compression: CompressionSettings = field(default_factory=CompressionSettings)
     acme: AcmeSettings = field(default_factory=AcmeSettings)
+    tls: TlsSettings = field(default_factory=TlsSettings)
     demo_backends: bool = False  # True when no backend was configured and the demo ones stand in
     source: str = "defaults"  # where the settings came from, for the start-up log
     path: str = ""  # GOL7LB_CONFIG, "" when none
@@ -505,7 +585,9 @@ def _coerce(setting: Setting, value: Any, origin: str, from_env: bool) -> Any:
             else:
                 result = value
         elif setting.kind == "list":
-            if from_env:
+            if setting.convert is not None:
+                result = setting.convert(value, from_env)
+            elif from_env:
                 result = tuple(part.strip() for part in value.split(",") if part.strip())
             elif not isinstance(value, list) or not all(isinstance(v, str) for v in value):
                 raise TypeError
@@ -698,6 +780,7 @@ def load_settings(env: Mapping[str, str] | None = None) -> Settings:
     _check_admin_exposure(settings.admin)
     if settings.acme.domains:
         settings = replace(settings, acme=_acme_paths(settings.acme, env))
+    _check_tls(settings.tls)
     return settings
 
 
@@ -727,6 +810,18 @@ def _acme_paths(acme: AcmeSettings, env: Mapping[str, str]) -> AcmeSettings:
                               f"read it ({e.strerror or e})") from None
     return replace(acme, storage=storage, domains=tuple(
         dict.fromkeys(d.lower().removesuffix(".") for d in acme.domains)))
+
+
+def _check_tls(tls: TlsSettings) -> None:
+    """Settings that only make sense together (the files themselves are read by tls.py)."""
+    if bool(tls.cert) != bool(tls.key):
+        raise ConfigError(f"invalid setting tls.cert = {tls.cert!r}, tls.key = {tls.key!r}: "
+                          "set both (HTTPS on PORT) or neither")
+    if not tls.cert:
+        for name in ("certificates", "client_ca", "redirect_port", "hsts"):
+            if getattr(tls, name):
+                raise ConfigError(f"invalid setting tls.{name} = {getattr(tls, name)!r}: it "
+                                  "needs tls.cert and tls.key (HTTPS on PORT)")
 
 
 def _check_admin_exposure(admin: AdminSettings) -> None:

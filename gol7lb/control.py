@@ -260,6 +260,14 @@ class ControlState:
             self.last_error = message
             self._changed()
 
+    def clear_error(self, message: str) -> None:
+        """The error `message` no longer holds (a refused certificate was fixed): forget it,
+        unless another error came since."""
+        with self._lock:
+            if self.last_error == message:
+                self.last_error = None
+                self._changed()
+
     def add_backend(self, pool: str, backend: Backend) -> None:
         with self._lock:
             pools = self._pools()

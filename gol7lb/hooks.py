@@ -19,7 +19,18 @@ import time
 from dataclasses import dataclass, field
 from typing import Any
 
-from gol7lb import acme, admin, discovery, logfmt, metrics, ratelimit, reload, rundir, supervisor
+from gol7lb import (
+    acme,
+    admin,
+    certwatch,
+    discovery,
+    logfmt,
+    metrics,
+    ratelimit,
+    reload,
+    rundir,
+    supervisor,
+)
 from gol7lb.children import ChildWatcher, DemoBackends, ManagedChild, StartupError
 from gol7lb.config import DEMO_PORTS, ConfigError, Settings
 from gol7lb.control import Snapshot
@@ -27,6 +38,7 @@ from gol7lb.counters import SharedCounters
 from gol7lb.health import HealthRecord
 from gol7lb.hosts import HostTable
 from gol7lb.manager import ControlClient, run_manager
+from gol7lb.tls import TLSServer
 from gol7lb.view import GenerationFollower
 
 log = logging.getLogger("gol7lb.hooks")
@@ -40,6 +52,9 @@ class Boot:
     settings: Settings
     port: int
     workers: int
+    # HTTPS on PORT: built here, before any fork, so every worker shares its session-ticket
+    # keys (tls.py); None when tls.cert is unset.
+    tls: TLSServer | None = None
 
 
 @dataclass
@@ -75,10 +90,11 @@ _runtime: Runtime | None = None
 _client: ControlClient | None = None  # the master's own connection to the control state
 
 
-def configure(settings: Settings, port: int, workers: int) -> None:
+def configure(settings: Settings, port: int, workers: int,
+              tls_server: TLSServer | None = None) -> None:
     """Called by gunicorn.conf.py with the validated settings, once, at start."""
     global _boot
-    _boot = Boot(settings, port, workers)
+    _boot = Boot(settings, port, workers, tls_server)
 
 
 def boot() -> Boot | None:
@@ -115,6 +131,7 @@ def on_starting(server: Any) -> None:
     if _boot is None:
         raise RuntimeError("gol7lb.hooks.configure() was not called by the gunicorn config")
     settings = _boot.settings
+    check_worker_class(server, settings)
     rt = Runtime(settings=settings, workers=_boot.workers,
                  hosts=HostTable(worker_slots=max(16, 2 * _boot.workers + 8),
                                  lock_path=rundir.path("hosts.lock")))
@@ -179,6 +196,9 @@ def _start(rt: Runtime) -> None:
     if settings.path:
         helpers.append(ManagedChild("config watcher", reload.run,
                                     (rt.address, rt.authkey, settings.path)))
+    if settings.tls.enabled:
+        helpers.append(ManagedChild("certificate watcher", certwatch.run,
+                                    (rt.address, rt.authkey, rt.counters)))
     if any(pool.discover for pool in settings.pools.values()):
         helpers.append(ManagedChild("discovery", discovery.run,
                                     (rt.address, rt.authkey, rt.counters)))
@@ -188,11 +208,25 @@ def _start(rt: Runtime) -> None:
         rt.watcher.children.append(child)
         rt.watcher.start_child(child)
     pools = settings.pools
-    log.info("gol7lb: listening on http://0.0.0.0:%d with %d workers; %d backends in %d pools "
-             "(%s), settings from %s; admin %s", _boot.port if _boot else 0, rt.workers,
+    scheme = "https" if settings.tls.enabled else "http"
+    if settings.tls.redirect_port:
+        scheme = f"http://0.0.0.0:{settings.tls.redirect_port} (redirects) and https"
+    log.info("gol7lb: listening on %s://0.0.0.0:%d with %d workers; %d backends in %d pools "
+             "(%s), settings from %s; admin %s", scheme, _boot.port if _boot else 0, rt.workers,
              sum(len(p.backends) for p in pools.values()), len(pools),
              ", ".join(b.url for p in pools.values() for b in p.backends), settings.source,
              f"on http://{settings.admin.bind}" if admin_address else "off")
+
+
+def check_worker_class(server: Any, settings: Settings) -> None:
+    """HTTPS (tls.*) is served by gol7lb's own worker only: gunicorn's gthread handshakes in
+    its threads (one slow client holds one), so a start with another class is refused."""
+    name = str(getattr(server.cfg, "worker_class_str", "") or "")
+    if settings.tls.enabled and not name.endswith("ProxyWorker"):
+        sys.stderr.write(f"gol7lb: tls.cert needs gol7lb's own worker (gol7lb.worker."
+                         f"ProxyWorker), not {name}: drop --worker-class, or leave tls.* unset "
+                         "and use gunicorn's --certfile/--keyfile\n")
+        sys.exit(2)
 
 
 _STOP_SIGNALS = (signal.SIGTERM, signal.SIGINT, signal.SIGQUIT)

@@ -34,8 +34,9 @@ log = logging.getLogger("gol7lb.manager")  # the Manager process
 # socket on which every operation has a kernel timeout and every answer is awaited with
 # `Connection.poll`.
 
-EXPOSED = ("publish_config", "record_error", "add_backend", "remove_backend", "set_drained",
-           "publish_health", "eject", "expire_ejections", "set_discovered", "snapshot")
+EXPOSED = ("publish_config", "record_error", "clear_error", "add_backend", "remove_backend",
+           "set_drained", "publish_health", "eject", "expire_ejections", "set_discovered",
+           "snapshot")
 CALL_SECONDS = 2.0  # a call's default bound: connect, authenticate, ask, answer
 _TYPEID = "control"
 

@@ -67,6 +67,9 @@ HELP = {
     "gol7lb_backend_ejections": "Passive-health ejections.",
     "gol7lb_config_reloads": "Configuration reloads, by result.",
     "gol7lb_websocket_connections": "Open upgraded tunnels.",
+    "gol7lb_tls_handshakes": "Client TLS handshakes, by result: ok, failed (a bad hello, a "
+                             "refused client certificate, a client that closed), timeout "
+                             "(not done within tls.handshake_timeout).",
     "gol7lb_local_errors": "Requests the LB answered 503 for lack of its own resources (no "
                            "descriptor, buffer or memory for a backend socket), by errno.",
     "gol7lb_mirror_requests": "Mirrored copies of requests (routes with mirror), by result: "
@@ -82,6 +85,7 @@ HELP = {
 RETRIES = Counter("gol7lb_retries", HELP["gol7lb_retries"], ["backend"])
 EJECTIONS = Counter("gol7lb_backend_ejections", HELP["gol7lb_backend_ejections"], ["backend"])
 CONFIG_RELOADS = Counter("gol7lb_config_reloads", HELP["gol7lb_config_reloads"], ["result"])
+TLS_HANDSHAKES = Counter("gol7lb_tls_handshakes", HELP["gol7lb_tls_handshakes"], ["result"])
 LOCAL_ERRORS = Counter("gol7lb_local_errors", HELP["gol7lb_local_errors"], ["reason"])
 MIRROR_REQUESTS = Counter("gol7lb_mirror_requests", HELP["gol7lb_mirror_requests"], ["result"])
 DENIED = Counter("gol7lb_denied", HELP["gol7lb_denied"], ["route", "reason"])

@@ -27,11 +27,18 @@ from gol7lb import logfmt, metrics
 from gol7lb.children import helper_main
 from gol7lb.config import ConfigError, Settings, load_settings
 from gol7lb.manager import ControlClient, ManagerUnavailable
+from gol7lb.tls import check_pairs
 
 log = logging.getLogger("gol7lb.reload")
 
 # Settings a running master cannot change: it has bound or forked with them.
-RESTART_ONLY = {"admin.bind": lambda s: s.admin.bind, "cpu_affinity": lambda s: s.cpu_affinity}
+RESTART_ONLY = {"admin.bind": lambda s: s.admin.bind, "cpu_affinity": lambda s: s.cpu_affinity,
+                # the master built the TLS contexts (and bound the ports) before its fork
+                "tls (on or off)": lambda s: s.tls.enabled,
+                "tls.min_version": lambda s: s.tls.min_version,
+                "tls.ciphers": lambda s: s.tls.ciphers,
+                "tls.client_ca": lambda s: s.tls.client_ca,
+                "tls.redirect_port": lambda s: s.tls.redirect_port}
 WATCH_DEBOUNCE_MS = 200  # an editor's write-rename lands as one change, well within 2 s
 
 
@@ -42,6 +49,8 @@ WORKER_START = {
     "proxy.client_body_timeout": lambda s: s.proxy.client_body_timeout,
     "proxy.max_header_bytes": lambda s: s.proxy.max_header_bytes,
     "proxy.max_headers": lambda s: s.proxy.max_headers,
+    "tls.handshake_timeout": lambda s: s.tls.handshake_timeout,
+    "tls.hsts": lambda s: s.tls.hsts,
 }
 
 
@@ -62,6 +71,8 @@ def reload_config(client: ControlClient, trigger: str,
     """Validate and publish the configuration now in the file and the environment."""
     try:
         settings = load_settings(env)
+        if settings.tls.enabled:  # the pairs it adds must load
+            check_pairs(settings, _running_settings(client))
     except ConfigError as e:
         log.error("reload (%s) refused, the running configuration stays: %s", trigger, e)
         metrics.CONFIG_RELOADS.labels("error").inc()
@@ -92,6 +103,13 @@ def reload_config(client: ControlClient, trigger: str,
              trigger, generation, settings.source,
              sum(len(p.backends) for p in settings.pools.values()), len(settings.pools))
     return True
+
+
+def _running_settings(client: ControlClient) -> Settings | None:
+    try:
+        return client.snapshot().settings
+    except Exception:  # unreachable: every pair is checked
+        return None
 
 
 def file_digest(path: str) -> str | None:

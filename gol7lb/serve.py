@@ -14,6 +14,7 @@ import errno
 import logging
 import select
 import socket
+import ssl
 import sys
 import time
 from collections.abc import Callable, Iterable
@@ -66,29 +67,49 @@ def date_header() -> bytes:
 
 
 # socket I/O with deadlines ------------------------------------------------------------------
+# A client socket is a plain one or, on HTTPS, a non-blocking ssl.SSLSocket. Its "would block"
+# is SSLWantReadError or SSLWantWriteError (not BlockingIOError), and says which readiness to
+# wait for: a TLS write can need the client's bytes first, and a read the socket's room.
+WOULD_BLOCK = (BlockingIOError, ssl.SSLWantReadError, ssl.SSLWantWriteError)
+
+
+def _wanted(error: OSError, default: int) -> int:
+    """The poll event a "would block" waits for."""
+    if isinstance(error, ssl.SSLWantReadError):
+        return select.POLLIN
+    if isinstance(error, ssl.SSLWantWriteError):
+        return select.POLLOUT
+    return default
+
 
 def send_all(sock: socket.socket, data: bytes | memoryview, timeout: float) -> None:
-    """Write everything on a non-blocking socket; TimeoutError if the client stops reading."""
+    """Write everything on a non-blocking socket; TimeoutError if the client stops reading.
+    (A TLS socket writes all or nothing: a retry sends the same bytes, as OpenSSL needs.)"""
     try:
         sent = sock.send(data)
-    except BlockingIOError:
+    except WOULD_BLOCK as e:
         sent = 0
-    if sent == len(data):
-        return
+        event = _wanted(e, select.POLLOUT)
+    else:
+        if sent == len(data):
+            return
+        event = select.POLLOUT
     view = memoryview(data)[sent:]
-    poller = select.poll()
-    poller.register(sock, select.POLLOUT)
     deadline = time.monotonic() + timeout
     while view:
         left = deadline - time.monotonic()
         if left <= 0:
             raise TimeoutError("client stopped reading")
+        poller = select.poll()
+        poller.register(sock, event)
         if not poller.poll(left * 1000):
             continue
         try:
             sent = sock.send(view)
-        except BlockingIOError:
+        except WOULD_BLOCK as e:
+            event = _wanted(e, select.POLLOUT)
             continue
+        event = select.POLLOUT
         view = view[sent:]
         deadline = time.monotonic() + timeout  # progress: the client is reading
 
@@ -97,17 +118,27 @@ def recv_some(sock: socket.socket, timeout: float) -> bytes:
     """Some bytes (b"" at EOF) from a non-blocking socket; TimeoutError after `timeout` silent."""
     try:
         return sock.recv(BLOCK)
-    except BlockingIOError:
-        pass
-    if not wait_readable(sock, timeout):
-        raise TimeoutError("client sent nothing")
-    try:
-        return sock.recv(BLOCK)
-    except BlockingIOError:
-        return recv_some(sock, timeout)
+    except WOULD_BLOCK as e:
+        event = _wanted(e, select.POLLIN)
+    deadline = time.monotonic() + timeout
+    while True:
+        poller = select.poll()
+        poller.register(sock, event)
+        if not poller.poll(max(0.0, deadline - time.monotonic()) * 1000):
+            raise TimeoutError("client sent nothing")
+        try:
+            return sock.recv(BLOCK)
+        except WOULD_BLOCK as e:
+            event = _wanted(e, select.POLLIN)
+        if time.monotonic() >= deadline:
+            raise TimeoutError("client sent nothing")
 
 
 def wait_readable(sock: socket.socket, timeout: float) -> bool:
+    """Bytes to read: in the socket, or already decrypted inside a TLS one (which poll()
+    cannot see)."""
+    if isinstance(sock, ssl.SSLSocket) and sock.pending():
+        return True
     poller = select.poll()
     poller.register(sock, select.POLLIN)
     return bool(poller.poll(timeout * 1000))
@@ -119,7 +150,7 @@ class Conn:
     """A client connection; owned either by the event loop (`waiting`) or by one thread."""
 
     __slots__ = ("sock", "fd", "peer", "server", "parser", "deadline", "waiting", "fresh",
-                 "busy_since")
+                 "busy_since", "handshaking", "tls", "sts", "redirect")
 
     def __init__(self, sock: socket.socket, peer: tuple[str, str], server: tuple[str, str],
                  parser: Http1Parser, deadline: float) -> None:
@@ -131,6 +162,12 @@ class Conn:
         self.deadline = deadline
         self.waiting = False
         self.fresh = True  # no request served yet: a timeout answers 408 even if nothing came
+        # The connection's stages before HTTP: the TLS handshake (worker.py) while
+        # `handshaking`; `tls` once it is done (then `sock` is an ssl.SSLSocket).
+        self.handshaking = False
+        self.tls = False
+        self.sts = b""  # a Strict-Transport-Security line for every answer (tls.hsts)
+        self.redirect = False  # accepted on tls.redirect_port: answered by redirect.py
 
     def fill(self, timeout: float, lend: Callable[[], None] | None = None) -> None:
         """Read more of the request (a body, on a thread) and parse it. When nothing is there
@@ -139,7 +176,7 @@ class Conn:
         try:
             try:
                 data = self.sock.recv(BLOCK)
-            except BlockingIOError:
+            except WOULD_BLOCK:
                 if lend is not None:
                     lend()
                 data = recv_some(self.sock, timeout)
@@ -291,6 +328,9 @@ def build_environ(conn: Conn, req: Request, body: RequestBody | EmptyBody) -> di
     env["gol7lb.local_port"] = conn.server[1]  # the socket's own (gunicorn's comes from Host)
     env["wsgi.input"] = body
     env["gunicorn.socket"] = conn.sock
+    if conn.tls:
+        env["wsgi.url_scheme"] = "https"  # X-Forwarded-Proto and Forwarded say so too
+        env["HTTPS"] = "on"
     fields = []  # the HTTP_* keys, so the proxy need not scan the whole environ for them
     known = _ENV_KEYS.get
     for name, value in req.headers:
@@ -352,7 +392,11 @@ class Response:
             self.keep_alive = False  # the worker began to stop during the request (a SIGHUP)
         lines = ["HTTP/1.1 ", self.status, "\r\n"]
         length = None
-        for name, value in self.headers:
+        headers = self.headers
+        sts = self.conn.sts
+        if sts:  # tls.hsts: ours replaces the backend's
+            headers = [h for h in headers if h[0].lower() != "strict-transport-security"]
+        for name, value in headers:
             if len(name) not in _FRAMING_LENGTHS:  # cannot be one of the three below
                 lines += (name, ": ", value, "\r\n")
                 continue
@@ -380,7 +424,7 @@ class Response:
         else:
             self.keep_alive = False  # HTTP/1.0 without a length: the body ends at close
         lines.append("Connection: keep-alive\r\n" if self.keep_alive else "Connection: close\r\n")
-        return "".join(lines).encode("latin-1") + date_header() + b"\r\n"
+        return "".join(lines).encode("latin-1") + sts + date_header() + b"\r\n"
 
     def _frame(self, data: bytes) -> bytes:
         if self.no_body or not data:

@@ -17,6 +17,7 @@ import contextlib
 import logging
 import select
 import socket
+import ssl
 from typing import TYPE_CHECKING, Any, NoReturn
 
 from gol7lb import metrics
@@ -95,17 +96,21 @@ def pump(a: socket.socket, b: socket.socket, idle: float) -> int:
     returns the bytes sent to `a` (the client: the access log's byte count).
 
     A side that closes its sending half gets its peer's sending half closed too (half-close
-    passes through), so a WebSocket close handshake completes in both directions.
+    passes through), so a WebSocket close handshake completes in both directions. A TLS side
+    cannot half-close (ssl's shutdown() drops the TLS layer): once its peer closes, the
+    tunnel ends. Bytes a TLS side already decrypted (`pending()`) count as readable.
     """
     to_a = 0
     peer = {a.fileno(): (a, b), b.fileno(): (b, a)}
+    tls = [s for s in (a, b) if isinstance(s, ssl.SSLSocket)]
     poller = select.poll()
     open_ends = 0
     for fd in peer:
         poller.register(fd, select.POLLIN)
         open_ends += 1
     while open_ends:
-        events = poller.poll(idle * 1000)
+        buffered = [(s.fileno(), select.POLLIN) for s in tls if s.pending()]
+        events = buffered or poller.poll(idle * 1000)
         if not events:
             return to_a  # both sides silent for client_idle_timeout
         for fd, _event in events:
@@ -118,6 +123,8 @@ def pump(a: socket.socket, b: socket.socket, idle: float) -> int:
                 continue
             poller.unregister(fd)
             open_ends -= 1
+            if isinstance(dst, ssl.SSLSocket):
+                return to_a
             with contextlib.suppress(OSError):
                 dst.shutdown(socket.SHUT_WR)
     return to_a

@@ -108,6 +108,15 @@ class CachedView(Generic[T]):
             self._refresh()
         return self._current  # type: ignore[return-value]
 
+    def stale(self) -> bool:
+        """Whether the shared state moved since the last read (one shared-memory read)."""
+        return bool(self.counters.array[GENERATION] != self._seen)
+
+    def peek(self) -> T:
+        """The state in hand, never refreshed here (no IPC): for a caller that must not wait,
+        such as the worker's event loop; the requests keep it current."""
+        return self._current  # type: ignore[return-value]
+
     def rebuild(self) -> T:
         """Build again from the snapshot in hand (no IPC): for state that changes with time
         alone, like a slow-start ramp."""

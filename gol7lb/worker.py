@@ -42,6 +42,7 @@ import logging
 import os
 import select
 import socket
+import ssl
 import threading
 import time
 from collections.abc import Callable
@@ -51,13 +52,21 @@ from typing import TYPE_CHECKING, Any
 
 from gunicorn.workers.base import Worker
 
-from gol7lb.config import ProxySettings
+from gol7lb.config import ProxySettings, Settings
 from gol7lb.http1 import Http1Parser, Request, RequestError
-from gol7lb.serve import Conn, error_response, recv_some, serve_request, wait_readable
+from gol7lb.serve import (
+    WOULD_BLOCK,
+    Conn,
+    error_response,
+    recv_some,
+    serve_request,
+    wait_readable,
+)
 from gol7lb.spread import DEFER, Spread
 
 if TYPE_CHECKING:  # the master imports this module; the proxy is built in each worker
     from gol7lb.proxy import ProxyApp
+    from gol7lb.tls import TLSServer
 
 # GoL7-LB's own lines; gunicorn's events (a worker booting, exiting) stay on `self.log`.
 log = logging.getLogger("gol7lb.worker")
@@ -69,6 +78,9 @@ RESOURCE_PAUSE = 0.5  # seconds without accepting after the process ran out of d
 # busy client's next request, sent as its previous answer arrived, is answered (with close).
 DRAIN_IDLE_GRACE = 1.0
 _ONESHOT = select.EPOLLIN | select.EPOLLONESHOT
+_ONESHOT_OUT = select.EPOLLOUT | select.EPOLLONESHOT  # a TLS handshake that must write
+# What a listener's connections are: HTTP, HTTPS (a handshake first), or tls.redirect_port's.
+PLAIN, HTTPS, REDIRECT = "plain", "https", "redirect"
 # Not EPOLLEXCLUSIVE: with it the kernel wakes one waiter per new connection, and a worker that
 # defers (spread.py) would leave the connection to a peer that is never woken for it.
 _LISTEN = select.EPOLLIN
@@ -85,6 +97,33 @@ class Limits:
         self.body_buffer = proxy.retry_buffer  # the body the loop reads before a thread
         self.max_header_bytes = proxy.max_header_bytes
         self.max_headers = proxy.max_headers
+        self.handshake_timeout = 10.0  # tls.handshake_timeout, when PORT serves HTTPS
+        self.sts = b""  # tls.hsts as a header line
+
+
+class EdgeTLS:
+    """What a worker needs for HTTPS: the master's TLSServer (its session context built
+    before the fork, so tickets resume on every worker), the redirect listener's app, and
+    the handshake counters."""
+
+    def __init__(self, server: TLSServer, settings: Settings, https_port: int,
+                 view_settings: Callable[[], Settings]) -> None:
+        from gol7lb import metrics, tls
+        from gol7lb.redirect import RedirectApp
+
+        self.server = server
+        self.redirect_port = settings.tls.redirect_port
+        # New certificates come from the files (refresh) and from the running configuration
+        # the pool threads last read (never a Manager call on the loop).
+        server.sources = lambda: tls.all_sources(view_settings())
+        self.redirect_app = RedirectApp(https_port, lambda: tls.acme_storage(view_settings()))
+        self.reading = threading.Lock()  # a thread reading the shared state for new pairs
+        self.counted = {result: metrics.TLS_HANDSHAKES.labels(result)
+                        for result in ("ok", "failed", "timeout")}
+
+    def count(self, result: str) -> None:
+        with contextlib.suppress(OSError):  # out of descriptors for the metrics file
+            self.counted[result].inc()
 
 
 def proxy_app() -> ProxyApp | None:
@@ -145,12 +184,13 @@ class ProxyWorker(Worker):
         self.proxy_app: ProxyApp | None = None
         self.spread: Spread | None = None
         self.accept_failures = 0  # accepts failed in a row (out of descriptors): logged once
+        self.edge_tls: EdgeTLS | None = None
 
     @classmethod
     def check_config(cls, cfg: Any, log: Any) -> None:
         if cfg.is_ssl:
-            log.warning("gol7lb.worker.ProxyWorker does not terminate TLS; use "
-                        "--worker-class gthread with --certfile")
+            log.warning("gol7lb.worker.ProxyWorker ignores --certfile: set tls.cert and "
+                        "tls.key (GOL7LB_TLS_CERT, GOL7LB_TLS_KEY) for HTTPS")
 
     # threads ----------------------------------------------------------------------------------
 
@@ -195,6 +235,8 @@ class ProxyWorker(Worker):
                seat: Seat) -> None:
         """Serve this connection's requests while they come promptly; then give it back."""
         parser = conn.parser
+        if conn.redirect and self.edge_tls is not None:
+            app = self.edge_tls.redirect_app
         limits = self.limits
         try:
             while True:
@@ -263,11 +305,12 @@ class ProxyWorker(Worker):
 
     # the connection table ---------------------------------------------------------------------
 
-    def _wait(self, conn: Conn) -> None:
-        """Give the connection to the event loop until it has bytes to read."""
+    def _wait(self, conn: Conn, events: int = _ONESHOT) -> None:
+        """Give the connection to the event loop until it has bytes to read (or, for a TLS
+        handshake that must write, room to write)."""
         conn.waiting = True
         try:
-            self.epoll.modify(conn.fd, _ONESHOT)
+            self.epoll.modify(conn.fd, events)
         except (OSError, ValueError):  # ValueError: the worker is gone, its epoll closed
             self._close(conn)
 
@@ -295,16 +338,21 @@ class ProxyWorker(Worker):
         # the cyclic collector's scans (and copy-on-write pages shared with the master).
         gc.freeze()
         self.epoll = epoll = select.epoll()
+        app = self.proxy_app = proxy_app()
+        settings = app.view.current().settings if app else None
+        self.limits = Limits(settings.proxy if settings else None)
+        self.edge_tls = edge = self._edge_tls(settings)
         listeners: dict[int, socket.socket] = {}
+        kinds: dict[int, str] = {}
         for listener in self.sockets:
             sock = listener.sock if hasattr(listener, "sock") else listener
             sock.setblocking(False)
             listeners[sock.fileno()] = sock
+            kinds[sock.fileno()] = PLAIN if edge is None else REDIRECT if \
+                _port_of(sock) == edge.redirect_port else HTTPS
             epoll.register(sock.fileno(), _LISTEN)
         wake = self.PIPE[0]
         epoll.register(wake, select.EPOLLIN)
-        app = self.proxy_app = proxy_app()
-        self.limits = Limits(app.view.current().settings.proxy if app else None)
         for _ in range(max(1, self.cfg.threads)):
             self._start_thread()
 
@@ -333,7 +381,7 @@ class ProxyWorker(Worker):
                         pause = 0.0
                         if balance and spread.should_defer(len(conns), now):
                             pause = DEFER  # a peer is woken too, and takes the connection
-                        elif not self._accept(listeners[fd]):
+                        elif not self._accept(listeners[fd], kinds[fd]):
                             pause = RESOURCE_PAUSE  # else level-triggered epoll would spin
                         if pause:
                             paused_until = now + pause
@@ -357,6 +405,8 @@ class ProxyWorker(Worker):
                 if now >= next_sweep:
                     next_sweep = now + SWEEP_EVERY
                     self._sweep(now)
+                    if edge is not None:
+                        self._refresh_certificates(edge)
                     spread.publish(len(conns), now)
                     self.notify()
                     if self.ppid != os.getppid():
@@ -370,6 +420,43 @@ class ProxyWorker(Worker):
                 sock.close()  # new connections are refused at once, not queued
         self._drain(epoll)
 
+    def _edge_tls(self, settings: Settings | None) -> EdgeTLS | None:
+        """HTTPS on PORT when the master built a TLSServer (tls.cert and tls.key set)."""
+        from gol7lb import hooks
+
+        boot = hooks.boot()
+        if settings is None or boot is None or boot.tls is None:
+            return None
+        limits = self.limits
+        limits.handshake_timeout = settings.tls.handshake_timeout
+        if settings.tls.hsts:
+            limits.sts = b"Strict-Transport-Security: max-age=%d\r\n" % settings.tls.hsts
+        view = self.proxy_app.view if self.proxy_app is not None else None
+        edge = EdgeTLS(boot.tls, settings, boot.port,
+                       lambda: view.peek().settings if view is not None else settings)
+        self._refresh_certificates(edge)  # the files may have changed since the master read them
+        return edge
+
+    def _refresh_certificates(self, edge: EdgeTLS) -> None:
+        """A stat of each certificate file; a changed pair is loaded for the next handshakes.
+        What does not load is logged and kept out by the certificate watcher (certwatch.py);
+        here it only stays unused. A reload that names other files reaches the view through
+        requests; without any, a short thread reads it (never the loop: that is IPC)."""
+        view = self.proxy_app.view if self.proxy_app is not None else None
+        if view is not None and view.stale() and not edge.reading.locked():
+            threading.Thread(target=self._read_state, args=(edge,), daemon=True).start()
+        try:
+            for error in edge.server.refresh():
+                log.debug("certificate not loaded, the previous one stays: %s", error)
+        except Exception:
+            log.exception("error reloading certificates")
+
+    def _read_state(self, edge: EdgeTLS) -> None:
+        with edge.reading:
+            if self.proxy_app is not None:
+                with contextlib.suppress(Exception):
+                    self.proxy_app.view.current()
+
     def _listen(self, listeners: dict[int, socket.socket], on: bool) -> None:
         for fd in listeners:
             self.epoll.modify(fd, _LISTEN if on else 0)
@@ -381,7 +468,7 @@ class ProxyWorker(Worker):
         except OSError:
             pass
 
-    def _accept(self, listener: socket.socket) -> bool:
+    def _accept(self, listener: socket.socket, kind: str = PLAIN) -> bool:
         """Accept what is waiting; False when accepting must pause (out of descriptors)."""
         now = time.monotonic()
         limits = self.limits
@@ -411,19 +498,65 @@ class ProxyWorker(Worker):
             conn = Conn(sock, peer, server,
                         Http1Parser(limits.max_header_bytes, limits.max_headers),
                         now + limits.header_timeout)
+            if kind == HTTPS:  # the handshake comes first, on this loop (_handshake)
+                conn.handshaking = True
+                conn.deadline = now + limits.handshake_timeout
+            elif kind == REDIRECT:
+                conn.redirect = True
             self.conns[conn.fd] = conn
             conn.waiting = True
             self.epoll.register(conn.fd, _ONESHOT)
         return True
 
+    def _handshake(self, conn: Conn) -> None:
+        """The TLS stage of a connection's life, between its accept (and any stage before)
+        and its first request: drive the non-blocking handshake as far as the bytes in
+        allow, then wait on the loop for more (or for room to write). Never a thread; a
+        handshake not done by tls.handshake_timeout is closed by the sweep."""
+        edge = self.edge_tls
+        assert edge is not None
+        conn.waiting = False
+        sock = conn.sock
+        try:
+            if not isinstance(sock, ssl.SSLSocket):
+                sock = conn.sock = edge.server.wrap(sock)  # same descriptor, same epoll entry
+            sock.do_handshake()
+        except ssl.SSLWantReadError:
+            self._wait(conn)
+            return
+        except ssl.SSLWantWriteError:
+            self._wait(conn, _ONESHOT_OUT)
+            return
+        except (OSError, ValueError) as e:  # SSLError (a bad hello, a refused certificate), EOF
+            log.debug("TLS handshake with %s failed: %s", conn.peer[0], e)
+            edge.count("failed")
+            self._close(conn)
+            return
+        edge.count("ok")
+        conn.handshaking = False
+        conn.tls = True
+        conn.sts = self.limits.sts
+        conn.deadline = time.monotonic() + self.limits.header_timeout
+        self._readable(conn)  # the request may have come with the handshake's last flight
+
     def _readable(self, conn: Conn) -> None:
         """A waiting connection has bytes (or EOF): parse them; a complete head goes to a thread."""
+        if conn.handshaking:
+            self._handshake(conn)
+            return
         conn.waiting = False
         parser = conn.parser
         was_in_head = parser.in_head
         try:
             data = conn.sock.recv(RECV_HEAD)
-        except BlockingIOError:
+            if conn.tls:  # a TLS read returns one record: take what it already decrypted
+                sock: Any = conn.sock
+                while sock.pending():
+                    data += sock.recv(RECV_HEAD)
+        except ssl.SSLWantWriteError:
+            self._wait(conn, _ONESHOT_OUT)
+            return
+        except WOULD_BLOCK:
             self._wait(conn)
             return
         except OSError:
@@ -460,7 +593,10 @@ class ProxyWorker(Worker):
         client."""
         for conn in list(self.conns.values()):
             if conn.waiting and conn.deadline <= now:
-                if conn.parser.ready:
+                if conn.handshaking:  # silence: there is no HTTP to answer in yet
+                    if self.edge_tls is not None:
+                        self.edge_tls.count("timeout")
+                elif conn.parser.ready:
                     with contextlib.suppress(OSError):
                         conn.sock.send(error_response(408, "request body not received in time"))
                 elif conn.parser.in_head or conn.fresh:
@@ -515,3 +651,11 @@ class ProxyWorker(Worker):
         self.cfg.worker_int(self)
         self.log.info("Worker exiting at once (pid: %s)", self.pid)
         os._exit(0)
+
+
+def _port_of(sock: socket.socket) -> int:
+    try:
+        address = sock.getsockname()
+    except OSError:
+        return 0
+    return int(address[1]) if isinstance(address, tuple) else 0

@@ -17,9 +17,10 @@ python -m pip install -q -c requirements.lock -e '.[test]'
 #   browser tests/test_dashboard.py drives with Selenium; never a downloaded browser build;
 # * prometheus, for its promtool: tests/test_metrics.py runs `promtool check metrics` on the
 #   admin listener's /metrics (only the checker is used; the tests never start the server);
-# * pebble, Let's Encrypt's ACME test server: tests/test_acme.py gets certificates from it.
+# * pebble, Let's Encrypt's ACME test server: tests/test_acme.py gets certificates from it;
 # * redis-server, the real Redis that tests/test_rate_limits.py starts on a free port (and
-#   stops by PID) for the rate limits shared by several instances.
+#   stops by PID) for the rate limits shared by several instances;
+# * curl and openssl: tests/test_tls.py's HTTPS clients besides Python's (s_client).
 # --no-install-recommends keeps the Docker engine (docker.io, recommended) off the machine.
 apt_packages=()
 command -v docker-compose >/dev/null 2>&1 || apt_packages+=(docker-compose)
@@ -29,6 +30,8 @@ fi
 command -v promtool >/dev/null 2>&1 || apt_packages+=(prometheus)
 command -v pebble >/dev/null 2>&1 || apt_packages+=(pebble)
 command -v redis-server >/dev/null 2>&1 || apt_packages+=(redis-server)
+command -v curl >/dev/null 2>&1 || apt_packages+=(curl)
+command -v openssl >/dev/null 2>&1 || apt_packages+=(openssl)
 if [ "${#apt_packages[@]}" -gt 0 ]; then
     sudo=()
     if [ "$(id -u)" -ne 0 ]; then

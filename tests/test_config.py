@@ -5,7 +5,7 @@ import sys
 
 import pytest
 
-from gol7lb.config import SETTINGS, ConfigError, load_settings
+from gol7lb.config import SETTINGS, CertPair, ConfigError, load_settings
 from tests.procs import ROOT, free_port
 
 
@@ -75,7 +75,11 @@ def test_every_setting_has_its_environment_variable():
              "compression.types": ("text/html, application/*",
                                    ("text/html", "application/*")),
              "acme.domains": ("Example.com, www.example.com.",
-                              ("example.com", "www.example.com"))}
+                              ("example.com", "www.example.com")),
+             "tls.certificates": ("b.crt:b.key, /c.crt:/c.key",
+                                  (CertPair("b.crt", "b.key"), CertPair("/c.crt", "/c.key")))}
+    # tls.* other than the pair itself need HTTPS on
+    with_tls = {"GOL7LB_TLS_CERT": "a.crt", "GOL7LB_TLS_KEY": "a.key"}
     for setting in SETTINGS:
         if setting.kind == "str":
             continue
@@ -87,7 +91,7 @@ def test_every_setting_has_its_environment_variable():
         else:
             value = str(setting.default + (1 if setting.kind == "int" else 0.5))
             expected = type(setting.default)(value)
-        s = load_settings({setting.env: value})
+        s = load_settings({**(with_tls if setting.section == "tls" else {}), setting.env: value})
         section = getattr(s, setting.section) if setting.section else s
         assert getattr(section, setting.key) == expected, setting.name
 
@@ -239,6 +243,9 @@ def test_each_setting_is_typed_as_its_default_converts():
     for setting in SETTINGS:
         cls = SECTIONS[setting.section] if setting.section else Settings
         hint = typing.get_type_hints(cls)[setting.key]
+        if setting.convert is not None:  # a list of structured items (tls.certificates)
+            assert typing.get_origin(hint) is tuple, setting.name
+            continue
         if typing.get_origin(hint) is typing.Literal:
             hint = type(typing.get_args(hint)[0])
         elif typing.get_origin(hint) is tuple and \

@@ -360,3 +360,44 @@ def test_routes_show_their_rate_limited_counts(
     browser.until("3 limited on route 0, 1 without a route",
                   lambda: counts() == {api: "3", free: "0", "unmatched": "1"})
     assert browser.not_reloaded()
+
+
+@pytest.mark.lean_worker  # HTTPS needs gol7lb's own worker
+def test_certificates_show_their_expiry(
+        browser: Browser, lb_factory: Callable[..., LB], three_backends: list[Proc],
+        tmp_path: Path) -> None:
+    """With HTTPS on, a table lists each served certificate's names and expiry; one with
+    fewer than 14 days left is marked expiring."""
+    import datetime
+
+    import trustme
+
+    ca = trustme.CA()
+    files = {}
+    for stem, name, days in (("long", "localhost", None), ("short", "short.test", 5)):
+        not_after = None if days is None else \
+            datetime.datetime.now(datetime.UTC) + datetime.timedelta(days=days)
+        leaf = ca.issue_cert(name, not_after=not_after)
+        cert, key = tmp_path / f"{stem}.crt", tmp_path / f"{stem}.key"
+        leaf.cert_chain_pems[0].write_to_path(str(cert))
+        leaf.private_key_pem.write_to_path(str(key))
+        files[stem] = (cert, key)
+    lb = _dashboard_lb(lb_factory, three_backends, GOL7LB_TLS_CERT=str(files["long"][0]),
+                       GOL7LB_TLS_KEY=str(files["long"][1]),
+                       GOL7LB_TLS_CERTIFICATES=f"{files['short'][0]}:{files['short'][1]}")
+    browser.open(lb.admin_url + "/")
+
+    def rows() -> dict[str, list[str]]:
+        return browser.driver.execute_script(
+            "var out = {}; document.querySelectorAll('tr[data-certificate]').forEach("
+            "function (r) { out[r.getAttribute('data-certificate')] = [r.getAttribute("
+            "'data-expiring')].concat(Array.from(r.cells).map(function (c) {"
+            " return c.textContent; })); }); return out;")
+
+    found = browser.until("two certificate rows", lambda: len(rows()) == 2 and rows())
+    long_row, short_row = found[str(files["long"][0])], found[str(files["short"][0])]
+    assert long_row[:2] == ["ok", "localhost"] and long_row[2].startswith("3000-01-0")
+    assert short_row[:2] == ["soon", "short.test"]
+    assert "(in 4 d)" in short_row[2] or "(in 5 d)" in short_row[2]
+    assert browser.driver.execute_script(
+        "return document.getElementById('certificates').hidden;") is False

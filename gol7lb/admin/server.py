@@ -22,6 +22,7 @@ from typing import Any
 from urllib.parse import unquote, urlsplit
 
 from gol7lb import logfmt, metrics
+from gol7lb.admin.certificates import CertificateView
 from gol7lb.admin.status import backend_entries, status_document
 from gol7lb.backends import BackendError, check_weight, parse_backend_url
 from gol7lb.config import DEFAULT_POOL, AdminSettings
@@ -102,8 +103,11 @@ class AdminServer(ThreadingHTTPServer):
         self.client = client
         self.counters = counters
         self.hosts = hosts
+        self.certificates = CertificateView(
+            lambda: snapshot.settings if (snapshot := self.snapshot_or_none()) else None)
         self.registry = metrics.scrape_registry(
-            [metrics.BackendStateCollector(self.snapshot_or_none, hosts)], self.backend_ids)
+            [metrics.BackendStateCollector(self.snapshot_or_none, hosts), self.certificates],
+            self.backend_ids)
         self._latency: dict[str, list[float]] = {}
         self._latency_at = -LATENCY_CACHE_SECONDS
         self._latency_lock = threading.Lock()
@@ -406,6 +410,7 @@ class AdminHandler(BaseHTTPRequestHandler):
             raise ApiError(503, f"shared state unreachable: {known.error}")
         document = status_document(known.snapshot, self.server.hosts, self.server.latencies(),
                                    self.server.route_counts())
+        document["tls"] = self.server.certificates.status()
         self._json(200, {**document, **known.freshness()})
 
     def get_metrics(self) -> None:
