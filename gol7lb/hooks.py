@@ -189,6 +189,9 @@ def _start(rt: Runtime) -> None:
              sum(len(p.backends) for p in pools.values()), len(pools),
              ", ".join(b.url for p in pools.values() for b in p.backends), settings.source,
              f"on http://{settings.admin.bind}" if admin_address else "off")
+    if not settings.proxy.upstream_verify:
+        log.warning("proxy.upstream_verify is false: https:// backends' certificates are NOT "
+                    "verified (lab use only)")
 
 
 _STOP_SIGNALS = (signal.SIGTERM, signal.SIGINT, signal.SIGQUIT)

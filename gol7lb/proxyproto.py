@@ -10,8 +10,9 @@ from __future__ import annotations
 
 import ipaddress
 import struct
+from collections.abc import Mapping
 from dataclasses import dataclass
-from typing import Literal
+from typing import Any
 
 SIGNATURE = b"\r\n\r\n\x00\r\nQUIT\n"  # v2's 12 bytes; never a valid start of HTTP or v1
 V1_PREFIX = b"PROXY "
@@ -25,8 +26,6 @@ _UNIX = (0x31, 0x32)  # AF_UNIX stream/dgram: carries no IP address, like UNSPEC
 _V4_BLOCK, _V6_BLOCK = 12, 36
 _PORT = struct.Struct("!HH")
 
-Version = Literal["v1", "v2"]
-VERSIONS: tuple[Version, ...] = ("v1", "v2")
 Address = tuple[str, int]
 
 
@@ -135,9 +134,10 @@ def _ip(text: str) -> ipaddress.IPv4Address | ipaddress.IPv6Address | None:
         return None
 
 
-def build(version: Version, source: Address | None, destination: Address | None) -> bytes:
-    """The header announcing a relayed TCP connection from `source` to `destination`; one
-    without usable addresses (a Unix socket, a test client) says v1 UNKNOWN / v2 LOCAL."""
+def build(version: str, source: Address | None, destination: Address | None) -> bytes:
+    """The header ("v1", else v2) announcing a relayed TCP connection from `source` to
+    `destination`; one without usable addresses (a Unix socket, a test client) says v1
+    UNKNOWN / v2 LOCAL."""
     src = _ip(source[0]) if source else None
     dst = _ip(destination[0]) if destination else None
     if src is None or dst is None or source is None or destination is None:
@@ -154,7 +154,7 @@ def build(version: Version, source: Address | None, destination: Address | None)
         block
 
 
-def build_local(version: Version) -> bytes:
+def build_local(version: str) -> bytes:
     """A header for a connection the LB opens on its own behalf (health checks): the
     backend uses the connection's real addresses (spec 2.1 UNKNOWN, 2.2 LOCAL)."""
     if version == "v1":
@@ -166,3 +166,29 @@ def _as_v6(address: ipaddress.IPv4Address | ipaddress.IPv6Address) -> ipaddress.
     if isinstance(address, ipaddress.IPv6Address):
         return address
     return ipaddress.IPv6Address(b"\x00" * 10 + b"\xff\xff" + address.packed)
+
+
+def for_request(version: str, environ: Mapping[str, Any]) -> bytes:
+    """The header for a backend connection opened for this WSGI request: from the client's
+    address (REMOTE_ADDR/REMOTE_PORT: the inbound PROXY header's when there was one) to the
+    address it reached (our worker's SERVER_NAME/SERVER_PORT; under gthread, where SERVER_NAME
+    is the Host, the client socket's own)."""
+    source = _address(environ.get("REMOTE_ADDR"), environ.get("REMOTE_PORT"))
+    destination = _address(environ.get("SERVER_NAME"), environ.get("SERVER_PORT"))
+    if destination is None and environ.get("gunicorn.socket") is not None:
+        try:
+            here = environ["gunicorn.socket"].getsockname()
+            destination = _address(here[0], here[1])
+        except (OSError, TypeError, IndexError):
+            destination = None
+    return build(version, source, destination)
+
+
+def _address(host: Any, port: Any) -> Address | None:
+    try:
+        number = int(port)
+    except (TypeError, ValueError):
+        return None
+    if not isinstance(host, str) or _ip(host) is None or not 0 <= number <= 65535:
+        return None
+    return host, number

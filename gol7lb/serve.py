@@ -119,7 +119,7 @@ class Conn:
     """A client connection; owned either by the event loop (`waiting`) or by one thread."""
 
     __slots__ = ("sock", "fd", "peer", "server", "parser", "deadline", "waiting", "fresh",
-                 "busy_since")
+                 "busy_since", "prelude")
 
     def __init__(self, sock: socket.socket, peer: tuple[str, str], server: tuple[str, str],
                  parser: Http1Parser, deadline: float) -> None:
@@ -131,6 +131,9 @@ class Conn:
         self.deadline = deadline
         self.waiting = False
         self.fresh = True  # no request served yet: a timeout answers 408 even if nothing came
+        # With proxy.proxy_protocol: the PROXY header's bytes read so far; None once it is in
+        # (or when none is expected). Its addresses then replace `peer` and `server`.
+        self.prelude: bytes | None = None
 
     def fill(self, timeout: float, lend: Callable[[], None] | None = None) -> None:
         """Read more of the request (a body, on a thread) and parse it. When nothing is there

@@ -17,6 +17,7 @@ import contextlib
 import logging
 import select
 import socket
+import ssl
 from typing import TYPE_CHECKING, Any, NoReturn
 
 from gol7lb import metrics
@@ -100,12 +101,13 @@ def pump(a: socket.socket, b: socket.socket, idle: float) -> int:
     to_a = 0
     peer = {a.fileno(): (a, b), b.fileno(): (b, a)}
     poller = select.poll()
-    open_ends = 0
+    reading = set(peer)
     for fd in peer:
         poller.register(fd, select.POLLIN)
-        open_ends += 1
-    while open_ends:
-        events = poller.poll(idle * 1000)
+    while reading:
+        # A TLS side (an https:// backend) may hold decrypted bytes its socket no longer shows.
+        events = [(fd, 0) for fd in reading if _buffered(peer[fd][0])] or \
+            poller.poll(idle * 1000)
         if not events:
             return to_a  # both sides silent for client_idle_timeout
         for fd, _event in events:
@@ -117,7 +119,12 @@ def pump(a: socket.socket, b: socket.socket, idle: float) -> int:
                     to_a += len(data)
                 continue
             poller.unregister(fd)
-            open_ends -= 1
-            with contextlib.suppress(OSError):
-                dst.shutdown(socket.SHUT_WR)
+            reading.discard(fd)
+            if not isinstance(dst, ssl.SSLSocket):  # its shutdown() would drop the TLS layer
+                with contextlib.suppress(OSError):
+                    dst.shutdown(socket.SHUT_WR)
     return to_a
+
+
+def _buffered(sock: socket.socket) -> bool:
+    return isinstance(sock, ssl.SSLSocket) and sock.pending() > 0

@@ -141,7 +141,7 @@ def test_v2_truncated_needs_more() -> None:
 ])
 def test_build_round_trips(version: str, source: tuple[str, int],
                            destination: tuple[str, int]) -> None:
-    data = build(version, source, destination)  # type: ignore[arg-type]
+    data = build(version, source, destination)
     assert parse(data + b"GET") == ProxyHeader(int(version[1]), len(data), source, destination)
 
 
@@ -159,9 +159,9 @@ def test_build_mixed_families_as_ipv6() -> None:
 
 @pytest.mark.parametrize("version", ["v1", "v2"])
 def test_build_without_addresses_is_local(version: str) -> None:
-    assert build(version, ("", 0), ("127.0.0.1", 80)) == build_local(version)  # type: ignore
-    assert build(version, None, None) == build_local(version)  # type: ignore[arg-type]
-    header = parse(build_local(version))  # type: ignore[arg-type]
+    assert build(version, ("", 0), ("127.0.0.1", 80)) == build_local(version)
+    assert build(version, None, None) == build_local(version)
+    header = parse(build_local(version))
     assert header is not None and header.source is None
 
 
@@ -202,7 +202,7 @@ _addresses = st.one_of(
        st.binary(max_size=20))
 def test_build_parse_round_trip(addresses: tuple[str, str], sport: int, dport: int,
                                 version: str, after: bytes) -> None:
-    data = build(version, (addresses[0], sport), (addresses[1], dport))  # type: ignore[arg-type]
+    data = build(version, (addresses[0], sport), (addresses[1], dport))
     header = parse(data + after)
     assert header is not None and header.length == len(data)
     assert header.source == (addresses[0], sport)
@@ -212,6 +212,6 @@ def test_build_parse_round_trip(addresses: tuple[str, str], sport: int, dport: i
 @given(_addresses, st.integers(0, 65535), st.integers(0, 65535), st.sampled_from(["v1", "v2"]))
 def test_every_prefix_of_a_header_needs_more(addresses: tuple[str, str], sport: int, dport: int,
                                              version: str) -> None:
-    data = build(version, (addresses[0], sport), (addresses[1], dport))  # type: ignore[arg-type]
+    data = build(version, (addresses[0], sport), (addresses[1], dport))
     for cut in range(len(data)):
         assert parse(data[:cut]) is None
