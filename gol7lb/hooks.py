@@ -114,6 +114,12 @@ def on_starting(server: Any) -> None:
     if _boot is None:
         raise RuntimeError("gol7lb.hooks.configure() was not called by the gunicorn config")
     settings = _boot.settings
+    worker_class = getattr(server.cfg, "worker_class", None)
+    if settings.proxy.proxy_protocol and getattr(worker_class, "__name__", "") != "ProxyWorker":
+        sys.stderr.write("gol7lb: invalid setting proxy.proxy_protocol = true: only gol7lb's own "
+                         "worker (gol7lb.worker.ProxyWorker) reads PROXY headers, not "
+                         f"{getattr(worker_class, '__name__', worker_class)}\n")
+        sys.exit(2)
     rt = Runtime(settings=settings, workers=_boot.workers,
                  hosts=HostTable(worker_slots=max(16, 2 * _boot.workers + 8),
                                  lock_path=rundir.path("hosts.lock")))

@@ -267,3 +267,11 @@ pool = "api"
     [connection] = backend.proxied()
     assert connection.proxy is not None and connection.proxy.version == 2
     assert connection.proxy.destination == ("192.0.2.1", 443)
+
+
+def test_only_our_worker_reads_proxy_headers(lb_factory: Callable[..., LB]) -> None:
+    lb = lb_factory({"GOL7LB_PROXY_PROXY_PROTOCOL": "true",
+                     "GOL7LB_PROXY_PROXY_PROTOCOL_FROM": "127.0.0.1"}, ready=False,
+                    extra_args=("--worker-class", "gol7lb.gthread.ThreadProxyWorker"))
+    assert lb.wait(60) == 2
+    assert "proxy.proxy_protocol" in lb.output() and "ProxyWorker" in lb.output()
