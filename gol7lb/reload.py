@@ -42,6 +42,8 @@ WORKER_START = {
     "proxy.client_body_timeout": lambda s: s.proxy.client_body_timeout,
     "proxy.max_header_bytes": lambda s: s.proxy.max_header_bytes,
     "proxy.max_headers": lambda s: s.proxy.max_headers,
+    "proxy.proxy_protocol": lambda s: s.proxy.proxy_protocol,
+    "proxy.proxy_protocol_from": lambda s: s.proxy.proxy_protocol_from,
 }
 
 

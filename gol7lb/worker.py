@@ -75,8 +75,6 @@ _ONESHOT = select.EPOLLIN | select.EPOLLONESHOT
 # defers (spread.py) would leave the connection to a peer that is never woken for it.
 _LISTEN = select.EPOLLIN
 IPNetwork = ipaddress.IPv4Network | ipaddress.IPv6Network
-
-
 PRELUDE_PEEK = 536  # a v1 header (107) or a v2 one with common TLVs; a longer one takes turns
 
 
