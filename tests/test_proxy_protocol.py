@@ -16,8 +16,10 @@ import pytest
 import requests
 import trustme
 
+from gol7lb.backends import parse_backend_url
 from gol7lb.config import ConfigError, load_settings
 from gol7lb.proxyproto import SIGNATURE, build, build_local
+from gol7lb.upstream import UpstreamPool, request_head
 from tests import procs
 from tests.conftest import FAST_HEALTH, _stop_and_check
 from tests.edgebackend import EdgeBackend
@@ -275,3 +277,22 @@ def test_only_our_worker_reads_proxy_headers(lb_factory: Callable[..., LB]) -> N
                     extra_args=("--worker-class", "gol7lb.gthread.ThreadProxyWorker"))
     assert lb.wait(60) == 2
     assert "proxy.proxy_protocol" in lb.output() and "ProxyWorker" in lb.output()
+
+
+def test_a_connection_with_a_header_is_reused_only_for_the_same_header(
+        edge: Callable[..., EdgeBackend]) -> None:
+    backend = edge(expect_proxy=True)
+    pool = UpstreamPool(parse_backend_url(f"http://127.0.0.1:{backend.port}"), 2, 5)
+    first = build("v2", ("192.0.2.1", 1000), ("127.0.0.1", 80))
+    second = build("v2", ("192.0.2.1", 1001), ("127.0.0.1", 80))
+    for prelude, expected_reused in ((first, False), (second, False), (first, True),
+                                     (second, True)):
+        sock, reused = pool.acquire(prelude)
+        assert reused == expected_reused
+        sock.sendall(request_head("GET", "/", {"Host": "x"}))
+        assert sock.recv(65536).startswith(b"HTTP/1.1 200")
+        pool.release(sock)
+    assert [c.proxy_raw for c in backend.connections] == [first, second]
+    plain, reused = pool.acquire()  # a plain request never takes a socket with a header
+    assert not reused
+    plain.close()
