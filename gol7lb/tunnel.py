@@ -24,6 +24,7 @@ from gol7lb import metrics
 from gol7lb.backends import Backend
 from gol7lb.headers import client_response_headers, connection_tokens
 from gol7lb.serve import TunnelClosed
+from gol7lb.upstream import tls_buffered
 
 if TYPE_CHECKING:
     from gol7lb.exchange import Exchange
@@ -106,7 +107,7 @@ def pump(a: socket.socket, b: socket.socket, idle: float) -> int:
         poller.register(fd, select.POLLIN)
     while reading:
         # A TLS side (an https:// backend) may hold decrypted bytes its socket no longer shows.
-        events = [(fd, 0) for fd in reading if _buffered(peer[fd][0])] or \
+        events = [(fd, 0) for fd in reading if tls_buffered(peer[fd][0])] or \
             poller.poll(idle * 1000)
         if not events:
             return to_a  # both sides silent for client_idle_timeout
@@ -125,6 +126,3 @@ def pump(a: socket.socket, b: socket.socket, idle: float) -> int:
                     dst.shutdown(socket.SHUT_WR)
     return to_a
 
-
-def _buffered(sock: socket.socket) -> bool:
-    return isinstance(sock, ssl.SSLSocket) and sock.pending() > 0

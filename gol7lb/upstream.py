@@ -263,6 +263,11 @@ def still_open(sock: socket.socket) -> bool:
     return isinstance(sock, ssl.SSLSocket) and _only_tls_records(sock)
 
 
+def tls_buffered(sock: socket.socket) -> bool:
+    """A TLS socket holding decrypted bytes that poll() on its descriptor no longer shows."""
+    return isinstance(sock, ssl.SSLSocket) and sock.pending() > 0
+
+
 def _only_tls_records(sock: ssl.SSLSocket) -> bool:
     """A readable idle TLS socket may hold only records without application data (a TLS 1.3
     session ticket): still open if a non-blocking read finds nothing, not EOF nor junk."""
@@ -392,7 +397,7 @@ class UpstreamResponse:
         deadline = time.monotonic() + timeout
         while not self._head_done and not self.continued:
             left = deadline - time.monotonic()
-            if left <= 0 or not poller.poll(left * 1000):
+            if left <= 0 or not (tls_buffered(self.sock) or poller.poll(left * 1000)):
                 return  # silent: send the body anyway (RFC 9110 10.1.1), as curl does
             self._read_more()
 
