@@ -171,11 +171,13 @@ def _as_v6(address: ipaddress.IPv4Address | ipaddress.IPv6Address) -> ipaddress.
 def for_request(version: str, environ: Mapping[str, Any]) -> bytes:
     """The header for a backend connection opened for this WSGI request: from the client's
     address (REMOTE_ADDR/REMOTE_PORT: the inbound PROXY header's when there was one) to the
-    address it reached (our worker's SERVER_NAME/SERVER_PORT; under gthread, where SERVER_NAME
-    is the Host, the client socket's own)."""
+    address it reached (our worker's SERVER_NAME/SERVER_PORT; under gthread, whose SERVER_NAME
+    is the Host or the bound address, the client socket's own)."""
     source = _address(environ.get("REMOTE_ADDR"), environ.get("REMOTE_PORT"))
-    destination = _address(environ.get("SERVER_NAME"), environ.get("SERVER_PORT"))
-    if destination is None and environ.get("gunicorn.socket") is not None:
+    destination = None
+    if "gol7lb.local_port" in environ:  # our worker: the socket's, or the inbound header's
+        destination = _address(environ.get("SERVER_NAME"), environ.get("SERVER_PORT"))
+    elif environ.get("gunicorn.socket") is not None:
         try:
             here = environ["gunicorn.socket"].getsockname()
             destination = _address(here[0], here[1])

@@ -237,6 +237,7 @@ def test_send_v1_with_reuse_per_client_connection(lb_factory: Callable[..., LB],
         assert len({r.get("x-forwarded-for") for r in c.requests}) == 1
 
 
+@pytest.mark.lean_worker
 def test_inbound_address_goes_out_in_v2_over_tls(lb_factory: Callable[..., LB],
                                                  edge: Callable[..., EdgeBackend],
                                                  tmp_path: Path) -> None:
