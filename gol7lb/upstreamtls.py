@@ -126,4 +126,6 @@ def failure_reason(error: ssl.SSLError) -> str:
     if isinstance(error, ssl.SSLCertVerificationError):
         detail = error.verify_message or error.reason or "certificate verify failed"
         return f"TLS handshake failed: certificate verify failed: {detail}"
-    return f"TLS handshake failed: {error.reason or error.strerror or error}"
+    if error.reason:  # WRONG_VERSION_NUMBER: a plain-HTTP backend, say
+        return f"TLS handshake failed: {error.reason.replace('_', ' ').lower()}"
+    return f"TLS handshake failed: {error.strerror or error}"

@@ -23,6 +23,7 @@ from gol7lb.outcomes import classify_error
 from gol7lb.upstream import ConnectFailed, UpstreamPool, request_head, still_open
 from tests.conftest import FAST_HEALTH
 from tests.edgebackend import EdgeBackend
+from tests.helpers import RawBackend
 from tests.procs import LB, backend_entry, lb_status, wait_until
 
 SLOW_HEALTH = {"GOL7LB_HEALTH_INTERVAL": "60", "GOL7LB_HEALTH_TIMEOUT": "2"}
@@ -128,6 +129,18 @@ def test_untrusted_ca_fails_and_verify_false_connects(edge: Callable[..., EdgeBa
     lab = upstreamtls.build_context(proxy(upstream_verify=False))
     sock, _ = UpstreamPool(url, 2, 5, lab).acquire()
     sock.close()
+
+
+def test_plain_backend_behind_an_https_url_fails_to_connect(
+        ca_file: str) -> None:
+    backend = RawBackend(lambda conn: conn.sendall(b"HTTP/1.1 400 Bad Request\r\n\r\n"))
+    pool = UpstreamPool(parse_backend_url(f"https://127.0.0.1:{backend.port}"), 2, 5,
+                        upstreamtls.build_context(proxy(upstream_ca=ca_file)))
+    try:
+        with pytest.raises(ConnectFailed, match="TLS handshake failed: wrong version number"):
+            pool.acquire()
+    finally:
+        backend.close()
 
 
 def test_https_backend_without_context_never_goes_plain(edge: Callable[..., EdgeBackend]) -> None:
