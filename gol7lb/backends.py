@@ -26,6 +26,7 @@ class Backend:
     weight: int = 1
     max_connections: int = 0  # in-flight cap over all workers; 0: proxy.max_connections
     tls: bool = False  # https://: reached over TLS, verified against `host` (upstreamtls.py)
+    server_name: str = ""  # TLS name (SNI, verification) when not `host`: a discovered address's
     id: str = field(init=False, repr=False, compare=False)
 
     def __post_init__(self) -> None:
@@ -35,6 +36,11 @@ class Backend:
     @property
     def address(self) -> tuple[str, int]:
         return (self.host, self.port)
+
+    @property
+    def tls_name(self) -> str:
+        """The name a TLS backend's certificate must carry, sent as SNI."""
+        return self.server_name or self.host
 
     @property
     def netloc(self) -> str:

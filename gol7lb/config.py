@@ -648,8 +648,10 @@ def _check_edge(settings: Settings, origin: str) -> None:
     if proxy.upstream_key and not proxy.upstream_cert:
         raise ConfigError(f"invalid setting proxy.upstream_key = {proxy.upstream_key!r} "
                           f"({origin}): set proxy.upstream_cert too")
+    pools = settings.pools.values()
     if proxy.upstream_ca or proxy.upstream_cert or any(
-            b.tls for pool in settings.pools.values() for b in pool.backends):
+            b.tls for pool in pools for b in pool.backends) or any(
+            spec.tls for pool in pools for spec in pool.discover):
         upstreamtls.check(proxy, origin)
 
 

@@ -45,7 +45,8 @@ BACKENDS_ROW = (
 BACKEND_DOCS = {
     "url": "`http://host:port` or `https://host:port` (TLS, verified against `host`; port "
            "443 by default), nothing else (no path, no user). Required, except for "
-           '`discover = "srv"`; `discover = "dns"` takes http:// only.',
+           '`discover = "srv"` (which is http:// only); with `discover = "dns"`, an https:// '
+           "URL verifies every address found against the name.",
     "weight": "1-256 (default 1): the backend's share under every policy.",
     "max_connections": f"0-{MAX_CONNECTIONS}: in-flight cap for this backend over all "
                        "workers; 0 (default): `proxy.max_connections`.",

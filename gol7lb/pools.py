@@ -50,10 +50,11 @@ class DiscoverySpec:
     port: int = 0  # dns only
     weight: int = 1  # dns only (srv records carry their own)
     max_connections: int = 0
+    tls: bool = False  # dns only: https://, each address verified against `name`
 
     @property
     def key(self) -> str:
-        return f"{self.kind}:{self.name}:{self.port}"
+        return f"{self.kind}:{self.name}:{self.port}" + (":tls" if self.tls else "")
 
 
 @dataclass(frozen=True)
@@ -174,11 +175,8 @@ def _discovery_spec(item: Mapping[str, Any], at: str, origin: str,
     if "name" in item:
         raise bad(f"{at}.name", item["name"], origin, 'used with discover = "srv" only')
     parsed = _backend(item, at, origin, limit)
-    if parsed.tls:  # discovered addresses would need the name kept for verification
-        raise bad(f"{at}.url", item.get("url"), origin, 'an http:// URL with discover = "dns" '
-                  "(https:// backends are listed by name, without discover)")
     return DiscoverySpec("dns", parsed.host.lower().rstrip("."), parsed.port, parsed.weight,
-                         limit)
+                         limit, parsed.tls)
 
 
 def _backend(item: Mapping[str, Any], at: str, origin: str, limit: int) -> Backend:

@@ -238,7 +238,7 @@ def _begin(sock: socket.socket, backend: Backend, connect_timeout: float,
         if prelude:
             sock.sendall(prelude)
         if tls is not None:
-            return upstreamtls.handshake(sock, tls, backend.host)
+            return upstreamtls.handshake(sock, tls, backend.tls_name)
         return sock
     except ssl.SSLError as e:
         raise ConnectFailed(upstreamtls.failure_reason(e), timed_out=False) from None
