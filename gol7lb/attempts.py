@@ -16,7 +16,7 @@ from collections.abc import Callable, Iterable, Sequence
 from http import HTTPStatus
 from typing import Any
 
-from gol7lb import outlier, tunnel
+from gol7lb import outlier, proxyproto, tunnel
 from gol7lb.backends import Backend
 from gol7lb.balancer import PickContext, request_cookie, request_key, sticky_set_cookie
 from gol7lb.bodies import ClientBodyError, FinishedBody, RequestBody, UpstreamBody
@@ -30,10 +30,10 @@ from gol7lb.metrics import RequestRecorder
 from gol7lb.outcomes import Episode, Outcome, classify_error, classify_status, may_retry
 from gol7lb.pooltable import PoolRuntime, PoolTable
 from gol7lb.upstream import (
+    CLOSED,
     TIMED_OUT,
     IdleConnections,
     LocalResourceError,
-    UpstreamClosed,
     UpstreamResponse,
     read_response_head,
     request_head,
@@ -132,6 +132,8 @@ class AttemptLoop:
         last: Outcome | None = None
         queue_deadline = 0.0  # set when every candidate is first found at its limit
         head = request_head(method, target, headers)  # the same for every attempt
+        send_proxy = pool.config.send_proxy_protocol  # "v1"/"v2": a PROXY header per connection
+        prelude = proxyproto.for_request(send_proxy, environ) if send_proxy else b""
         for _attempt in range(1 + settings.proxy.retries):
             backend, full = self._pick(table, pool, environ, path, tried, sticky_id, bounded)
             if backend is None and full and not tried:
@@ -154,7 +156,7 @@ class AttemptLoop:
             started = time.perf_counter()
             sock: socket.socket | None = None
             try:
-                sock, reused = connections.acquire()
+                sock, reused = connections.acquire(prelude)
                 sock, response = self._exchange(sock, reused, connections, method, head, body)
             except ClientBodyError as e:
                 _close(sock)
@@ -270,11 +272,10 @@ class AttemptLoop:
                 return sock, read_response_head(sock, method)
             if body.deferred:
                 return sock, self._send_after_continue(sock, method, body)
-        except (ConnectionError, UpstreamClosed):
+        except CLOSED:
             if not reused or (head_sent and method not in IDEMPOTENT) or not body.replayable:
                 raise
-            sock.close()
-            fresh = connections.connect()
+            fresh = connections.reconnect(sock)  # the same PROXY header, if any
             try:
                 return self._exchange(fresh, False, connections, method, head, body)
             except BaseException:

@@ -25,6 +25,8 @@ class Backend:
     port: int
     weight: int = 1
     max_connections: int = 0  # in-flight cap over all workers; 0: proxy.max_connections
+    tls: bool = False  # https://: reached over TLS, verified against `host` (upstreamtls.py)
+    server_name: str = ""  # TLS name (SNI, verification) when not `host`: a discovered address's
     id: str = field(init=False, repr=False, compare=False)
 
     def __post_init__(self) -> None:
@@ -34,6 +36,11 @@ class Backend:
     @property
     def address(self) -> tuple[str, int]:
         return (self.host, self.port)
+
+    @property
+    def tls_name(self) -> str:
+        """The name a TLS backend's certificate must carry, sent as SNI."""
+        return self.server_name or self.host
 
     @property
     def netloc(self) -> str:
@@ -46,8 +53,9 @@ EXAMPLE_LIST = "'http://10.0.0.1:8081, http://10.0.0.2:8081 weight=2'"
 
 
 def parse_backend_url(url: str, weight: int = 1, max_connections: int = 0) -> Backend:
-    """Accept only `http://host[:port]`: a path or query would otherwise be ignored silently.
-    Each refusal names the URL and says, in the user's terms, what to write instead."""
+    """Accept only `http://host[:port]` or `https://host[:port]` (TLS, port 443 by default):
+    a path or query would otherwise be ignored silently. Each refusal names the URL and says,
+    in the user's terms, what to write instead."""
     if not isinstance(url, str) or not url.strip():
         raise BackendError(f"backend URL {url!r} is empty or not a string: write "
                            "http://host:port")
@@ -62,9 +70,10 @@ def parse_backend_url(url: str, weight: int = 1, max_connections: int = 0) -> Ba
         port = parts.port
     except ValueError:
         raise _bad_authority(text) from None
-    if parts.scheme.lower() != "http":
-        raise BackendError(f"backend URL {text!r}: only http:// backends are supported "
-                           f"(not {parts.scheme}://)")
+    scheme = parts.scheme.lower()
+    if scheme not in ("http", "https"):
+        raise BackendError(f"backend URL {text!r}: only http:// and https:// backends are "
+                           f"supported (not {parts.scheme}://)")
     if parts.username is not None or parts.password is not None:
         raise BackendError(f"backend URL {text!r}: credentials are not supported; write "
                            "http://host:port")
@@ -78,7 +87,7 @@ def parse_backend_url(url: str, weight: int = 1, max_connections: int = 0) -> Ba
         raise BackendError(f"backend URL {text!r}: the host must be ASCII (use the punycode "
                            "form)")
     if port is None:
-        port = 80
+        port = 443 if scheme == "https" else 80
     if not 1 <= port <= 65535:
         raise BackendError(f"backend URL {text!r}: port must be a number from 1 to 65535")
     if "[" in parts.netloc:
@@ -87,9 +96,9 @@ def parse_backend_url(url: str, weight: int = 1, max_connections: int = 0) -> Ba
         except ValueError:
             raise _bad_authority(text) from None
     weight = check_weight(weight, text)
-    canonical = f"http://{'[' + host + ']' if ':' in host else host}:{port}"
+    canonical = f"{scheme}://{'[' + host + ']' if ':' in host else host}:{port}"
     return Backend(url=canonical, host=host, port=port, weight=weight,
-                   max_connections=max_connections)
+                   max_connections=max_connections, tls=scheme == "https")
 
 
 def _bad_authority(text: str) -> BackendError:

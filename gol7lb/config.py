@@ -16,12 +16,14 @@ from collections.abc import Callable, Mapping
 from dataclasses import dataclass, field, fields, replace
 from typing import Any, Literal, TypeVar, get_args
 
+from gol7lb import upstreamtls
 from gol7lb.backends import Backend, BackendError, parse_backend_list, parse_backend_url
 from gol7lb.balancer import ALGORITHMS, Algorithm
 from gol7lb.errors import ConfigError
 from gol7lb.logfmt import LEVELS, LOG_FORMATS, LogFormat, parse_levels
 from gol7lb.pools import (
     DEFAULT_POOL,
+    PROXY_PROTOCOL_VERSIONS,
     DiscoverySpec,
     Pool,
     Route,
@@ -240,6 +242,37 @@ class ProxySettings:
         "`X-Real-IP` and `X-Forwarded-Proto/Host/Port` are kept (ours appended to "
         "`Forwarded`); from anyone else they are removed. `X-Forwarded-For` is always appended "
         "to.", _parses(lambda v: parse_networks(v)))
+    # Backends over TLS, the PROXY protocol (issue 16; upstreamtls.py, proxyproto.py).
+    upstream_ca: str = setting(
+        "", "a path to a PEM file, or \"\"",
+        "PEM bundle of CA certificates that verifies `https://` backends (`\"\"`: the system's "
+        "store).")
+    upstream_verify: bool = setting(
+        True, "true or false",
+        "Verify `https://` backends' certificates and host names. `false` only for lab use "
+        "(logged as a warning at start).")
+    upstream_cert: str = setting(
+        "", "a path to a PEM file, or \"\"",
+        "Client certificate (chain) the LB presents to `https://` backends (mTLS).")
+    upstream_key: str = setting(
+        "", "a path to a PEM file, or \"\"",
+        "Private key of `upstream_cert` (`\"\"`: in the same file as the certificate).")
+    proxy_protocol: bool = setting(
+        False, "true or false",
+        "Expect a PROXY protocol v1 or v2 header at the start of every client connection (a "
+        "TCP load balancer in front); its address becomes the client address everywhere. A "
+        "missing or malformed one closes the connection. Needs `proxy_protocol_from`.")
+    proxy_protocol_from: tuple[str, ...] = setting(
+        (), "a list of CIDRs like 10.0.0.0/8",
+        "With `proxy_protocol`: the only peers allowed to connect (the load balancers in "
+        "front); a connection from anywhere else is closed.",
+        _parses(lambda v: parse_networks(v)))
+    send_proxy_protocol: str = setting(
+        "", "\"\", \"v1\" or \"v2\"",
+        "Send a PROXY protocol header with the client's address first on each connection to the "
+        "default pool's backends (named pools: their own `send_proxy_protocol` key). Such a "
+        "connection is reused only for requests with the same client address and port.",
+        lambda v: v in PROXY_PROTOCOL_VERSIONS)
 
 
 @dataclass(frozen=True)
@@ -491,7 +524,8 @@ class Settings:
         pools = {}
         if self.backends or self.discover:
             pools[DEFAULT_POOL] = Pool(DEFAULT_POOL, self.algorithm, self.backends,
-                                       self.hash_key, self.sticky_cookie, self.discover)
+                                       self.hash_key, self.sticky_cookie, self.discover,
+                                       self.proxy.send_proxy_protocol)
         pools.update((pool.name, pool) for pool in self.named_pools)
         return pools
 
@@ -781,6 +815,7 @@ def load_settings(env: Mapping[str, str] | None = None) -> Settings:
     if settings.acme.domains:
         settings = replace(settings, acme=_acme_paths(settings.acme, env))
     _check_tls(settings.tls)
+    _check_edge(settings, origin)
     return settings
 
 
@@ -822,6 +857,24 @@ def _check_tls(tls: TlsSettings) -> None:
             if getattr(tls, name):
                 raise ConfigError(f"invalid setting tls.{name} = {getattr(tls, name)!r}: it "
                                   "needs tls.cert and tls.key (HTTPS on PORT)")
+
+
+def _check_edge(settings: Settings, origin: str) -> None:
+    """PROXY protocol needs its allow list; TLS files to backends must load (one line naming
+    the setting and file, at start and on reload)."""
+    proxy = settings.proxy
+    if proxy.proxy_protocol and not proxy.proxy_protocol_from:
+        raise ConfigError(f"invalid setting proxy.proxy_protocol = true ({origin}): set "
+                          "proxy.proxy_protocol_from to the CIDRs of the load balancers in front "
+                          "(a PROXY header from anyone else would let them pick their address)")
+    if proxy.upstream_key and not proxy.upstream_cert:
+        raise ConfigError(f"invalid setting proxy.upstream_key = {proxy.upstream_key!r} "
+                          f"({origin}): set proxy.upstream_cert too")
+    pools = settings.pools.values()
+    if proxy.upstream_ca or proxy.upstream_cert or any(
+            b.tls for pool in pools for b in pool.backends) or any(
+            spec.tls for pool in pools for spec in pool.discover):
+        upstreamtls.check(proxy, origin)
 
 
 def _check_admin_exposure(admin: AdminSettings) -> None:

@@ -21,6 +21,7 @@ import sys
 import threading
 import time
 from collections.abc import Sequence
+from dataclasses import replace
 
 import dns.exception
 import dns.nameserver
@@ -112,12 +113,16 @@ def resolve(spec: DiscoverySpec, resolver: dns.resolver.Resolver) -> tuple[list[
             weight = min(256, max(1, record.weight))
             weighted += [(address, record.port, weight) for address in addresses]
     backends: dict[str, Backend] = {}
+    scheme = "https" if spec.tls else "http"
     for address, port, weight in weighted:
         host = f"[{address}]" if ":" in address else address
         try:
-            backend = parse_backend_url(f"http://{host}:{port}", weight, spec.max_connections)
+            backend = parse_backend_url(f"{scheme}://{host}:{port}", weight,
+                                        spec.max_connections)
         except BackendError:
             continue
+        if spec.tls:  # the certificate names the service, not each address
+            backend = replace(backend, server_name=spec.name)
         backends.setdefault(backend.id, backend)
     return list(backends.values()), ttl
 

@@ -44,8 +44,10 @@ BACKENDS_ROW = (
     "backend anywhere the LB starts three demo backends on 127.0.0.1:8081-8083. |")
 
 BACKEND_DOCS = {
-    "url": "`http://host:port`, nothing else (no path, no user). Required, except for "
-           '`discover = "srv"`.',
+    "url": "`http://host:port` or `https://host:port` (TLS, verified against `host`; port "
+           "443 by default), nothing else (no path, no user). Required, except for "
+           '`discover = "srv"` (which is http:// only); with `discover = "dns"`, an https:// '
+           "URL verifies every address found against the name.",
     "weight": "1-256 (default 1): the backend's share under every policy.",
     "max_connections": f"0-{MAX_CONNECTIONS}: in-flight cap for this backend over all "
                        "workers; 0 (default): `proxy.max_connections`.",
@@ -136,7 +138,10 @@ def key_table(title: str, keys: Sequence[str], docs: Mapping[str, str]) -> list[
 
 
 def pool_docs() -> dict[str, str]:
-    docs = {"backends": "`[[pools.NAME.backends]]` tables, as `[[backends]]`; at least one."}
+    docs = {"backends": "`[[pools.NAME.backends]]` tables, as `[[backends]]`; at least one.",
+            "send_proxy_protocol": "As `proxy.send_proxy_protocol`, for this pool's backends "
+            "(the proxy-level one is the default pool's only): \"\", \"v1\" or \"v2\". "
+            "Default `\"\"`."}
     for key in POOL_KEYS:
         if key in SETTINGS_BY_NAME:
             setting = SETTINGS_BY_NAME[key]

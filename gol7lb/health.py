@@ -8,6 +8,7 @@ check sees a backend exactly as the proxy will.
 from __future__ import annotations
 
 import socket
+import ssl
 import time
 from dataclasses import asdict, dataclass
 from typing import Any, cast
@@ -37,13 +38,16 @@ class CheckResult:
         return asdict(self)
 
 
-def tcp_check(backend: Backend, timeout: float) -> CheckResult:
+def tcp_check(backend: Backend, timeout: float, tls: ssl.SSLContext | None = None,
+              prelude: bytes = b"") -> CheckResult:
+    """A connect succeeds (for an https:// backend: and its TLS handshake, verified; for a
+    pool that sends the PROXY protocol: after a LOCAL header, as the backend expects one)."""
     started = time.monotonic()
     try:
-        with socket.create_connection(backend.address, timeout=timeout):
-            ok, detail = True, "connected"
-    except TimeoutError:
-        ok, detail = False, f"connect timed out after {timeout:g}s"
+        open_connection(backend, timeout, timeout, tls, prelude).close()
+        ok, detail = True, "connected"
+    except ConnectFailed as e:
+        ok, detail = False, str(e)
     except OSError as e:
         ok, detail = False, e.strerror or str(e)
     return CheckResult(ok, detail, time.monotonic() - started, time.time())
@@ -69,9 +73,10 @@ class _DeadlineSocket:
 
 
 def _http_verdict(backend: Backend, settings: HealthSettings, deadline: float,
-                  timeout: float) -> tuple[bool, str]:
+                  timeout: float, tls: ssl.SSLContext | None,
+                  prelude: bytes) -> tuple[bool, str]:
     """GET settings.path on a fresh connection (Connection: close), never following a redirect."""
-    sock = open_connection(backend, connect_timeout=timeout, read_timeout=timeout)
+    sock = open_connection(backend, timeout, timeout, tls, prelude)
     try:
         reader = _DeadlineSocket(sock, deadline)
         reader.settle()
@@ -101,13 +106,15 @@ def _http_verdict(backend: Backend, settings: HealthSettings, deadline: float,
         sock.close()
 
 
-def http_check(backend: Backend, settings: HealthSettings) -> CheckResult:
+def http_check(backend: Backend, settings: HealthSettings, tls: ssl.SSLContext | None = None,
+               prelude: bytes = b"") -> CheckResult:
     """Pass when the status is in expect_status and, if expect_body is set, the first 64 KiB
-    of the body contain it. Connect, send and read together take at most settings.timeout."""
+    of the body contain it. Connect, send and read together take at most settings.timeout.
+    `tls` and `prelude` as for tcp_check."""
     timeout = settings.timeout
     started = time.monotonic()
     try:
-        ok, detail = _http_verdict(backend, settings, started + timeout, timeout)
+        ok, detail = _http_verdict(backend, settings, started + timeout, timeout, tls, prelude)
     except ConnectFailed as e:
         ok, detail = False, f"timed out after {timeout:g}s" if e.timed_out else str(e)
     except TimeoutError:
@@ -121,10 +128,11 @@ def http_check(backend: Backend, settings: HealthSettings) -> CheckResult:
     return CheckResult(ok, detail, time.monotonic() - started, time.time())
 
 
-def run_check(backend: Backend, settings: HealthSettings) -> CheckResult:
+def run_check(backend: Backend, settings: HealthSettings, tls: ssl.SSLContext | None = None,
+              prelude: bytes = b"") -> CheckResult:
     if settings.type == "http":
-        return http_check(backend, settings)
-    return tcp_check(backend, settings.timeout)
+        return http_check(backend, settings, tls, prelude)
+    return tcp_check(backend, settings.timeout, tls, prelude)
 
 
 class HealthTracker:

@@ -132,6 +132,12 @@ def on_starting(server: Any) -> None:
         raise RuntimeError("gol7lb.hooks.configure() was not called by the gunicorn config")
     settings = _boot.settings
     check_worker_class(server, settings)
+    worker_class = getattr(server.cfg, "worker_class", None)
+    if settings.proxy.proxy_protocol and getattr(worker_class, "__name__", "") != "ProxyWorker":
+        sys.stderr.write("gol7lb: invalid setting proxy.proxy_protocol = true: only gol7lb's own "
+                         "worker (gol7lb.worker.ProxyWorker) reads PROXY headers, not "
+                         f"{getattr(worker_class, '__name__', worker_class)}\n")
+        sys.exit(2)
     rt = Runtime(settings=settings, workers=_boot.workers,
                  hosts=HostTable(worker_slots=max(16, 2 * _boot.workers + 8),
                                  lock_path=rundir.path("hosts.lock")))
@@ -216,6 +222,9 @@ def _start(rt: Runtime) -> None:
              sum(len(p.backends) for p in pools.values()), len(pools),
              ", ".join(b.url for p in pools.values() for b in p.backends), settings.source,
              f"on http://{settings.admin.bind}" if admin_address else "off")
+    if not settings.proxy.upstream_verify:
+        log.warning("proxy.upstream_verify is false: https:// backends' certificates are NOT "
+                    "verified (lab use only)")
 
 
 def check_worker_class(server: Any, settings: Settings) -> None:

@@ -17,7 +17,7 @@ from collections.abc import Collection
 from dataclasses import dataclass
 from typing import Literal
 
-from gol7lb.upstream import TIMED_OUT, ConnectFailed, UpstreamClosed, UpstreamProtocolError
+from gol7lb.upstream import CLOSED, TIMED_OUT, ConnectFailed, UpstreamProtocolError
 
 # What failed: each kind but bad-response is also a `proxy.retry_on` condition.
 OutcomeKind = Literal["connect-failure", "timeout", "reset", "502", "503", "504", "bad-response"]
@@ -39,7 +39,7 @@ def classify_error(error: BaseException) -> Outcome:
         return Outcome("connect-failure", 502, "no backend accepted the connection", "UF")
     if isinstance(error, TIMED_OUT):
         return Outcome("timeout", 504, "backend timed out", "UT")
-    if isinstance(error, ConnectionError | UpstreamClosed):
+    if isinstance(error, CLOSED):  # a reset, or an EOF (TLS: one without close_notify)
         return Outcome("reset", 502, "bad gateway", "UR")
     if isinstance(error, UpstreamProtocolError | OSError):
         return Outcome("bad-response", 502, "bad gateway", "UPE")

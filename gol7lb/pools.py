@@ -36,7 +36,8 @@ _SRV_NAME = re.compile(r"_[a-z0-9-]+\._(tcp|udp)(\.[a-z0-9]([a-z0-9-]{0,61}[a-z0
 BACKEND_KEYS = ("url", "weight", "max_connections", "discover", "name")
 DiscoveryKind = Literal["dns", "srv"]
 DISCOVERY_KINDS: tuple[DiscoveryKind, ...] = get_args(DiscoveryKind)
-POOL_KEYS = ("algorithm", "hash_key", "sticky_cookie", "backends")
+POOL_KEYS = ("algorithm", "hash_key", "sticky_cookie", "backends", "send_proxy_protocol")
+PROXY_PROTOCOL_VERSIONS = ("", "v1", "v2")  # "": none; else the PROXY header sent to backends
 ROUTE_KEYS = ("host", "path_prefix", "methods", "headers", "pool", "strip_prefix", *RULE_KEYS,
               "rate_limit", "compress", "mirror")
 MIRROR_KEYS = ("pool", "percent")
@@ -52,10 +53,11 @@ class DiscoverySpec:
     port: int = 0  # dns only
     weight: int = 1  # dns only (srv records carry their own)
     max_connections: int = 0
+    tls: bool = False  # dns only: https://, each address verified against `name`
 
     @property
     def key(self) -> str:
-        return f"{self.kind}:{self.name}:{self.port}"
+        return f"{self.kind}:{self.name}:{self.port}" + (":tls" if self.tls else "")
 
 
 @dataclass(frozen=True)
@@ -68,6 +70,7 @@ class Pool:
     hash_key: str = "client_ip"
     sticky_cookie: str = ""
     discover: tuple[DiscoverySpec, ...] = ()  # backends found in DNS, added when resolved
+    send_proxy_protocol: str = ""  # "v1" | "v2": a PROXY header first on each connection
 
 
 @dataclass(frozen=True)
@@ -199,7 +202,7 @@ def _discovery_spec(item: Mapping[str, Any], at: str, origin: str,
         raise bad(f"{at}.name", item["name"], origin, 'used with discover = "srv" only')
     parsed = _backend(item, at, origin, limit)
     return DiscoverySpec("dns", parsed.host.lower().rstrip("."), parsed.port, parsed.weight,
-                         limit)
+                         limit, parsed.tls)
 
 
 def _backend(item: Mapping[str, Any], at: str, origin: str, limit: int) -> Backend:
@@ -240,8 +243,11 @@ def pools_from_toml(data: Any, origin: str, defaults: Mapping[str, str],
         for key in ("algorithm", "hash_key", "sticky_cookie"):
             value = table.get(key, defaults[key])
             values[key] = check(key, value) if key in table else value
+        send = table.get("send_proxy_protocol", "")
+        if send not in PROXY_PROTOCOL_VERSIONS:
+            raise bad(f"{where}.send_proxy_protocol", send, origin, '"", "v1" or "v2"')
         pools.append(Pool(name, values["algorithm"], tuple(backends), values["hash_key"],
-                          values["sticky_cookie"], tuple(specs)))
+                          values["sticky_cookie"], tuple(specs), send))
     return pools
 
 

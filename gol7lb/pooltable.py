@@ -9,11 +9,12 @@ snapshot once a second without any IPC. Requests in flight keep the table they s
 from __future__ import annotations
 
 import math
+import ssl
 import time
 from collections.abc import Mapping
 from dataclasses import dataclass, field
 
-from gol7lb import logfmt
+from gol7lb import logfmt, upstreamtls
 from gol7lb.backends import Backend
 from gol7lb.balancer import Policy, make_policy, pool_sticky_secret, sticky_key
 from gol7lb.compress import Compression
@@ -102,10 +103,12 @@ def build_table(snapshot: Snapshot, previous: PoolTable | None) -> PoolTable:
     connections: dict[str, IdleConnections] = {}
     pools = {}
     ramping = False
+    tls = _tls_context(snapshot)
     for index, (name, pool) in enumerate(snapshot.pools.items()):
         for backend in pool.backends:
             if backend.id not in connections:
-                connections[backend.id] = _connections_for(backend, settings, old.get(backend.id))
+                connections[backend.id] = _connections_for(
+                    backend, settings, old.get(backend.id), tls if backend.tls else None)
         pool_available = frozenset(b.id for b in pool.backends if b.id in available)
         factors = {b.id: ramp_factor(snapshot, b.id, settings.health.slow_start, now)
                    for b in pool.backends}
@@ -162,10 +165,18 @@ def _forwarded_policy(settings: Settings, previous: PoolTable | None) -> Forward
     return ForwardedPolicy(proxy.forwarded, proxy.trusted_proxies)
 
 
-def _connections_for(backend: Backend, settings: Settings,
-                     existing: IdleConnections | None) -> IdleConnections:
+def _tls_context(snapshot: Snapshot) -> ssl.SSLContext | None:
+    """The configuration's context for https:// backends (one object while the settings and
+    files are unchanged), or None when no backend needs one."""
+    if not any(b.tls for pool in snapshot.pools.values() for b in pool.backends):
+        return None
+    return upstreamtls.context(snapshot.settings.proxy)
+
+
+def _connections_for(backend: Backend, settings: Settings, existing: IdleConnections | None,
+                     tls: ssl.SSLContext | None) -> IdleConnections:
     connect, read = settings.proxy.connect_timeout, settings.proxy.read_timeout
     if existing is None:
-        return IdleConnections(backend, connect, read)
-    existing.configure(backend, connect, read)
+        return IdleConnections(backend, connect, read, tls)
+    existing.configure(backend, connect, read, tls)
     return existing

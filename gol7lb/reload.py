@@ -51,6 +51,8 @@ WORKER_START = {
     "proxy.max_headers": lambda s: s.proxy.max_headers,
     "tls.handshake_timeout": lambda s: s.tls.handshake_timeout,
     "tls.hsts": lambda s: s.tls.hsts,
+    "proxy.proxy_protocol": lambda s: s.proxy.proxy_protocol,
+    "proxy.proxy_protocol_from": lambda s: s.proxy.proxy_protocol_from,
 }
 
 

@@ -12,11 +12,12 @@ from __future__ import annotations
 import contextlib
 import logging
 import os
+import ssl
 import sys
 import threading
 import time
 
-from gol7lb import logfmt, metrics
+from gol7lb import logfmt, metrics, proxyproto, upstreamtls
 from gol7lb.backends import Backend
 from gol7lb.children import helper_main
 from gol7lb.config import HealthSettings
@@ -40,6 +41,8 @@ class BackendChecker(threading.Thread):
         self.health = health
         self.client = client
         self.stop = stop
+        self.tls: ssl.SSLContext | None = None  # https:// backends (set by the Supervisor)
+        self.prelude = b""  # a PROXY LOCAL header, for a backend whose pool sends them
         self.retired = threading.Event()
         self.tracker = record.tracker(health.rise, health.fall)
         self.since = record.since or time.time()
@@ -59,7 +62,7 @@ class BackendChecker(threading.Thread):
     def run(self) -> None:
         next_at = time.monotonic()
         while not (self.stop.is_set() or self.retired.is_set()):
-            result = run_check(self.backend, self.health)
+            result = run_check(self.backend, self.health, self.tls, self.prelude)
             self.checks += 1
             (self._checks_ok if result.ok else self._checks_fail).inc()
             self._duration.observe(result.duration)
@@ -126,18 +129,23 @@ class Supervisor:
         logfmt.apply(snapshot.settings.log)
         health = snapshot.settings.health
         running = snapshot.backends()
+        tls, preludes = _edge(snapshot)
         for backend_id in list(self.checkers):
             if backend_id not in running:
                 self.checkers.pop(backend_id).retired.set()
         for backend_id, backend in running.items():
             checker = self.checkers.get(backend_id)
-            if checker is not None:
+            fresh = checker is None
+            if checker is None:
+                record = snapshot.health_of(backend_id)
+                checker = BackendChecker(backend, health, self.client, record, self.stop)
+                self.checkers[backend_id] = checker
+            else:
                 checker.update(backend, health)
-                continue
-            record = snapshot.health_of(backend_id)
-            checker = BackendChecker(backend, health, self.client, record, self.stop)
-            self.checkers[backend_id] = checker
-            checker.start()
+            checker.tls = tls if backend.tls else None
+            checker.prelude = preludes.get(backend_id, b"")
+            if fresh:
+                checker.start()
 
     def run(self) -> None:
         while not self.stop.is_set():
@@ -150,6 +158,25 @@ class Supervisor:
         deadline = time.monotonic() + 2.0
         for checker in self.checkers.values():
             checker.join(timeout=max(0.0, deadline - time.monotonic()))
+
+
+def _edge(snapshot: Snapshot) -> tuple[ssl.SSLContext | None, dict[str, bytes]]:
+    """The configuration's TLS context for https:// backends (None when there is none), and
+    the PROXY header a check sends to each backend of a pool with `send_proxy_protocol`: a
+    LOCAL one (v1 UNKNOWN), which tells the backend to use the connection's own addresses."""
+    pools = snapshot.pools.values()
+    tls = None
+    if any(b.tls for pool in pools for b in pool.backends):
+        try:
+            tls = upstreamtls.context(snapshot.settings.proxy)
+        except Exception as e:  # checks then fail with the reason; the supervisor goes on
+            log.error("no TLS context for https backends: %s", e)
+    preludes: dict[str, bytes] = {}
+    for pool in pools:
+        if pool.send_proxy_protocol:
+            for backend in pool.backends:
+                preludes.setdefault(backend.id, proxyproto.build_local(pool.send_proxy_protocol))
+    return tls, preludes
 
 
 def run(address: str, authkey: bytes, counters: SharedCounters) -> None:

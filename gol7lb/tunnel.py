@@ -24,6 +24,7 @@ from gol7lb import metrics
 from gol7lb.backends import Backend
 from gol7lb.headers import client_response_headers, connection_tokens
 from gol7lb.serve import TunnelClosed
+from gol7lb.upstream import tls_buffered
 
 if TYPE_CHECKING:
     from gol7lb.exchange import Exchange
@@ -102,15 +103,14 @@ def pump(a: socket.socket, b: socket.socket, idle: float) -> int:
     """
     to_a = 0
     peer = {a.fileno(): (a, b), b.fileno(): (b, a)}
-    tls = [s for s in (a, b) if isinstance(s, ssl.SSLSocket)]
     poller = select.poll()
-    open_ends = 0
+    reading = set(peer)
     for fd in peer:
         poller.register(fd, select.POLLIN)
-        open_ends += 1
-    while open_ends:
-        buffered = [(s.fileno(), select.POLLIN) for s in tls if s.pending()]
-        events = buffered or poller.poll(idle * 1000)
+    while reading:
+        # A TLS side may hold decrypted bytes its socket no longer shows (pending()).
+        events = [(fd, 0) for fd in reading if tls_buffered(peer[fd][0])] or \
+            poller.poll(idle * 1000)
         if not events:
             return to_a  # both sides silent for client_idle_timeout
         for fd, _event in events:
@@ -122,9 +122,10 @@ def pump(a: socket.socket, b: socket.socket, idle: float) -> int:
                     to_a += len(data)
                 continue
             poller.unregister(fd)
-            open_ends -= 1
-            if isinstance(dst, ssl.SSLSocket):
+            reading.discard(fd)
+            if isinstance(dst, ssl.SSLSocket):  # its shutdown() would drop the TLS layer
                 return to_a
             with contextlib.suppress(OSError):
                 dst.shutdown(socket.SHUT_WR)
     return to_a
+

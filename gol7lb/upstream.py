@@ -12,12 +12,16 @@ from __future__ import annotations
 import errno
 import select
 import socket
+import ssl
 import struct
+import threading
 import time
-from collections import deque
+import weakref
+from collections import OrderedDict, deque
 
 import httptools
 
+from gol7lb import upstreamtls
 from gol7lb.backends import Backend
 
 BLOCK = 64 * 1024
@@ -54,22 +58,33 @@ class UpstreamClosed(UpstreamProtocolError):
     """The backend closed the connection before sending any answer."""
 
 
+# How a backend closing a kept-alive connection shows: a reset, EOF, or over TLS an EOF
+# without close_notify.
+CLOSED = (ConnectionError, UpstreamClosed, ssl.SSLEOFError, ssl.SSLZeroReturnError)
+
+
 class IdleConnections:
     """Idle keep-alive sockets to one backend, owned by one worker process."""
 
-    def __init__(self, backend: Backend, connect_timeout: float, read_timeout: float) -> None:
+    def __init__(self, backend: Backend, connect_timeout: float, read_timeout: float,
+                 tls: ssl.SSLContext | None = None) -> None:
         self.backend = backend
         self.connect_timeout = connect_timeout
         self.read_timeout = read_timeout
+        self.tls = tls  # https:// backends: the configuration's context (upstreamtls.py)
         self.retired = False
         self._idle: deque[socket.socket] = deque()
+        self._private = PrivateIdle()
 
-    def configure(self, backend: Backend, connect_timeout: float, read_timeout: float) -> None:
-        """A reload kept this address; idle sockets carry the old read timeout, so they go."""
+    def configure(self, backend: Backend, connect_timeout: float, read_timeout: float,
+                  tls: ssl.SSLContext | None = None) -> None:
+        """A reload kept this address; idle sockets carry the old read timeout and TLS
+        settings, so they go when those changed."""
         self.backend = backend
         self.connect_timeout = connect_timeout
-        if read_timeout != self.read_timeout:
+        if read_timeout != self.read_timeout or tls is not self.tls:
             self.read_timeout = read_timeout
+            self.tls = tls
             self._close_idle()
         self.retired = False
 
@@ -79,14 +94,19 @@ class IdleConnections:
         self._close_idle()
 
     def _close_idle(self) -> None:
+        self._private.close_all()
         while True:
             try:
                 self._idle.pop().close()
             except IndexError:
                 return
 
-    def acquire(self) -> tuple[socket.socket, bool]:
-        """An idle socket still open on the far side, else a new one; (sock, reused)."""
+    def acquire(self, prelude: bytes = b"") -> tuple[socket.socket, bool]:
+        """An idle socket still open on the far side, else a new one; (sock, reused).
+        With a `prelude` (a PROXY header), only a socket that began with the same one."""
+        if prelude:
+            kept = self._private.take(prelude)
+            return (kept, True) if kept is not None else (self.connect(prelude), False)
         while True:
             try:
                 sock = self._idle.pop()
@@ -96,20 +116,91 @@ class IdleConnections:
                 return sock, True
             sock.close()
 
-    def connect(self) -> socket.socket:
-        return open_connection(self.backend, self.connect_timeout, self.read_timeout)
+    def connect(self, prelude: bytes = b"") -> socket.socket:
+        sock = open_connection(self.backend, self.connect_timeout, self.read_timeout, self.tls,
+                               prelude)
+        if prelude:
+            self._private.tag(sock, prelude)
+        return sock
+
+    def reconnect(self, sock: socket.socket) -> socket.socket:
+        """A fresh connection in place of `sock` (closed), with the same PROXY header."""
+        prelude = self._private.untag(sock)
+        sock.close()
+        return self.connect(prelude)
 
     def release(self, sock: socket.socket) -> None:
-        if not self.retired and len(self._idle) < MAX_IDLE_PER_BACKEND:
+        if self._private.tagged(sock):
+            self._private.keep(sock, self.retired)
+        elif not self.retired and len(self._idle) < MAX_IDLE_PER_BACKEND:
             self._idle.append(sock)
         else:
             sock.close()
 
 
-def open_connection(backend: Backend, connect_timeout: float,
-                    read_timeout: float) -> socket.socket:
+class PrivateIdle:
+    """Idle sockets that began with a PROXY header, by that header: one carries its first
+    client's address for its whole life, so it is reused only for a request with the same
+    header (same client address and port, same address it reached), as HAProxy does.
+    Only pools with `send_proxy_protocol` put anything here."""
+
+    def __init__(self) -> None:
+        self._lock = threading.Lock()
+        self._idle: OrderedDict[bytes, socket.socket] = OrderedDict()
+        self._tags: weakref.WeakKeyDictionary[socket.socket, bytes] = \
+            weakref.WeakKeyDictionary()
+
+    def tag(self, sock: socket.socket, prelude: bytes) -> None:
+        with self._lock:
+            self._tags[sock] = prelude
+
+    def tagged(self, sock: socket.socket) -> bool:
+        return bool(self._tags) and sock in self._tags
+
+    def untag(self, sock: socket.socket) -> bytes:
+        with self._lock:
+            return self._tags.pop(sock, b"")
+
+    def take(self, prelude: bytes) -> socket.socket | None:
+        with self._lock:
+            sock = self._idle.pop(prelude, None)
+        if sock is not None and not still_open(sock):
+            sock.close()
+            return None
+        return sock
+
+    def keep(self, sock: socket.socket, retired: bool) -> None:
+        closing = []
+        with self._lock:
+            if retired:
+                closing.append(sock)
+            else:
+                old = self._idle.pop(self._tags[sock], None)
+                if old is not None:
+                    closing.append(old)
+                self._idle[self._tags[sock]] = sock
+                while len(self._idle) > MAX_IDLE_PER_BACKEND:
+                    closing.append(self._idle.popitem(last=False)[1])
+        for each in closing:
+            each.close()
+
+    def close_all(self) -> None:
+        with self._lock:
+            closing = list(self._idle.values())
+            self._idle.clear()
+        for sock in closing:
+            sock.close()
+
+
+def open_connection(backend: Backend, connect_timeout: float, read_timeout: float,
+                    tls: ssl.SSLContext | None = None, prelude: bytes = b"") -> socket.socket:
     """A new connection to a backend (IdleConnections and the health checks both use it);
-    ConnectFailed says why not, in words fit for a log line or /status."""
+    ConnectFailed says why not, in words fit for a log line or /status. `prelude` (a PROXY
+    header) goes first, then the TLS handshake with `tls` for an https:// backend: both are
+    part of connecting, so their failures are connect failures."""
+    if backend.tls and tls is None:  # never plain text to an https:// backend
+        raise ConnectFailed("no TLS context for an https backend (see the error log)",
+                            timed_out=False)
     try:
         sock = socket.create_connection(backend.address, timeout=connect_timeout)
     except TimeoutError:
@@ -120,6 +211,13 @@ def open_connection(backend: Backend, connect_timeout: float,
             raise LocalResourceError(e.errno, e.strerror) from None
         raise ConnectFailed(e.strerror or str(e), timed_out=False) from None
     sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
+    if prelude or tls is not None:
+        sock = _begin(sock, backend, connect_timeout, tls, prelude)
+        if tls is not None:
+            # A Python timeout, not the kernel's: on a blocking SSL socket an EAGAIN from
+            # SO_RCVTIMEO makes the ssl module retry the read at once, for ever.
+            sock.settimeout(read_timeout)
+            return sock
     # A blocking socket whose kernel enforces the timeout (SO_RCVTIMEO, SO_SNDTIMEO), not a
     # Python socket timeout: with one, CPython poll()s before every send and recv, a system
     # call and a GIL hand-off more each (two per proxied request, measured with strace).
@@ -132,6 +230,27 @@ def open_connection(backend: Backend, connect_timeout: float,
     return sock
 
 
+def _begin(sock: socket.socket, backend: Backend, connect_timeout: float,
+           tls: ssl.SSLContext | None, prelude: bytes) -> socket.socket:
+    """The PROXY header (it precedes TLS on the wire), then the handshake; the socket is
+    closed if either fails."""
+    try:
+        if prelude:
+            sock.sendall(prelude)
+        if tls is not None:
+            return upstreamtls.handshake(sock, tls, backend.tls_name)
+        return sock
+    except ssl.SSLError as e:
+        raise ConnectFailed(upstreamtls.failure_reason(e), timed_out=False) from None
+    except TimeoutError:
+        sock.close()
+        raise ConnectFailed(f"TLS handshake timed out after {connect_timeout:g}s",
+                            timed_out=True) from None
+    except OSError as e:
+        sock.close()
+        raise ConnectFailed(e.strerror or str(e) or type(e).__name__, timed_out=False) from None
+
+
 def still_open(sock: socket.socket) -> bool:
     """An idle upstream socket is reusable only if it has nothing to read (no EOF, no junk).
 
@@ -139,7 +258,30 @@ def still_open(sock: socket.socket) -> bool:
     """
     poller = select.poll()
     poller.register(sock, select.POLLIN)
-    return not poller.poll(0)
+    if not poller.poll(0):
+        return True
+    return isinstance(sock, ssl.SSLSocket) and _only_tls_records(sock)
+
+
+def tls_buffered(sock: socket.socket) -> bool:
+    """A TLS socket holding decrypted bytes that poll() on its descriptor no longer shows."""
+    return isinstance(sock, ssl.SSLSocket) and sock.pending() > 0
+
+
+def _only_tls_records(sock: ssl.SSLSocket) -> bool:
+    """A readable idle TLS socket may hold only records without application data (a TLS 1.3
+    session ticket): still open if a non-blocking read finds nothing, not EOF nor junk."""
+    timeout = sock.gettimeout()
+    sock.setblocking(False)
+    try:
+        sock.recv(1)
+    except ssl.SSLWantReadError:
+        return True
+    except OSError:
+        return False
+    finally:
+        sock.settimeout(timeout)
+    return False
 
 
 def request_head(method: str, target: str, headers: dict[str, str]) -> bytes:
@@ -255,7 +397,7 @@ class UpstreamResponse:
         deadline = time.monotonic() + timeout
         while not self._head_done and not self.continued:
             left = deadline - time.monotonic()
-            if left <= 0 or not poller.poll(left * 1000):
+            if left <= 0 or not (tls_buffered(self.sock) or poller.poll(left * 1000)):
                 return  # silent: send the body anyway (RFC 9110 10.1.1), as curl does
             self._read_more()
 

@@ -38,6 +38,7 @@ from __future__ import annotations
 
 import contextlib
 import gc
+import ipaddress
 import logging
 import os
 import select
@@ -45,14 +46,15 @@ import socket
 import ssl
 import threading
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Sequence
 from queue import SimpleQueue
 from types import FrameType
 from typing import TYPE_CHECKING, Any
 
 from gunicorn.workers.base import Worker
 
-from gol7lb.config import ProxySettings, Settings
+from gol7lb import proxyproto
+from gol7lb.config import ProxySettings, Settings, parse_networks
 from gol7lb.http1 import Http1Parser, Request, RequestError
 from gol7lb.serve import (
     WOULD_BLOCK,
@@ -84,6 +86,19 @@ PLAIN, HTTPS, REDIRECT = "plain", "https", "redirect"
 # Not EPOLLEXCLUSIVE: with it the kernel wakes one waiter per new connection, and a worker that
 # defers (spread.py) would leave the connection to a peer that is never woken for it.
 _LISTEN = select.EPOLLIN
+IPNetwork = ipaddress.IPv4Network | ipaddress.IPv6Network
+PRELUDE_PEEK = 536  # a v1 header (107) or a v2 one with common TLVs; a longer one takes turns
+
+
+def _from(address: str, networks: Sequence[IPNetwork]) -> bool:
+    """Whether a peer is one of the load balancers allowed to send a PROXY header."""
+    try:
+        ip = ipaddress.ip_address(address.split("%", 1)[0])
+    except ValueError:
+        return False
+    if isinstance(ip, ipaddress.IPv6Address) and ip.ipv4_mapped is not None:
+        ip = ip.ipv4_mapped  # a dual-stack listener's view of an IPv4 peer
+    return any(ip in network for network in networks)
 
 
 class Limits:
@@ -99,6 +114,9 @@ class Limits:
         self.max_headers = proxy.max_headers
         self.handshake_timeout = 10.0  # tls.handshake_timeout, when PORT serves HTTPS
         self.sts = b""  # tls.hsts as a header line
+        # proxy.proxy_protocol: the peers that may connect (and must send a PROXY header)
+        self.proxy_from = parse_networks(proxy.proxy_protocol_from) \
+            if proxy.proxy_protocol else None
 
 
 class EdgeTLS:
@@ -495,12 +513,20 @@ class ProxyWorker(Worker):
                 continue
             peer = (str(addr[0]), str(addr[1])) if isinstance(addr, tuple) else ("", "")
             server = (str(here[0]), str(here[1])) if isinstance(here, tuple) else ("", "")
+            if limits.proxy_from is not None and not _from(peer[0], limits.proxy_from):
+                log.debug("closed a connection from %s: not in proxy.proxy_protocol_from",
+                          peer[0])
+                sock.close()
+                continue
             conn = Conn(sock, peer, server,
                         Http1Parser(limits.max_header_bytes, limits.max_headers),
                         now + limits.header_timeout)
-            if kind == HTTPS:  # the handshake comes first, on this loop (_handshake)
+            if limits.proxy_from is not None:
+                conn.prelude = b""  # the PROXY header stage comes first (_read_prelude)
+            if kind == HTTPS:  # the handshake comes next, on this loop (_handshake)
                 conn.handshaking = True
-                conn.deadline = now + limits.handshake_timeout
+                if conn.prelude is None:  # else its deadline starts once the header is in
+                    conn.deadline = now + limits.handshake_timeout
             elif kind == REDIRECT:
                 conn.redirect = True
             self.conns[conn.fd] = conn
@@ -541,7 +567,11 @@ class ProxyWorker(Worker):
 
     def _readable(self, conn: Conn) -> None:
         """A waiting connection has bytes (or EOF): parse them; a complete head goes to a thread."""
-        if conn.handshaking:
+        if conn.prelude is not None:  # the PROXY header, before anything else on the wire
+            conn.waiting = False
+            self._read_prelude(conn)
+            return
+        if conn.handshaking:  # then the TLS handshake (PORT serving HTTPS)
             self._handshake(conn)
             return
         conn.waiting = False
@@ -588,12 +618,56 @@ class ProxyWorker(Worker):
             conn.deadline = started + self.limits.header_timeout
         self._wait(conn)
 
+    def _read_prelude(self, conn: Conn) -> None:
+        """The PROXY protocol stage (proxy.proxy_protocol), first in a connection's life: peek
+        at what came, parse it (proxyproto.py), and read exactly the header's bytes, so what
+        follows (a TLS handshake, a request) stays in the socket for the next stage, which
+        the next readable event starts. A malformed header closes the connection; a slow one
+        is closed by the sweep at the connection's head deadline (client_header_timeout)."""
+        sock = conn.sock
+        try:
+            seen = sock.recv(PRELUDE_PEEK, socket.MSG_PEEK)
+        except BlockingIOError:
+            self._wait(conn)
+            return
+        except OSError:
+            self._close(conn)
+            return
+        before = conn.prelude or b""
+        try:
+            header = proxyproto.parse(before + seen) if seen else None
+        except proxyproto.ProxyHeaderError as e:
+            log.debug("closed a connection from %s: %s", conn.peer[0], e)
+            header = None
+            seen = b""
+        if not seen:  # EOF, or a malformed header
+            self._close(conn)
+            return
+        take = len(seen) if header is None else header.length - len(before)
+        try:
+            sock.recv(take)  # what was peeked: all header bytes, never beyond
+        except OSError:
+            self._close(conn)
+            return
+        if header is None:
+            conn.prelude = before + seen  # every byte so far belongs to the header
+        else:
+            conn.prelude = None
+            if header.source is not None and header.destination is not None:
+                conn.peer = (header.source[0], str(header.source[1]))
+                conn.server = (header.destination[0], str(header.destination[1]))
+            if conn.handshaking:  # the TLS handshake's own deadline starts now
+                conn.deadline = time.monotonic() + self.limits.handshake_timeout
+        self._wait(conn)
+
     def _sweep(self, now: float) -> None:
         """Close what has waited too long: 408 for a late head or body, silence for an idle
         client."""
         for conn in list(self.conns.values()):
             if conn.waiting and conn.deadline <= now:
-                if conn.handshaking:  # silence: there is no HTTP to answer in yet
+                if conn.prelude is not None:  # a PROXY header not in yet: silence
+                    pass
+                elif conn.handshaking:  # silence: there is no HTTP to answer in yet
                     if self.edge_tls is not None:
                         self.edge_tls.count("timeout")
                 elif conn.parser.ready:

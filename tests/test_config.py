@@ -67,6 +67,7 @@ def test_trusted_proxies_from_the_file_are_a_list(tmp_path):
 def test_every_setting_has_its_environment_variable():
     lists = {"proxy.retry_on": ("502, 504", ("502", "504")),
              "proxy.trusted_proxies": ("10.0.0.0/8, ::1", ("10.0.0.0/8", "::1")),
+             "proxy.proxy_protocol_from": ("10.0.0.0/8, ::1", ("10.0.0.0/8", "::1")),
              "admin.hosts": ("gol7lb-admin, lb.example.", ("gol7lb-admin", "lb.example.")),
              "discovery.resolvers": ("127.0.0.1:53, [::1]:5353", ("127.0.0.1:53", "[::1]:5353")),
              "log.levels": ("gol7lb.proxy=debug, gol7lb=warning",
