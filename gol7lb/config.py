@@ -16,7 +16,7 @@ from collections.abc import Callable, Mapping
 from dataclasses import dataclass, field, fields, replace
 from typing import Any, Literal, TypeVar, get_args
 
-from gol7lb import upstreamtls
+from gol7lb import fallbackcert, upstreamtls
 from gol7lb.backends import Backend, BackendError, parse_backend_list, parse_backend_url
 from gol7lb.balancer import ALGORITHMS, Algorithm
 from gol7lb.errors import ConfigError
@@ -814,6 +814,11 @@ def load_settings(env: Mapping[str, str] | None = None) -> Settings:
     _check_admin_exposure(settings.admin)
     if settings.acme.domains:
         settings = replace(settings, acme=_acme_paths(settings.acme, env))
+        if not settings.tls.cert and not settings.tls.key:
+            # ACME names alone turn HTTPS on: a self-signed default pair (for clients without
+            # SNI, and until the first ACME certificates arrive); SNI picks ACME's
+            cert, key = fallbackcert.ensure(settings.acme.storage)
+            settings = replace(settings, tls=replace(settings.tls, cert=cert, key=key))
     _check_tls(settings.tls)
     _check_edge(settings, origin)
     return settings
@@ -856,7 +861,7 @@ def _check_tls(tls: TlsSettings) -> None:
         for name in ("certificates", "client_ca", "redirect_port", "hsts"):
             if getattr(tls, name):
                 raise ConfigError(f"invalid setting tls.{name} = {getattr(tls, name)!r}: it "
-                                  "needs tls.cert and tls.key (HTTPS on PORT)")
+                                  "needs HTTPS on PORT: tls.cert and tls.key, or acme.domains")
 
 
 def _check_edge(settings: Settings, origin: str) -> None:

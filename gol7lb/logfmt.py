@@ -41,6 +41,7 @@ LOGGERS = {
     "gol7lb.supervisor": "the health checker",
     "gol7lb.reload": "the config watcher and reloads",
     "gol7lb.discovery": "DNS discovery",
+    "gol7lb.acme": "automatic certificates: orders, renewals, failures, the storage lock",
     "gol7lb.admin": "the admin listener",
 }
 LEVELS = ("debug", "info", "warning", "error", "critical")

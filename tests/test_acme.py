@@ -16,12 +16,13 @@ from collections.abc import Iterator
 from pathlib import Path
 
 import pytest
+import requests
 from cryptography import x509
 from cryptography.hazmat.primitives import serialization
 from cryptography.x509.verification import PolicyBuilder, Store
 
 from gol7lb import acme
-from gol7lb.config import SETTINGS_BY_NAME, AcmeSettings, ConfigError, load_settings
+from gol7lb.config import AcmeSettings, ConfigError, load_settings
 from tests.acmeserver import PEBBLE, ChallengeAnswerer, Pebble
 from tests.dnsserver import TestDNS
 from tests.procs import HELPERS_START, wait_until
@@ -298,25 +299,18 @@ def test_a_failing_ca_is_retried_with_backoff_and_the_old_certificate_stays(env,
 
 
 @pytest.mark.slow
-@pytest.mark.skipif("tls.redirect_port" not in SETTINGS_BY_NAME,
-                    reason="needs the [tls] settings and the redirect listener (TLS branch): "
-                    "the LB answers HTTP-01 on tls.redirect_port once merged")
 def test_lb_answers_http01_on_its_redirect_port_and_serves_the_certificate(env, lb_factory,
                                                                            backend_factory):
+    """ACME names alone (no tls.cert) turn HTTPS on: a self-signed default pair until the
+    ACME certificates arrive (and for clients without SNI); SNI then picks ACME's."""
     import socket
     import ssl
 
-    import trustme
-
-    # a default certificate from a file, so PORT serves HTTPS before the ACME ones arrive
-    default = trustme.CA().issue_cert("default.test")
-    default.private_key_pem.write_to_path(str(env.tmp / "default-key.pem"))
-    default.cert_chain_pems[0].write_to_path(str(env.tmp / "default-cert.pem"))
     backends = {"GOL7LB_BACKENDS": f"http://127.0.0.1:{backend_factory().port}"}
     lb = lb_factory({**backends, **env.env(),
-                     "GOL7LB_TLS_CERT": str(env.tmp / "default-cert.pem"),
-                     "GOL7LB_TLS_KEY": str(env.tmp / "default-key.pem"),
                      "GOL7LB_TLS_REDIRECT_PORT": str(env.pebble.http_port)})
+    status = requests.get(lb.admin_url + "/status", timeout=10).json()["tls"]
+    assert [c["names"] for c in status["certificates"]][:1] == [["gol7lb-default.invalid"]]
     wait_until(lambda: all_stored(env.storage), timeout=HELPERS_START)
     for name in NAMES:
         verify_chain(env.pebble, env.storage, name)
@@ -336,6 +330,16 @@ def test_lb_answers_http01_on_its_redirect_port_and_serves_the_certificate(env, 
     for name in NAMES:  # served without a restart
         wait_until(lambda n=name: served_serial(n) == stored(env.storage, n).serial,
                    timeout=30)
+    # a client without SNI gets the default pair, never one of the ACME names
+    anyone = ssl.create_default_context()
+    anyone.check_hostname, anyone.verify_mode = False, ssl.CERT_NONE
+    with socket.create_connection(("127.0.0.1", lb.port), timeout=5) as raw, \
+            anyone.wrap_socket(raw) as tls:
+        der = tls.getpeercert(binary_form=True)
+    assert der is not None
+    names = x509.load_der_x509_certificate(der).extensions.get_extension_for_class(
+        x509.SubjectAlternativeName).value.get_values_for_type(x509.DNSName)
+    assert names == ["gol7lb-default.invalid"]
 
 
 @pytest.mark.slow

@@ -434,7 +434,8 @@ def test_every_example_of_the_route_rules_docs_loads(tmp_path):
     import re
 
     doc = (Path(__file__).parent.parent / "docs" / "configuration.md").read_text()
-    section = doc[doc.index("## Route rules"):doc.index("## Discovery (backends from DNS)")]
+    start = doc.index("## Route rules")
+    section = doc[start:doc.index("\n## ", start + 1)]
     examples = re.findall(r"```toml\n(.*?)```", section, re.S)
     assert len(examples) >= 7
     pools = "".join(f'[pools.{name}]\n[[pools.{name}.backends]]\nurl = "http://127.0.0.1:{i}"\n'
