@@ -338,7 +338,7 @@ def main() -> None:
               f"{statistics.median(r.cpu_us for r in rs):.0f} us | "
               f"{' / '.join(f'{r.rate:,.0f}' for r in rs)} |")
     https_vs_http = median_ratio(runs, "GoL7-LB https", "GoL7-LB http")
-    print(f"\nGoL7-LB HTTPS / its own HTTP: **{https_vs_http:.2f}x** (goal >= 0.8: "
+    print(f"\nGoL7-LB HTTPS / its own HTTP: **{https_vs_http:.3f}x** (goal >= 0.8: "
           f"{'PASS' if https_vs_http >= 0.8 else 'FAIL'}); GoL7-LB HTTPS / HAProxy HTTPS: "
           f"**{median_ratio(runs, 'GoL7-LB https', 'HAProxy https'):.2f}x**; HAProxy's own "
           f"HTTPS / HTTP: {median_ratio(runs, 'HAProxy https', 'HAProxy http'):.2f}x\n")
