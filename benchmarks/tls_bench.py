@@ -250,8 +250,11 @@ def load_average() -> str:
     return " ".join(f"{x:.2f}" for x in os.getloadavg())
 
 
-def median_ratio(runs: dict[str, list[Run]], a: str, b: str) -> float:
-    return statistics.median(x.rate / y.rate for x, y in zip(runs[a], runs[b], strict=True))
+def median_ratio(runs: dict[str, list[Run]], a: str, b: str, cpu: bool = False) -> float:
+    """Median over repetitions of a's rate / b's; with `cpu`, of b's CPU per request or
+    connection / a's (what a's capacity is as a share of b's when the CPU is the limit)."""
+    return statistics.median((y.cpu_us / x.cpu_us) if cpu else (x.rate / y.rate)
+                             for x, y in zip(runs[a], runs[b], strict=True))
 
 
 def main() -> None:
@@ -340,7 +343,11 @@ def main() -> None:
     https_vs_http = median_ratio(runs, "GoL7-LB https", "GoL7-LB http")
     print(f"\nGoL7-LB HTTPS / its own HTTP: **{https_vs_http:.3f}x** (goal >= 0.8: "
           f"{'PASS' if https_vs_http >= 0.8 else 'FAIL'}); GoL7-LB HTTPS / HAProxy HTTPS: "
-          f"**{median_ratio(runs, 'GoL7-LB https', 'HAProxy https'):.2f}x**; HAProxy's own "
+          f"**{median_ratio(runs, 'GoL7-LB https', 'HAProxy https'):.2f}x** (by CPU per "
+          f"request: {median_ratio(runs, 'GoL7-LB https', 'HAProxy https', cpu=True):.2f}x); "
+          f"GoL7-LB's CPU per request over HTTPS / over HTTP: "
+          f"{1 / median_ratio(runs, 'GoL7-LB https', 'GoL7-LB http', cpu=True):.2f}x; "
+          f"HAProxy's own "
           f"HTTPS / HTTP: {median_ratio(runs, 'HAProxy https', 'HAProxy http'):.2f}x\n")
     print(f"New TLS connections, {args.clients} client processes (TLS 1.3, one GET each) x "
           f"{args.handshake_seconds:g} s (medians):\n")
@@ -353,9 +360,13 @@ def main() -> None:
         print(f"| {label} | {mode} | {statistics.median(r.rate for r in rs):,.0f} | "
               f"{statistics.median(r.cpu_us for r in rs):.0f} us | "
               f"{' / '.join(f'{r.rate:,.0f}' for r in rs)} | {rs[-1].note} |")
-    print(f"\nGoL7-LB / HAProxy: full handshakes "
+    print(f"\nGoL7-LB / HAProxy, connections per second: full handshakes "
           f"**{median_ratio(runs, 'GoL7-LB full', 'HAProxy full'):.2f}x**, resumed "
-          f"**{median_ratio(runs, 'GoL7-LB resumed', 'HAProxy resumed'):.2f}x**")
+          f"**{median_ratio(runs, 'GoL7-LB resumed', 'HAProxy resumed'):.2f}x**; by server "
+          f"CPU per connection (HAProxy's / GoL7-LB's, the ratio when the server's CPU is the "
+          f"limit, not the clients'): full "
+          f"**{median_ratio(runs, 'GoL7-LB full', 'HAProxy full', cpu=True):.2f}x**, resumed "
+          f"**{median_ratio(runs, 'GoL7-LB resumed', 'HAProxy resumed', cpu=True):.2f}x**")
 
 
 if __name__ == "__main__":
