@@ -110,6 +110,16 @@ def wait_ok(proc: Proc, port: int, https: bool, timeout: float = 40.0) -> None:
                      f"log tail:\n{proc.log_tail()}")
 
 
+def _wait_or_stop(proc: Proc, ports: list[tuple[int, bool]]) -> None:
+    """wait_ok on each (port, https); a process that does not come up is stopped."""
+    try:
+        for port, https in ports:
+            wait_ok(proc, port, https)
+    except StartError:
+        proc.stop()
+        raise
+
+
 def start_gol7lb(tmp: Path, name: str, backends: list[Backend], workers: int,
                  tls: tuple[Path, Path] | None) -> tuple[Proc, int]:
     """GoL7-LB as run.py starts it (access log and metrics on), with or without TLS."""
@@ -120,7 +130,7 @@ def start_gol7lb(tmp: Path, name: str, backends: list[Backend], workers: int,
     proc = Proc(name, [sys.executable, "-m", "gunicorn", "-c", "gunicorn.conf.py",
                        "gol7lb.wsgi", "--no-control-socket"],
                 log=tmp / f"{name}.log", cwd=REPO, env=env)
-    wait_ok(proc, port, https=tls is not None)
+    _wait_or_stop(proc, [(port, tls is not None)])
     return proc, port
 
 
@@ -153,8 +163,7 @@ def start_haproxy(tmp: Path, backends: list[Backend], pem: Path,
             balance roundrobin
         """) + servers + "\n")
     proc = Proc("haproxy", [haproxy, "-db", "-f", str(conf)], log=tmp / "haproxy.log")
-    wait_ok(proc, port, https=False)
-    wait_ok(proc, tls_port, https=True)
+    _wait_or_stop(proc, [(port, False), (tls_port, True)])
     return proc, port, tls_port
 
 
