@@ -105,8 +105,12 @@ def _start_nginx(name: str, prefix: Path, conf_text: str, ports: list[int]) -> P
     conf.write_text(conf_text)
     proc = Proc(name, [nginx, "-p", str(prefix), "-e", str(prefix / "error.log"),
                        "-c", str(conf)], log=prefix / "stdout.log")
-    for port in ports:
-        wait_http_ok(proc, port, timeout=15)
+    try:
+        for port in ports:
+            wait_http_ok(proc, port, timeout=15)
+    except StartError:
+        proc.stop()  # a started nginx that does not answer 200 is not left running
+        raise
     return proc
 
 

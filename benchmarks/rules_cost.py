@@ -1,28 +1,34 @@
-"""Per-request cost of the route rules (gol7lb/rules.py): each rule on its own, on the real
-compiled code, and a route with all of them on against a plain route, through a real LB in
-the same run.
+"""Per-request cost of the route rules (gol7lb/rules.py, ratelimit.py, compress.py,
+mirror.py): each rule on its own, on the real compiled code, and a route with all of them on
+against a plain route, through a real LB in the same run.
 
 Run: python benchmarks/rules_cost.py [--duration 5] [--repetitions 3] [--connections 16]
-     [--micro-only]
+     [--micro-only] [--quick]
 
 (a) micro: microseconds per request of each compiled rule (allow/deny with its verdict
     cache, basic_auth with its verdict cache, redirect, rewrite on RE2, request_headers,
-    response_headers, split) and of a route with all of them (but the answering ones);
-(b) end to end: one GoL7-LB (WEB_CONCURRENCY=1) in front of one nginx backend, wrk on a
-    plain route and on a route with allow, deny, basic_auth, rewrite, request_headers,
-    response_headers and split, alternating, each run measured as the LB's CPU per request
-    (user+system of its process tree, psutil) and req/s. Needs wrk and nginx
-    (`bash benchmarks/setup.sh`).
+    response_headers, split, a local rate_limit, compress on a 4 KiB JSON answer, mirror
+    not sampled and sampled) and of the rules.py route with all of them (but redirect);
+(b) end to end: one GoL7-LB (WEB_CONCURRENCY=1) in front of one nginx backend answering
+    4 KiB of JSON, a second nginx as the shadow pool; wrk (sending Accept-Encoding and
+    credentials) on a plain route, on routes with one of rate_limit, compress, mirror, and
+    on a route with all of them: allow, deny, basic_auth, rewrite, request_headers,
+    response_headers, split, rate_limit (local, never refusing), compress, mirror (5 %).
+    Interleaved, the order rotating each repetition; each run measured as the LB's CPU per
+    request (user+system of its process tree, psutil) and req/s; medians. Needs wrk and
+    nginx (`bash benchmarks/setup.sh`).
 """
 
 from __future__ import annotations
 
 import argparse
 import base64
+import os
 import statistics
 import subprocess
 import sys
 import tempfile
+import textwrap
 import time
 from collections.abc import Callable
 from pathlib import Path
@@ -30,9 +36,20 @@ from pathlib import Path
 import bcrypt
 from bench_load import parse_wrk
 from bench_procs import Proc, free_port, tree_cpu_seconds, wait_http_ok
-from bench_targets import REPO, find_tool, start_backend
+from bench_targets import (
+    REPO,
+    _nginx_common,
+    _nginx_http_common,
+    _start_nginx,
+    find_tool,
+    start_backend,
+)
 
 sys.path.insert(0, str(REPO))  # this checkout's gol7lb, as the LB it starts runs it
+import compress_cost  # noqa: E402
+import mirror_cost  # noqa: E402
+
+from gol7lb.ratelimit import Limiter, LocalStore, RateLimitSpec, SharedBuckets  # noqa: E402
 from gol7lb.rules import (  # noqa: E402
     NO_RULES,
     BasicAuth,
@@ -60,16 +77,17 @@ ALL_ON = Rules(
 
 
 def per_call(fn: Callable[[], object], seconds: float = 0.4) -> float:
-    """Microseconds per call, best of three timed batches."""
+    """Microseconds of CPU (this thread's, so other processes on a busy machine count less)
+    per call, best of three batches."""
     best = float("inf")
     for _ in range(3):
         count = 0
-        started = time.perf_counter()
-        while time.perf_counter() - started < seconds:
+        started = time.thread_time()
+        while time.thread_time() - started < seconds:
             for _ in range(500):
                 fn()
             count += 500
-        best = min(best, (time.perf_counter() - started) / count * 1e6)
+        best = min(best, (time.thread_time() - started) / count * 1e6)
     return best
 
 
@@ -100,6 +118,29 @@ def _request_cost(rules: Rules) -> float:
     return per_call(one)
 
 
+def extra_micro() -> list[tuple[str, float]]:
+    """rate_limit (a local bucket in shared memory), compress (one 4 KiB JSON answer at the
+    default level, zstd: negotiation, head rewrite, encoder) and mirror (its own script)."""
+    # as the LB runs it: the lock file's byte locks the bucket's set across workers
+    fd, lock_path = tempfile.mkstemp(prefix="gol7lb-bench-lock-")
+    buckets = SharedBuckets(lock_path)
+    os.close(fd)
+    os.unlink(lock_path)  # the buckets keep their own descriptor
+    region = buckets.claim([1])[1]
+    spec = RateLimitSpec("bench", rate=1e9, burst=10**9)
+    limiter = Limiter(spec, "bench", LocalStore(buckets, region))
+    environ = {"REMOTE_ADDR": "127.0.0.1"}
+    not_sampled, sampled = mirror_cost.costs()
+    return [
+        ("rate_limit (local, key client_ip)", per_call(lambda: limiter.check(environ, "/x"))),
+        ("compress = true, one 4 KiB JSON answer (zstd 1)",
+         compress_cost.per_answer("fast", "zstd", compress_cost.sample(4096), count=500)),
+        ("mirror, not sampled (percent 5: 95 % of requests)", not_sampled),
+        ("mirror, sampled (the copy's head, the queue; sent by the mirror's threads)",
+         sampled),
+    ]
+
+
 def micro() -> list[tuple[str, float]]:
     baseline = _request_cost(NO_RULES)
     rows = [("no rules (baseline of the harness)", baseline)]
@@ -114,10 +155,11 @@ def micro() -> list[tuple[str, float]]:
         ("all of them but redirect", ALL_ON),
     ]:
         rows.append((name, _request_cost(rules) - baseline))
-    started = time.perf_counter()
+    rows += extra_micro()
+    started = time.thread_time()
     bcrypt.checkpw(PASSWORD, HASH.encode())
     rows.append(("one bcrypt check, cost 12 (paid once per Authorization value)",
-                 (time.perf_counter() - started) * 1e6))
+                 (time.thread_time() - started) * 1e6))
     return rows
 
 
@@ -126,16 +168,40 @@ CONFIG = """
 watch = false
 [admin]
 bind = ""
+[compression]
+min_bytes = 1024
+[rate_limits.wide]
+key = "client_ip"
+rate = 1000000000
+burst = 1000000000
 [pools.a]
 [[pools.a.backends]]
 url = "{url}"
 [pools.b]
 [[pools.b.backends]]
 url = "{url}"
+[pools.shadow]
+[[pools.shadow.backends]]
+url = "{shadow}"
 
 [[routes]]
 path_prefix = "/plain/"
 pool = "a"
+
+[[routes]]
+path_prefix = "/ratelimit/"
+pool = "a"
+rate_limit = "wide"
+
+[[routes]]
+path_prefix = "/compress/"
+pool = "a"
+compress = true
+
+[[routes]]
+path_prefix = "/mirror/"
+pool = "a"
+mirror = {{ pool = "shadow", percent = 5 }}
 
 [[routes]]
 path_prefix = "/rules/"
@@ -149,37 +215,82 @@ request_headers.remove = ["X-Debug"]
 response_headers.set = {{ "X-Frame-Options" = "DENY" }}
 response_headers.remove = ["X-Powered-By"]
 split = [ {{ pool = "a", weight = 90 }}, {{ pool = "b", weight = 10 }} ]
+rate_limit = "wide"
+compress = true
+mirror = {{ pool = "shadow", percent = 5 }}
 """
 
+ROUTES = ("plain", "ratelimit", "compress", "mirror", "rules")
+LABELS = {"plain": "plain", "ratelimit": "rate_limit only", "compress": "compress only",
+          "mirror": "mirror (5 %) only", "rules": "all rules on"}
 
-def end_to_end(duration: float, repetitions: int, connections: int) -> dict[str, list[tuple]]:
+
+def start_json_backend(tmp: Path) -> tuple[Proc, str, int]:
+    """nginx answering 4 KiB of JSON (compressible, as an API answers) on every path, with
+    Content-Length: (proc, url, size)."""
+    prefix = tmp / "json-backend"
+    (prefix / "www").mkdir(parents=True)
+    body = compress_cost.sample(4096)
+    (prefix / "www" / "answer.json").write_bytes(body)
+    for directory in (tmp, prefix, prefix / "www"):  # nginx's workers may run as nobody
+        directory.chmod(0o755)
+    port = free_port()
+    conf = _nginx_common(prefix, 1) + "http {\n" + textwrap.indent(
+        _nginx_http_common(prefix) + textwrap.dedent(f"""\
+            default_type application/json;
+            server {{
+                listen 127.0.0.1:{port} backlog=4096;
+                location / {{
+                    root {prefix / "www"};
+                    try_files /answer.json =404;
+                }}
+            }}
+        """), "    ") + "}\n"
+    return _start_nginx("json-backend", prefix, conf, [port]), f"http://127.0.0.1:{port}", \
+        len(body)
+
+
+def end_to_end(duration: float, repetitions: int,
+               connections: int) -> tuple[dict[str, list[tuple[float, float]]], int]:
+    """{route: [(req/s, LB CPU us per request) per repetition]}, and the answer's size."""
     wrk = find_tool("wrk")
     if wrk is None or find_tool("nginx") is None:
         raise SystemExit("wrk and nginx are needed: bash benchmarks/setup.sh")
     tmp = Path(tempfile.mkdtemp(prefix="gol7lb-rules-bench-"))
-    backend = start_backend(tmp, 0)
-    lb: Proc | None = None
-    results: dict[str, list[tuple]] = {"plain": [], "rules": []}
+    procs: list[Proc] = []
+    results: dict[str, list[tuple[float, float]]] = {name: [] for name in ROUTES}
     try:
+        backend, url, size = start_json_backend(tmp)
+        procs.append(backend)
+        shadow = start_backend(tmp, 0, workers=1)
+        procs.append(shadow.proc)
         config = tmp / "lb.toml"
-        config.write_text(CONFIG.format(url=backend.url, hash=HASH))
+        config.write_text(CONFIG.format(url=url, shadow=shadow.url, hash=HASH))
         port = free_port()
         lb = Proc("GoL7-LB", [sys.executable, "-m", "gunicorn", "-c", "gunicorn.conf.py",
                               "gol7lb.wsgi", "--no-control-socket"], log=tmp / "lb.log",
                   cwd=REPO, env={"PORT": str(port), "GOL7LB_CONFIG": str(config),
                                  "WEB_CONCURRENCY": "1", "GOL7LB_LOG_ACCESS": "false"})
+        procs.append(lb)
         wait_http_ok(lb, port, timeout=40, path="/plain/")
-        # the first request with the credentials pays the one bcrypt check: not measured
-        warm = subprocess.run(["curl", "-s", "-o", "/dev/null", "-w", "%{http_code}", "-H",
-                               f"Authorization: {AUTHORIZATION}",
+        # the first request with the credentials pays the one bcrypt check: not measured;
+        # the answer must come compressed
+        warm = subprocess.run(["curl", "-s", "-o", "/dev/null", "-w",
+                               "%{http_code} %{size_download}",
+                               "-H", f"Authorization: {AUTHORIZATION}", "-H",
+                               "Accept-Encoding: gzip, br, zstd",
                                f"http://127.0.0.1:{port}/rules/x"],
                               capture_output=True, text=True, timeout=60)
-        if warm.stdout != "200":
-            raise SystemExit(f"/rules/x answered {warm.stdout!r}; see {tmp / 'lb.log'}")
-        for _ in range(repetitions):
-            for name in ("plain", "rules"):
+        status, _, got = warm.stdout.partition(" ")
+        if status != "200" or not got.isdigit() or int(got) >= size:
+            raise SystemExit(f"/rules/x answered {warm.stdout!r} (wanted 200 and fewer than "
+                             f"{size} bytes); see {tmp / 'lb.log'}")
+        for rep in range(repetitions):
+            order = ROUTES[rep % len(ROUTES):] + ROUTES[:rep % len(ROUTES)]
+            for name in order:
                 argv = [wrk, "-t1", f"-c{connections}", f"-d{duration:g}s", "--latency",
                         "-H", f"Authorization: {AUTHORIZATION}",
+                        "-H", "Accept-Encoding: gzip, deflate, br, zstd",
                         f"http://127.0.0.1:{port}/{name}/x"]
                 before = tree_cpu_seconds(lb.tree())
                 out = subprocess.run(argv, capture_output=True, text=True,
@@ -191,10 +302,9 @@ def end_to_end(duration: float, repetitions: int, connections: int) -> dict[str,
                                      f"socket errors; see {tmp / 'lb.log'}")
                 results[name].append((result.rps, cpu / result.requests * 1e6))
     finally:
-        if lb is not None:
-            lb.stop()
-        backend.proc.stop()
-    return results
+        for proc in reversed(procs):
+            proc.stop()
+    return results, size
 
 
 def main() -> None:
@@ -203,24 +313,33 @@ def main() -> None:
     parser.add_argument("--repetitions", type=int, default=3)
     parser.add_argument("--connections", type=int, default=16)
     parser.add_argument("--micro-only", action="store_true")
+    parser.add_argument("--quick", action="store_true",
+                        help="smoke run: 1 repetition of 1 s per route")
     args = parser.parse_args()
+    if args.quick:
+        args.duration, args.repetitions = 1.0, 1
+    load_before = " ".join(f"{x:.2f}" for x in os.getloadavg())
     print("| rule | CPU per request |\n| --- | --- |")
     for name, cost in micro():
         print(f"| {name} | {cost:.2f} us |")
     if args.micro_only:
         return
-    results = end_to_end(args.duration, args.repetitions, args.connections)
-    print(f"\nEnd to end, 1 worker, wrk -c{args.connections}, {args.repetitions} x "
-          f"{args.duration:g} s each, alternating (median):\n")
-    print("| route | req/s | LB CPU per request |\n| --- | --- | --- |")
-    medians = {}
+    results, size = end_to_end(args.duration, args.repetitions, args.connections)
+    print(f"\nEnd to end, 1 worker, one nginx answering {size} bytes of JSON, "
+          f"wrk -c{args.connections} with Accept-Encoding, {args.repetitions} x "
+          f"{args.duration:g} s each, interleaved (medians); load average (1, 5, 15 min) "
+          f"before: {load_before}, after: "
+          f"{' '.join(f'{x:.2f}' for x in os.getloadavg())}:\n")
+    print("| route | req/s | LB CPU per request | added to plain | x plain req/s |")
+    print("| --- | ---: | ---: | ---: | ---: |")
+    plain = results["plain"]
     for name, runs in results.items():
         rps = statistics.median(r for r, _ in runs)
         cpu = statistics.median(c for _, c in runs)
-        medians[name] = cpu
-        print(f"| {name} | {rps:,.0f} | {cpu:.1f} us |")
-    print(f"\nAll rules on cost {medians['rules'] - medians['plain']:.1f} us of CPU per request "
-          f"({(medians['rules'] / medians['plain'] - 1) * 100:+.1f} %).")
+        added = statistics.median(c - p for (_, c), (_, p) in zip(runs, plain, strict=True))
+        ratio = statistics.median(r / p for (r, _), (p, _) in zip(runs, plain, strict=True))
+        print(f"| {LABELS[name]} | {rps:,.0f} | {cpu:.1f} us | {added:+.1f} us | "
+              f"{ratio:.2f}x |")
 
 
 if __name__ == "__main__":
