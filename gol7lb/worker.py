@@ -338,6 +338,8 @@ class ProxyWorker(Worker):
         self.active.discard(conn)
         if self.conns.get(conn.fd) is conn:
             del self.conns[conn.fd]
+        if conn.tls:  # close_notify first: a client reading to the end sees a clean end
+            _send_close_notify(conn.sock)
         with contextlib.suppress(OSError):
             conn.sock.close()  # also leaves the epoll set
         if self.capped:  # the loop may accept again
@@ -733,3 +735,10 @@ def _port_of(sock: socket.socket) -> int:
     except OSError:
         return 0
     return int(address[1]) if isinstance(address, tuple) else 0
+
+
+def _send_close_notify(sock: Any) -> None:
+    """Send TLS close_notify without waiting for the peer's: the first step of SSL_shutdown
+    on a non-blocking socket (it wants to read the peer's next, which nobody waits for)."""
+    with contextlib.suppress(OSError, ValueError):  # SSLWantReadError, a reset, closed
+        sock.unwrap()

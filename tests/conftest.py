@@ -8,6 +8,7 @@ from pathlib import Path
 import pytest
 
 from tests import procs
+from tests.edgebackend import EdgeBackend
 from tests.procs import LB, Proc, free_port, start_backend
 
 # Fast health checks so tests see liveness changes in about a second.
@@ -102,3 +103,18 @@ def shared_lb(tmp_path_factory: pytest.TempPathFactory) -> Iterator[LB]:
         yield lb.wait_ready()
     finally:
         _stop_and_check([lb, *backends])
+
+
+@pytest.fixture
+def edge() -> Iterator[Callable[..., EdgeBackend]]:
+    """Recording backends that speak TLS and/or PROXY (tests/edgebackend.py), closed after."""
+    started: list[EdgeBackend] = []
+
+    def start(*args: object, **kwargs: object) -> EdgeBackend:
+        backend = EdgeBackend(*args, **kwargs)  # type: ignore[arg-type]
+        started.append(backend)
+        return backend
+
+    yield start
+    for backend in started:
+        backend.close()

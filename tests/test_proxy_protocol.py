@@ -29,18 +29,6 @@ from tests.procs import LB, lb_status, wait_until
 GET = b"GET /where HTTP/1.1\r\nHost: site.example\r\nConnection: close\r\n\r\n"
 
 
-@pytest.fixture
-def edge() -> Iterator[Callable[..., EdgeBackend]]:
-    started: list[EdgeBackend] = []
-
-    def start(*args: object, **kwargs: object) -> EdgeBackend:
-        backend = EdgeBackend(*args, **kwargs)  # type: ignore[arg-type]
-        started.append(backend)
-        return backend
-
-    yield start
-    for backend in started:
-        backend.close()
 
 
 def exchange(lb: LB, *pieces: bytes, pause: float = 0.0, timeout: float = 10.0) -> bytes:

@@ -183,6 +183,20 @@ def test_curl_and_openssl_s_client(https_lb, certs):
     assert "ALPN protocol: http/1.1" in out.stdout
 
 
+def test_a_closing_connection_ends_with_close_notify(https_lb, certs):
+    """The LB closes a TLS connection with close_notify: a client that reads until the end
+    sees a clean end (no "unexpected EOF"), so its session stays resumable."""
+    context = certs.client_context()
+    with socket.create_connection(("127.0.0.1", https_lb.port), timeout=10) as raw, \
+            context.wrap_socket(raw, server_hostname="localhost",
+                                suppress_ragged_eofs=False) as tls:
+        tls.sendall(b"GET / HTTP/1.1\r\nHost: localhost\r\nConnection: close\r\n\r\n")
+        answer = b""
+        while chunk := tls.recv(65536):  # SSLEOFError without close_notify
+            answer += chunk
+    assert answer.startswith(b"HTTP/1.1 200 ")
+
+
 def test_redirect_port_answers_308_to_https(https_lb):
     redirect = https_lb.redirect_port
     answer = requests.get(f"http://127.0.0.1:{redirect}/a/b?c=1", allow_redirects=False,

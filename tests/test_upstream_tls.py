@@ -6,7 +6,7 @@ from __future__ import annotations
 import logging
 import ssl
 import threading
-from collections.abc import Callable, Iterator
+from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
@@ -52,18 +52,6 @@ def server_context(ca: trustme.CA, *names: str, client_ca: bool = False) -> ssl.
     return context
 
 
-@pytest.fixture
-def edge() -> Iterator[Callable[..., EdgeBackend]]:
-    started: list[EdgeBackend] = []
-
-    def start(*args: object, **kwargs: object) -> EdgeBackend:
-        backend = EdgeBackend(*args, **kwargs)  # type: ignore[arg-type]
-        started.append(backend)
-        return backend
-
-    yield start
-    for backend in started:
-        backend.close()
 
 
 def entry(lb: LB, backend_id: str) -> dict[str, Any]:
