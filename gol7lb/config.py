@@ -25,6 +25,7 @@ from gol7lb.pools import (
     DEFAULT_POOL,
     PROXY_PROTOCOL_VERSIONS,
     DiscoverySpec,
+    MirrorSpec,
     Pool,
     Route,
     backends_from_toml,
@@ -32,6 +33,7 @@ from gol7lb.pools import (
     check_hash_key,
     check_routes,
     is_host_name,
+    mirror_from_toml,
     pools_from_toml,
     routes_from_toml,
 )
@@ -498,11 +500,16 @@ class Settings:
         "", "the name of a [rate_limits.NAME], or \"\"",
         "The rate limit of requests that match no route (routes name their own with "
         "`rate_limit`); see [Rate limits](configuration.md#rate-limits).")
+    compress: bool = setting(
+        False, "true or false",
+        "Compress the answers to requests that match no route, as `[compression]` says "
+        "(routes say their own with `compress`).")
     backends: tuple[Backend, ...] = ()  # the default pool; empty: there is none
     discover: tuple[DiscoverySpec, ...] = ()  # the default pool's DNS-discovered entries
     named_pools: tuple[Pool, ...] = ()
     routes: tuple[Route, ...] = ()
     rules: Rules = NO_RULES  # the top-level rule keys: for requests that match no route
+    mirror: MirrorSpec | None = None  # the top-level `mirror`: requests that match no route
     rate_limits: tuple[RateLimitSpec, ...] = ()  # [rate_limits.NAME] tables
     health: HealthSettings = field(default_factory=HealthSettings)
     proxy: ProxySettings = field(default_factory=ProxySettings)
@@ -679,6 +686,7 @@ class FileValues:
     pools: list[Pool] = field(default_factory=list)
     routes: list[Route] = field(default_factory=list)
     rules: Rules = NO_RULES
+    mirror: MirrorSpec | None = None
     rate_limits: list[RateLimitSpec] = field(default_factory=list)
 
 
@@ -699,6 +707,9 @@ def _values_from_toml(data: Mapping[str, Any], origin: str) -> FileValues:
             found.routes = routes_from_toml(value, origin)
         elif key in TOP_LEVEL_RULE_KEYS:
             continue  # read above
+        elif key == "mirror":
+            found.mirror = mirror_from_toml(value, "mirror", f"{origin}; requests that match "
+                                            "no route")
         elif key == "rate_limits":
             found.rate_limits = rate_limits_from_toml(value, origin)
         elif key in sections:
@@ -715,7 +726,8 @@ def _values_from_toml(data: Mapping[str, Any], origin: str) -> FileValues:
             found.values[key] = _coerce(SETTINGS_BY_NAME[key], value, origin, from_env=False)
         else:
             top = [st.key for st in SETTINGS if not st.section]
-            allowed = ", ".join(["backends", "pools", "routes", "rate_limits", *sorted(sections),
+            allowed = ", ".join(["backends", "pools", "routes", "rate_limits", "mirror",
+                                 *sorted(sections),
                                  *top, *TOP_LEVEL_RULE_KEYS])
             raise ConfigError(f"unknown setting {key} ({origin}): allowed are {allowed}")
     return found
@@ -799,6 +811,7 @@ def load_settings(env: Mapping[str, str] | None = None) -> Settings:
         named_pools=tuple(found.pools),
         routes=tuple(found.routes),
         rules=found.rules,
+        mirror=found.mirror,
         rate_limits=tuple(found.rate_limits),
         demo_backends=demo,
         source=" < ".join(sources),
@@ -810,6 +823,10 @@ def load_settings(env: Mapping[str, str] | None = None) -> Settings:
                           "list [[backends]], [pools.NAME] backends, or leave both out for the "
                           "demo backends")
     check_routes(settings.routes, settings.pools, origin)
+    if settings.mirror is not None and settings.mirror.pool not in settings.pools:
+        raise ConfigError(f"invalid setting mirror.pool = {settings.mirror.pool!r} ({origin}; "
+                          "requests that match no route): no such pool; pools are "
+                          + ", ".join(sorted(settings.pools)))
     check_rate_limit_names(settings.routes, settings.rate_limit, settings.rate_limits, origin)
     _check_admin_exposure(settings.admin)
     if settings.acme.domains:

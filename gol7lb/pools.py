@@ -309,7 +309,8 @@ def routes_from_toml(items: Any, origin: str) -> list[Route]:
         compress = item.get("compress", False)
         if not isinstance(compress, bool):
             raise bad(f"{at}.compress", compress, where, "true or false")
-        mirror = _mirror(item["mirror"], f"{at}.mirror", where) if "mirror" in item else None
+        mirror = mirror_from_toml(item["mirror"], f"{at}.mirror", where) \
+            if "mirror" in item else None
         rate_limit = item.get("rate_limit", "")
         if not isinstance(rate_limit, str):
             raise bad(f"{at}.rate_limit", rate_limit, where, "the name of a [rate_limits.NAME]")
@@ -319,7 +320,7 @@ def routes_from_toml(items: Any, origin: str) -> list[Route]:
     return routes
 
 
-def _mirror(value: Any, at: str, where: str) -> MirrorSpec:
+def mirror_from_toml(value: Any, at: str, where: str) -> MirrorSpec:
     if not isinstance(value, dict):
         raise bad(at, value, where, 'a table like { pool = "shadow", percent = 10 }')
     unknown_keys(value, MIRROR_KEYS, at, where)

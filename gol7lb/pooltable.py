@@ -23,9 +23,10 @@ from gol7lb.control import Snapshot
 from gol7lb.counters import rotation_cell
 from gol7lb.headers import ForwardedPolicy
 from gol7lb.hosts import PoolPeers
-from gol7lb.pools import Pool
+from gol7lb.pools import DEFAULT_POOL, Pool, Route
 from gol7lb.ratelimit import RouteLimits, compile_limits
 from gol7lb.routing import Router
+from gol7lb.rules import UNMATCHED
 from gol7lb.upstream import IdleConnections
 
 RAMP_SCALE = 10  # weights are multiplied by this while some backend of the pool ramps up
@@ -134,7 +135,8 @@ def build_table(snapshot: Snapshot, previous: PoolTable | None) -> PoolTable:
         if backend_id not in connections:
             idle.retire()  # idle sockets close now, busy ones when their request ends
     return PoolTable(
-        snapshot, settings, Router(settings.routes, list(snapshot.pools), settings.rules),
+        snapshot, settings, Router(settings.routes, list(snapshot.pools), settings.rules,
+                                   _unmatched(settings)),
         pools, connections,
         dict(snapshot.slots), str(max(1, math.ceil(settings.health.interval))),
         _forwarded_policy(settings, previous),
@@ -144,10 +146,18 @@ def build_table(snapshot: Snapshot, previous: PoolTable | None) -> PoolTable:
         compression=_compression(settings, previous))
 
 
+def _unmatched(settings: Settings) -> Route | None:
+    """The top-level compress and mirror as the route of requests that match no route."""
+    if not settings.compress and settings.mirror is None:
+        return None
+    return Route(DEFAULT_POOL, compress=settings.compress, mirror=settings.mirror,
+                 label=UNMATCHED)
+
+
 def _compression(settings: Settings, previous: PoolTable | None) -> Compression | None:
     """Built when some route compresses; kept across generations while [compression] is
     unchanged (it caches its choice per Accept-Encoding value)."""
-    if not any(route.compress for route in settings.routes):
+    if not settings.compress and not any(route.compress for route in settings.routes):
         return None
     if previous is not None and previous.compression is not None and \
             previous.settings.compression == settings.compression:

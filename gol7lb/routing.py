@@ -78,13 +78,14 @@ class Router:
     """Compiled routes of one configuration."""
 
     def __init__(self, routes: Sequence[Route], pools: Sequence[str],
-                 rules: Rules = NO_RULES) -> None:
+                 rules: Rules = NO_RULES, unmatched: Route | None = None) -> None:
         self.routes = tuple(self._compile(r, i) for i, r in enumerate(routes))
         self.default = DEFAULT_POOL if DEFAULT_POOL in pools else None
         # The top-level rules apply to requests no route matches; redirect or respond there
         # answer them even without a default pool.
         top = compile_rules(rules, UNMATCHED, "")
-        self._default_match = Match(self.default or "", "", top) \
+        # `unmatched` carries the top-level compress and mirror, when set
+        self._default_match = Match(self.default or "", "", top, unmatched) \
             if self.default or (top is not None and rules.answers) else None
         self._hosted = any(r.route.host for r in self.routes)
         self._by_host: dict[str, tuple[CompiledRoute, ...]] = {}

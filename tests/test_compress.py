@@ -21,7 +21,7 @@ import zstandard
 
 from gol7lb.compress import Compression, choose
 from gol7lb.config import CompressionSettings
-from tests.helpers import read_head
+from tests.helpers import per_label, read_head
 from tests.procs import LB, lb_status, wait_until
 
 TEXT = b"".join(b"line %d of a compressible answer, repeated a lot\n" % i for i in range(400))
@@ -313,6 +313,33 @@ def test_a_reload_changes_the_settings_and_a_bad_one_is_refused(lb):
     error = wait_until(lambda: lb_status(lb)["config"]["last_error"], timeout=10)
     assert "compression.encodings" in error and "\n" not in error
     assert get(lb, "/text", accept="zstd, gzip").headers.get("Content-Encoding") == "gzip"
+
+
+def test_top_level_compress_and_mirror_cover_requests_that_match_no_route(lb, backend):
+    """After the reload test: a configuration with a default pool, whose unrouted requests
+    are compressed and mirrored by the top-level keys, while a route's are not."""
+    before = per_label(lb, "gol7lb_mirror_requests_total", "result").get("ok", 0)
+    lb.config.write_text(f"""
+compress = true
+mirror = {{ pool = "app", percent = 100 }}
+[[backends]]
+url = "http://127.0.0.1:{backend}"
+[pools.app]
+backends = [{{ url = "http://127.0.0.1:{backend}" }}]
+[[routes]]
+path_prefix = "/plain/"
+pool = "app"
+[compression]
+min_bytes = 100
+""")
+    unmatched = wait_until(lambda: (lambda u: u if u["compress"] else None)(
+        lb_status(lb)["unmatched"]), timeout=10)
+    assert unmatched["mirror"] == {"pool": "app", "percent": 100.0}
+    wait_until(lambda: get(lb, "/text").headers.get("Content-Encoding") == "gzip", timeout=10)
+    assert decode("gzip", get(lb, "/text").content) == TEXT
+    assert get(lb, "/plain/text").headers.get("Content-Encoding") is None
+    wait_until(lambda: per_label(lb, "gol7lb_mirror_requests_total", "result").get("ok", 0)
+               >= before + 2, timeout=10)
 
 
 def test_choice_unit():

@@ -88,7 +88,11 @@ def status_document(snapshot: Snapshot, hosts: HostTable,
         "routes": route_entries(settings, counts),
         # the top-level rules, for requests that match no route
         "unmatched": {"name": UNMATCHED, "rules": settings.rules.describe(),
-                      "rate_limit": settings.rate_limit or None, **_counted(UNMATCHED, counts)},
+                      "rate_limit": settings.rate_limit or None,
+                      "compress": settings.compress,
+                      "mirror": {"pool": settings.mirror.pool, "percent": settings.mirror.percent}
+                      if settings.mirror else None,
+                      **_counted(UNMATCHED, counts)},
         "rate_limits": {spec.name: spec.describe() for spec in settings.rate_limits},
         "discovery": [{"name": state.get("name"), "addresses": state.get("addresses", []),
                        "error": state.get("error"), "resolved_at": state.get("resolved_at"),
