@@ -150,7 +150,7 @@ class Conn:
     """A client connection; owned either by the event loop (`waiting`) or by one thread."""
 
     __slots__ = ("sock", "fd", "peer", "server", "parser", "deadline", "waiting", "fresh",
-                 "busy_since", "handshaking", "tls", "sts", "redirect")
+                 "busy_since", "handshaking", "tls", "sts", "redirect", "session")
 
     def __init__(self, sock: socket.socket, peer: tuple[str, str], server: tuple[str, str],
                  parser: Http1Parser, deadline: float) -> None:
@@ -168,6 +168,7 @@ class Conn:
         self.tls = False
         self.sts = b""  # a Strict-Transport-Security line for every answer (tls.hsts)
         self.redirect = False  # accepted on tls.redirect_port: answered by redirect.py
+        self.session: Any = None  # an HTTP/2 connection: its http2.Session owns it
 
     def fill(self, timeout: float, lend: Callable[[], None] | None = None) -> None:
         """Read more of the request (a body, on a thread) and parse it. When nothing is there
