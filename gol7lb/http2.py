@@ -123,7 +123,6 @@ class Session:
         self.registered = 0
         self.closed = False
         self.draining = False
-        self.peer_gone = False  # the client sent GOAWAY: close once its streams are done
         self.resets = 0
         self.resets_since = time.monotonic()
         self.deadline = conn.deadline  # while no stream is open (head, then idle timeout)
@@ -187,7 +186,7 @@ class Session:
             if self.closed:
                 return
             if not self.streams:
-                if now >= self.deadline or self.peer_gone or self.draining:
+                if now >= self.deadline or self.draining:
                     self._goaway(ErrorCodes.NO_ERROR)
                 return
             for stream in list(self.streams.values()):
@@ -202,11 +201,10 @@ class Session:
         with self.lock:
             if self.closed:
                 return False
-            if not self.draining:
-                self.draining = True
-                self.h2.close_connection(ErrorCodes.NO_ERROR,
-                                         last_stream_id=self.h2.highest_inbound_stream_id)
-                self._flush()
+            # The streams in progress finish first, and new ones are refused (REFUSED_STREAM,
+            # retryable); the GOAWAY comes once they are done (_forget): h2, on either side,
+            # neither sends nor takes a stream's frames after a GOAWAY.
+            self.draining = True
             if not self.streams:
                 self._close()
                 return False
@@ -245,7 +243,10 @@ class Session:
                     else:
                         self._wake_all()
                 elif isinstance(event, ConnectionTerminated):
-                    self.peer_gone = True
+                    # h2 sends nothing after the client's GOAWAY (its state machine is
+                    # closed), so streams still in progress cannot be answered: close.
+                    self._flush()
+                    self._close()
             if self.closed:
                 return
 
@@ -359,9 +360,8 @@ class Session:
         stream.reset = True
         if not self.streams:
             self.deadline = time.monotonic() + self.limits.idle_timeout
-            if self.draining or self.peer_gone:
-                self._flush()
-                self._close()
+            if self.draining:
+                self._goaway(ErrorCodes.NO_ERROR)
 
     def _goaway(self, code: ErrorCodes) -> None:
         with contextlib.suppress(H2Error):
@@ -483,6 +483,13 @@ class Stream:
         """Send the head (once), then data as the flow-control windows and the session's
         buffer allow, waiting on this stream's condition; ClientGone when the stream or the
         connection went away, TimeoutError when nothing moved for `timeout` seconds."""
+        try:
+            self._send(data, end, head, timeout)
+        except H2Error as e:  # the stream or the connection closed under us (a GOAWAY)
+            raise ClientGone(str(e) or type(e).__name__) from None
+
+    def _send(self, data: bytes, end: bool, head: list[tuple[bytes, bytes]] | None,
+              timeout: float) -> None:
         session = self.session
         h2 = session.h2
         with session.lock:

@@ -7,6 +7,7 @@ from __future__ import annotations
 
 import hashlib
 import shutil
+import signal
 import socket
 import ssl
 import subprocess
@@ -283,8 +284,7 @@ def test_an_hpack_bomb_closes_only_its_connection(h2c_lb):
         client.request("/", extra=[("x-bomb", value)])  # enters the dynamic table
         client.request("/", extra=[("x-bomb", value)] * 60)  # ~240 KB decoded, small on wire
         client.until(lambda: client.closed or client.terminated is not None)
-        if client.terminated is not None:
-            assert client.terminated.error_code in (11, 1)  # ENHANCE_YOUR_CALM / PROTOCOL
+        assert client.terminated is not None and client.terminated.error_code == 11
     finally:
         client.close()
     assert httpx.Client(http1=False, http2=True).get(f"{h2c_lb.url}/").status_code == 200
@@ -404,3 +404,21 @@ def test_http2_off_offers_http11_only(backend, certs, lb_factory, tmp_path: Path
             context.wrap_socket(raw, server_hostname="localhost") as tls:
         assert tls.selected_alpn_protocol() == "http/1.1"
     assert psutil.pid_exists(lb.popen.pid)
+
+
+def test_term_answers_streams_in_flight_then_goaway(backend, lb_factory):
+    """A stopping worker sends GOAWAY (no new streams) and finishes the streams it has."""
+    lb = lb_factory({"GOL7LB_BACKENDS": backends_env([backend]), **FAST_HEALTH,
+                     "WEB_CONCURRENCY": "1"})
+    client = RawClient(lb.port)
+    try:
+        slow = client.request("/sleep/1.5")
+        time.sleep(0.3)  # the request reached the backend
+        lb.signal(signal.SIGTERM)
+        client.until(lambda: slow in client.ended, timeout=20)
+        assert client.headers[slow][":status"] == "200"
+        client.until(lambda: client.terminated is not None or client.closed, timeout=20)
+        assert client.terminated is not None and client.terminated.error_code == 0
+    finally:
+        client.close()
+    assert lb.wait(30) == 0
