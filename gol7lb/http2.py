@@ -196,8 +196,8 @@ class Session:
             self._flush()
 
     def drain(self) -> bool:
-        """The worker stops: GOAWAY (no new streams), finish those in progress; True while
-        some are."""
+        """The worker stops: finish the streams in progress, refuse new ones, then GOAWAY and
+        close; True while some are in progress."""
         with self.lock:
             if self.closed:
                 return False
@@ -206,7 +206,7 @@ class Session:
             # neither sends nor takes a stream's frames after a GOAWAY.
             self.draining = True
             if not self.streams:
-                self._close()
+                self._goaway(ErrorCodes.NO_ERROR)
                 return False
             return True
 
