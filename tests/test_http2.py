@@ -27,6 +27,7 @@ import pytest
 import requests
 
 from tests.conftest import FAST_HEALTH, backends_env
+from tests.helpers import per_label
 from tests.procs import LB, free_port, start_backend, wait_until, workers_of
 from tests.test_tls import Certs, tls_env
 
@@ -176,6 +177,33 @@ def test_h2c_prior_knowledge_with_httpx_and_http11_on_the_same_port(h2c_lb):
     assert " proto=HTTP/1.1 rid=" in h2c_lb.output()
 
 
+def test_streams_take_the_same_routes_rules_and_metrics(backend, lb_factory, tmp_path):
+    config = tmp_path / "lb.toml"
+    config.write_text(f"""
+[[backends]]
+url = "http://127.0.0.1:{backend}"
+
+[[routes]]
+path_prefix = "/ping"
+respond = {{ status = 200, body = "pong\\n" }}
+
+[[routes]]
+path_prefix = "/denied"
+pool = "default"
+deny = ["127.0.0.0/8"]
+""")
+    lb = lb_factory({"GOL7LB_CONFIG": str(config), **FAST_HEALTH})
+    with httpx.Client(http1=False, http2=True, timeout=10) as client:
+        assert client.get(f"{lb.url}/ping").text == "pong\n"
+        assert client.get(f"{lb.url}/denied/x").status_code == 403
+        assert client.get(f"{lb.url}/").status_code == 200
+    wait_until(lambda: per_label(lb, "gol7lb_requests_total", "code", pool="default")
+               .get("200", 0) >= 1, timeout=10)
+    wait_until(lambda: '"GET /denied/x" 403 ' in lb.output(), timeout=10)
+    assert all(" proto=HTTP/2 " in line for line in lb.output().splitlines()
+               if " rid=" in line)
+
+
 def test_curl_http2_prior_knowledge(h2c_lb):
     if shutil.which("curl") is None:
         pytest.skip("curl missing")
@@ -271,6 +299,26 @@ def test_a_slow_reader_gets_its_download_paced_with_flat_memory(h2c_lb):
         assert peak < 32 * 1024 * 1024
     finally:
         client.close()
+
+
+def test_connections_cost_no_thread(h2c_lb):
+    """60 open HTTP/2 connections (one with a body that stalls) hold no thread: the
+    worker's thread count stays, and other clients are answered at once."""
+    worker = workers_of(h2c_lb)[0]
+    threads = worker.num_threads()
+    clients = [RawClient(h2c_lb.port) for _ in range(60)]
+    try:
+        clients[0].request("/echo", "POST", body=b"x" * 1000, end=False)
+        for client in clients:
+            client.pump(0.05)
+        assert worker.num_threads() <= threads + 1
+        started = time.monotonic()
+        with httpx.Client(http1=False, http2=True, timeout=10) as other:
+            assert other.get(f"{h2c_lb.url}/").status_code == 200
+        assert time.monotonic() - started < 3
+    finally:
+        for client in clients:
+            client.close()
 
 
 # limits and attacks ------------------------------------------------------------------------
