@@ -151,6 +151,8 @@ class Session:
                 self._receive(data, ready)
             self._flush()
         self._hand_over(ready)
+        if conn.tls:  # bytes that came with the handshake's last flight wait inside OpenSSL,
+            self.on_ready()  # where epoll cannot see them
 
     def on_ready(self) -> None:
         """The socket is readable or writable (level-triggered): write what waits, read."""
