@@ -184,6 +184,14 @@ class Session:
     def sweep(self, now: float) -> None:
         """Four times a second: a body that stalled before its thread gets 408; a connection
         without streams past its deadline is closed (GOAWAY first)."""
+        try:
+            self._sweep(now)
+        except Exception:  # one connection's trouble never ends the worker's loop
+            log.exception("error sweeping an HTTP/2 connection")
+            with self.lock:
+                self._close()
+
+    def _sweep(self, now: float) -> None:
         with self.lock:
             if self.closed:
                 return
@@ -385,11 +393,15 @@ class Session:
         before = len(out)
         sock = self.conn.sock
         while out and not self.closed:
-            try:
-                sent = sock.send(memoryview(out)[:RECV])
-            except WOULD_BLOCK:
-                break
-            except OSError:
+            # released at once, even when send raises: a live view would forbid resizing `out`
+            with memoryview(out) as view, view[:RECV] as piece:
+                try:
+                    sent = sock.send(piece)
+                except WOULD_BLOCK:
+                    break
+                except OSError:
+                    sent = -1
+            if sent < 0:
                 self._close()
                 return
             del out[:sent]
@@ -412,7 +424,7 @@ class Session:
         if self.closed:
             return
         self.closed = True
-        self.out.clear()
+        self.out = bytearray()
         for stream in self.streams.values():
             stream.reset = True
             stream.cond.notify_all()

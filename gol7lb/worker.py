@@ -553,7 +553,11 @@ class ProxyWorker(Worker):
     def _readable(self, conn: Conn) -> None:
         """A waiting connection has bytes (or EOF): parse them; a complete head goes to a thread."""
         if conn.session is not None:  # HTTP/2: the session reads and writes
-            conn.session.on_ready()
+            try:
+                conn.session.on_ready()
+            except Exception:  # one connection's trouble never ends the worker
+                log.exception("error on an HTTP/2 connection")
+                self._close(conn)
             return
         if conn.handshaking:
             self._handshake(conn)
@@ -609,8 +613,12 @@ class ProxyWorker(Worker):
     def _start_http2(self, conn: Conn, data: bytes) -> None:
         """The connection speaks HTTP/2 from here on (ALPN h2, or the h2c preface in `data`)."""
         assert self.http2 is not None
-        http2.Session(conn, self.http2, self.limits, self.epoll, self.queue.put,
-                      self._close).start(data)
+        try:
+            http2.Session(conn, self.http2, self.limits, self.epoll, self.queue.put,
+                          self._close).start(data)
+        except Exception:  # one connection's trouble never ends the worker
+            log.exception("error starting an HTTP/2 connection")
+            self._close(conn)
 
     def _sweep(self, now: float) -> None:
         """Close what has waited too long: 408 for a late head or body, silence for an idle
