@@ -498,3 +498,16 @@ def test_term_answers_streams_in_flight_then_goaway(backend, lb_factory):
     finally:
         client.close()
     assert lb.wait(30) == 0
+
+
+def test_clients_that_leave_right_after_the_handshake_kill_no_worker(h2_tls_lb, certs):
+    pids = {w.pid for w in workers_of(h2_tls_lb)}
+    context = certs.client_context(alpn=["h2"])
+    for _ in range(20):
+        with socket.create_connection(("127.0.0.1", h2_tls_lb.port), timeout=10) as raw, \
+                context.wrap_socket(raw, server_hostname="localhost") as tls:
+            assert tls.selected_alpn_protocol() == "h2"
+    with httpx.Client(http2=True, verify=certs.client_context(), timeout=20) as client:
+        assert client.get(f"https://localhost:{h2_tls_lb.port}/").status_code == 200
+    assert {w.pid for w in workers_of(h2_tls_lb)} == pids
+    assert "Exception in worker process" not in h2_tls_lb.output()
