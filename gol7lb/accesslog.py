@@ -44,9 +44,11 @@ class AccessLog:
 
     def write(self, fmt: str, client: str, method: str, path: str, status: int, sent: int,
               pool: str, backend: str, upstream_s: float | None, total_s: float,
-              request_id: str, attempts: int = 1, flags: str = "") -> None:
+              request_id: str, attempts: int = 1, flags: str = "",
+              protocol: str = "HTTP/1.1") -> None:
         """`attempts`: backends tried; `flags`: Envoy-style response flags, comma-separated
-        (docs/operations.md, Access log), "-" when the request went through without a hitch."""
+        (docs/operations.md, Access log), "-" when the request went through without a hitch;
+        `protocol`: the client's (HTTP/1.1, HTTP/1.0, HTTP/2)."""
         if len(path) > MAX_PATH:
             path = path[:MAX_PATH] + "..."
         now = time.time()
@@ -58,7 +60,8 @@ class AccessLog:
                 "status": status, "bytes": sent, "pool": pool, "backend": backend,
                 "upstream_ms": None if upstream_s is None else round(upstream_s * 1000, 3),
                 "duration_ms": round(total_s * 1000, 3),
-                "request_id": request_id, "attempts": attempts, "flags": flags or "-"},
+                "request_id": request_id, "attempts": attempts, "flags": flags or "-",
+                "protocol": protocol},
                 ensure_ascii=False) + "\n"
         else:
             if not path.isprintable() or '"' in path or "\\" in path:
@@ -69,7 +72,8 @@ class AccessLog:
                 f"attempts={attempts} flags={flags or '-'}"
             line = (f'{self._stamp} {client} "{method} {path}" {status} {sent} '
                     f"pool={pool} backend={backend} upstream={upstream} "
-                    f"total={total_s * 1000:.3f}ms {outcome} rid={request_id}\n")
+                    f"total={total_s * 1000:.3f}ms {outcome} proto={protocol} "
+                    f"rid={request_id}\n")
         data = line.encode("utf-8", "replace")
         if not self._flusher.started:
             self._flusher.ensure_started()

@@ -474,6 +474,34 @@ class TlsSettings:
 
 
 @dataclass(frozen=True)
+class Http2Settings:
+    """HTTP/2 to clients (http2.py), on the worker's loop. Read when a worker starts."""
+
+    enabled: bool = setting(
+        True, "true or false",
+        "HTTP/2 to clients: `h2` offered by ALPN on HTTPS, and h2c by prior knowledge (the "
+        "connection preface as the first bytes) on a plain `PORT`. HTTP/1.1 clients keep "
+        "working on the same port.")
+    max_concurrent_streams: int = _whole(
+        100, 1, 10000,
+        "Streams one client connection may have in progress (answers still being sent "
+        "count); a stream beyond it is refused alone with `REFUSED_STREAM`.")
+    initial_window: int = _whole(
+        1048576, 65535, 2147483647,
+        "Bytes of request body a client may send on one stream before the LB acknowledges "
+        "them (the flow-control window); the connection's window is four of these.")
+    max_header_list: int = _whole(
+        65536, 1024, 16777216,
+        "Largest request header list (names, values and 32 bytes per field, decoded): over "
+        "it the stream is answered `431`; over twice it (an HPACK bomb) the connection "
+        "closes.")
+    max_resets_per_second: int = _whole(
+        100, 1, 1_000_000,
+        "Streams a client may reset (or have refused) per second; more is Rapid Reset "
+        "(CVE-2023-44487): `GOAWAY` with `ENHANCE_YOUR_CALM` and the connection closes.")
+
+
+@dataclass(frozen=True)
 class Settings:
     algorithm: Algorithm = _one_of(
         "round_robin", ALGORITHMS,
@@ -520,6 +548,7 @@ class Settings:
     compression: CompressionSettings = field(default_factory=CompressionSettings)
     acme: AcmeSettings = field(default_factory=AcmeSettings)
     tls: TlsSettings = field(default_factory=TlsSettings)
+    http2: Http2Settings = field(default_factory=Http2Settings)
     demo_backends: bool = False  # True when no backend was configured and the demo ones stand in
     source: str = "defaults"  # where the settings came from, for the start-up log
     path: str = ""  # GOL7LB_CONFIG, "" when none

@@ -33,10 +33,10 @@ class Exchange:
 
     __slots__ = ("app", "started", "method", "path", "client", "rid", "pool", "backend_id",
                  "slot", "detached", "status", "upstream_s", "answered", "log", "attempts",
-                 "flags", "rules")
+                 "flags", "rules", "protocol")
 
     def __init__(self, app: Books, method: str, path: str, client: str, rid: str,
-                 log_settings: LogSettings) -> None:
+                 log_settings: LogSettings, protocol: str = "HTTP/1.1") -> None:
         self.app = app
         self.log = log_settings  # the log settings of the configuration the request began in
         self.started = time.perf_counter()
@@ -44,6 +44,7 @@ class Exchange:
         self.path = path
         self.client = client
         self.rid = rid
+        self.protocol = protocol  # the client's, for the access log
         self.pool = "-"
         self.backend_id = "-"
         self.slot: int | None = None  # the host slot counted in flight until finish()
@@ -81,7 +82,7 @@ class Exchange:
                 app.access_log.write(log_settings.format, self.client, self.method, self.path,
                                      self.status, sent, self.pool, self.backend_id,
                                      self.upstream_s, total, self.rid, self.attempts,
-                                     self.flags)
+                                     self.flags, self.protocol)
         except Exception as e:
             if _BOOKKEEPING_FAILS.begins():
                 log.error("cannot count or log a request: %s", e or type(e).__name__)

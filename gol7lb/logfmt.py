@@ -34,6 +34,7 @@ LOGGERS = {
     "gol7lb.tunnel": "upgraded connections (WebSocket) in a worker",
     "gol7lb.ratelimit": "a rate limit's Redis store unreachable, and back",
     "gol7lb.serve": "errors writing a response to a client",
+    "gol7lb.http2": "HTTP/2 client connections in a worker: Rapid Reset, protocol errors (debug)",
     "gol7lb.tls": "certificates loaded or refused (the certificate watcher)",
     "gol7lb.metrics": "the Prometheus multiprocess files",
     "gol7lb.state": "a process reading the shared state from the manager",

@@ -84,7 +84,7 @@ class ProxyApp(AttemptLoop):
         if table.rebuild_at <= time.monotonic():
             table = self.view.rebuild()  # slow start: the next step of a ramp, no IPC
         exchange = Exchange(self, method, raw, environ.get("REMOTE_ADDR") or "-", rid,
-                            table.settings.log)
+                            table.settings.log, environ.get("SERVER_PROTOCOL") or "HTTP/1.1")
         if method == "CONNECT":
             return self._error(start_response, exchange, 405, "CONNECT is not supported: this "
                                "is a reverse proxy", [("Allow", "GET, HEAD, POST, PUT, DELETE, "

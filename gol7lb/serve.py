@@ -150,7 +150,7 @@ class Conn:
     """A client connection; owned either by the event loop (`waiting`) or by one thread."""
 
     __slots__ = ("sock", "fd", "peer", "server", "parser", "deadline", "waiting", "fresh",
-                 "busy_since", "handshaking", "tls", "sts", "redirect", "prelude")
+                 "busy_since", "handshaking", "tls", "sts", "redirect", "prelude", "session")
 
     def __init__(self, sock: socket.socket, peer: tuple[str, str], server: tuple[str, str],
                  parser: Http1Parser, deadline: float) -> None:
@@ -171,6 +171,7 @@ class Conn:
         # With proxy.proxy_protocol: the PROXY header's bytes read so far; None once it is in
         # (or when none is expected). Its addresses then replace `peer` and `server`.
         self.prelude: bytes | None = None
+        self.session: Any = None  # an HTTP/2 connection: its http2.Session owns it
 
     def fill(self, timeout: float, lend: Callable[[], None] | None = None) -> None:
         """Read more of the request (a body, on a thread) and parse it. When nothing is there

@@ -35,10 +35,15 @@ from gol7lb.config import ConfigError, Settings, TlsSettings
 
 log = logging.getLogger("gol7lb.tls")
 
-# ALPN, in the server's order of preference. HTTP/2 (a later issue) goes first here, as
-# b"h2" -> "h2", once the worker speaks it; until then a client asking for h2 gets http/1.1.
+# ALPN, in the server's order of preference: "h2" goes first when http2.enabled
+# (alpn_protocols), so a client that offers both speaks HTTP/2 (http2.py).
 ALPN_PROTOCOLS = ["http/1.1"]
 VERSIONS = {"1.2": ssl.TLSVersion.TLSv1_2, "1.3": ssl.TLSVersion.TLSv1_3}
+
+
+def alpn_protocols(http2: bool) -> list[str]:
+    """What ALPN offers: h2 first when the worker speaks HTTP/2."""
+    return (["h2"] if http2 else []) + ALPN_PROTOCOLS
 
 
 @dataclass(frozen=True)
@@ -237,6 +242,7 @@ class TLSServer:
         self.wildcard: dict[str, ssl.SSLContext] = {}
         self.default: ssl.SSLContext | None = None
         self.version = 0  # bumped whenever what is served changed
+        self.alpn = ALPN_PROTOCOLS  # a worker sets its own (use_alpn: http2.enabled)
         self.refresh(strict=strict)
         # The context every connection starts from: it holds the session-ticket keys. Its
         # own certificate is never served (the SNI callback always picks), but OpenSSL
@@ -270,6 +276,7 @@ class TLSServer:
                 continue  # still the same bad files: neither read nor said again
             try:
                 self.loaded[src] = load_pair(self.tls, src)
+                self.loaded[src].context.set_alpn_protocols(self.alpn)
             except ConfigError as e:
                 if strict:
                     raise
@@ -326,6 +333,13 @@ class TLSServer:
         if context is not None:
             sslobj.context = context
         return None
+
+    def use_alpn(self, protocols: list[str]) -> None:
+        """Offer these protocols on every context, now and for pairs loaded later (a worker
+        follows its own configuration's http2.enabled)."""
+        self.alpn = protocols
+        for context in [self.session_context] + [p.context for p in self.loaded.values()]:
+            context.set_alpn_protocols(protocols)
 
     def wrap(self, sock: Any) -> ssl.SSLSocket:
         """A server-side TLS socket over an accepted non-blocking one; the caller drives the

@@ -53,8 +53,8 @@ from typing import TYPE_CHECKING, Any
 
 from gunicorn.workers.base import Worker
 
-from gol7lb import proxyproto
-from gol7lb.config import ProxySettings, Settings, parse_networks
+from gol7lb import http2, proxyproto
+from gol7lb.config import Http2Settings, ProxySettings, Settings, parse_networks
 from gol7lb.http1 import Http1Parser, Request, RequestError
 from gol7lb.serve import (
     WOULD_BLOCK,
@@ -193,7 +193,7 @@ class ProxyWorker(Worker):
         super().__init__(*args, **kwargs)
         self.conns: dict[int, Conn] = {}
         self.active: set[Conn] = set()  # connections a thread serves (requests, tunnels)
-        self.queue: SimpleQueue[Conn | None] = SimpleQueue()
+        self.queue: SimpleQueue[Conn | http2.Stream | None] = SimpleQueue()
         self.epoll: Any = None
         self.limits = Limits()  # run() reads the current ones
         self.lent = 0  # threads out of the pool waiting on a client's body
@@ -203,6 +203,7 @@ class ProxyWorker(Worker):
         self.spread: Spread | None = None
         self.accept_failures = 0  # accepts failed in a row (out of descriptors): logged once
         self.edge_tls: EdgeTLS | None = None
+        self.http2: Http2Settings | None = None  # http2.enabled: h2 by ALPN, h2c by preface
 
     @classmethod
     def check_config(cls, cfg: Any, log: Any) -> None:
@@ -223,7 +224,10 @@ class ProxyWorker(Worker):
             conn = self.queue.get()
             if conn is None:
                 return
-            self._serve(app, conn, extra, seat)
+            if isinstance(conn, http2.Stream):  # one HTTP/2 stream's request
+                conn.serve(app, extra, seat)
+            else:
+                self._serve(app, conn, extra, seat)
             if seat.left:
                 return  # a tunnel or a slow body had this thread; its replacement serves on
 
@@ -361,6 +365,7 @@ class ProxyWorker(Worker):
         app = self.proxy_app = proxy_app()
         settings = app.view.current().settings if app else None
         self.limits = Limits(settings.proxy if settings else None)
+        self.http2 = settings.http2 if settings and settings.http2.enabled else None
         self.edge_tls = edge = self._edge_tls(settings)
         listeners: dict[int, socket.socket] = {}
         kinds: dict[int, str] = {}
@@ -454,6 +459,8 @@ class ProxyWorker(Worker):
         view = self.proxy_app.view if self.proxy_app is not None else None
         edge = EdgeTLS(boot.tls, settings, boot.port,
                        lambda: view.peek().settings if view is not None else settings)
+        from gol7lb.tls import alpn_protocols
+        boot.tls.use_alpn(alpn_protocols(self.http2 is not None))
         self._refresh_certificates(edge)  # the files may have changed since the master read them
         return edge
 
@@ -565,10 +572,20 @@ class ProxyWorker(Worker):
         conn.tls = True
         conn.sts = self.limits.sts
         conn.deadline = time.monotonic() + self.limits.header_timeout
+        if self.http2 is not None and http2.tls_wants_h2(sock):
+            self._start_http2(conn, b"")
+            return
         self._readable(conn)  # the request may have come with the handshake's last flight
 
     def _readable(self, conn: Conn) -> None:
         """A waiting connection has bytes (or EOF): parse them; a complete head goes to a thread."""
+        if conn.session is not None:  # HTTP/2: the session reads and writes
+            try:
+                conn.session.on_ready()
+            except Exception:  # one connection's trouble never ends the worker
+                log.exception("error on an HTTP/2 connection")
+                self._close(conn)
+            return
         if conn.prelude is not None:  # the PROXY header, before anything else on the wire
             conn.waiting = False
             self._read_prelude(conn)
@@ -599,6 +616,10 @@ class ProxyWorker(Worker):
                 self._refuse(conn, RequestError(400, "incomplete request body"))
                 return
             self._close(conn)
+            return
+        if conn.fresh and self.http2 is not None and not parser.in_head and \
+                not conn.redirect and not conn.tls and http2.is_preface(data):
+            self._start_http2(conn, data)  # h2c by prior knowledge
             return
         try:
             parser.feed(data)
@@ -662,11 +683,23 @@ class ProxyWorker(Worker):
                 conn.deadline = time.monotonic() + self.limits.handshake_timeout
         self._wait(conn)
 
+    def _start_http2(self, conn: Conn, data: bytes) -> None:
+        """The connection speaks HTTP/2 from here on (ALPN h2, or the h2c preface in `data`)."""
+        assert self.http2 is not None
+        try:
+            http2.Session(conn, self.http2, self.limits, self.epoll, self.queue.put,
+                          self._close).start(data)
+        except Exception:  # one connection's trouble never ends the worker
+            log.exception("error starting an HTTP/2 connection")
+            self._close(conn)
+
     def _sweep(self, now: float) -> None:
         """Close what has waited too long: 408 for a late head or body, silence for an idle
         client."""
         for conn in list(self.conns.values()):
-            if conn.waiting and conn.deadline <= now:
+            if conn.session is not None:
+                conn.session.sweep(now)
+            elif conn.waiting and conn.deadline <= now:
                 if conn.prelude is not None:  # a PROXY header not in yet: silence
                     pass
                 elif conn.handshaking:  # silence: there is no HTTP to answer in yet
@@ -692,6 +725,9 @@ class ProxyWorker(Worker):
             now = time.monotonic()
             pending = False
             for conn in list(self.conns.values()):
+                if conn.session is not None:
+                    pending = conn.session.drain() or pending
+                    continue
                 if not conn.waiting:
                     continue
                 if self._idle_since(conn) <= now - DRAIN_IDLE_GRACE and \

@@ -18,15 +18,15 @@ from tests.conftest import FAST_HEALTH, backends_env
 from tests.procs import HELPERS_START, kill_once_checked, wait_until, workers_of
 
 # 2026-11-30T15:19:54+00:00 127.0.0.1 "GET /" 200 14 pool=default backend=127.0.0.1:4607
-# upstream=7.78ms total=8.352ms attempts=1 flags=- rid=d44e...
+# upstream=7.78ms total=8.352ms attempts=1 flags=- proto=HTTP/1.1 rid=d44e...
 TEXT_LINE = re.compile(
     r'^(?P<time>\d{4}-\d\d-\d\dT\d\d:\d\d:\d\d[+-]\d\d:\d\d) (?P<client>\S+) '
     r'"(?P<method>[A-Z]+) (?P<path>(?:[^"\\]|\\.)*)" (?P<status>\d{3}) (?P<bytes>\d+) '
     r"pool=(?P<pool>\S+) backend=(?P<backend>\S+) upstream=(?P<upstream>-|[\d.]+ms) "
     r"total=(?P<total>[\d.]+)ms attempts=(?P<attempts>\d+) flags=(?P<flags>\S+) "
-    r"rid=(?P<rid>.+)$")
+    r"proto=(?P<proto>HTTP/[\d.]+) rid=(?P<rid>.+)$")
 JSON_KEYS = {"time", "client", "method", "path", "status", "bytes", "pool", "backend",
-             "upstream_ms", "duration_ms", "request_id", "attempts", "flags"}
+             "upstream_ms", "duration_ms", "request_id", "attempts", "flags", "protocol"}
 
 
 

@@ -35,10 +35,12 @@ def recorder() -> Iterator[Recorder]:
 
 @pytest.fixture(scope="module")
 def trap_lb(recorder: Recorder, tmp_path_factory: pytest.TempPathFactory) -> Iterator[LB]:
-    """An LB whose only backend records every byte it gets."""
+    """An LB whose only backend records every byte it gets. HTTP/2 off: the corpus is for
+    the HTTP/1.1 path (its h2-preface case gets 400 then; with HTTP/2 on, that preface starts
+    an h2c connection instead: tests/test_http2.py)."""
     tmp = tmp_path_factory.mktemp("trap")
-    lb = LB({"GOL7LB_BACKENDS": f"http://127.0.0.1:{recorder.port}", **EDGE_ENV},
-            log=tmp / "lb.log")
+    lb = LB({"GOL7LB_BACKENDS": f"http://127.0.0.1:{recorder.port}", **EDGE_ENV,
+             "GOL7LB_HTTP2_ENABLED": "false"}, log=tmp / "lb.log")
     try:
         yield lb.wait_ready()
     finally:

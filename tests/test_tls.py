@@ -160,11 +160,12 @@ def test_sni_picks_the_certificate_by_san_names_and_wildcards(https_lb, certs):
     assert "localhost" in peer_names(https_lb.port, certs.client_context(), None)
 
 
-def test_alpn_offers_http11_only_until_http2_exists(https_lb, certs):
-    context = certs.client_context(alpn=["h2", "http/1.1"])
-    with socket.create_connection(("127.0.0.1", https_lb.port), timeout=10) as raw, \
-            context.wrap_socket(raw, server_hostname="localhost") as tls:
-        assert tls.selected_alpn_protocol() == "http/1.1"
+def test_alpn_offers_h2_then_http11(https_lb, certs):
+    for offered, chosen in ((["h2", "http/1.1"], "h2"), (["http/1.1"], "http/1.1")):
+        context = certs.client_context(alpn=offered)
+        with socket.create_connection(("127.0.0.1", https_lb.port), timeout=10) as raw, \
+                context.wrap_socket(raw, server_hostname="localhost") as tls:
+            assert tls.selected_alpn_protocol() == chosen
 
 
 def test_curl_and_openssl_s_client(https_lb, certs):
