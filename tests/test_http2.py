@@ -369,8 +369,11 @@ def test_an_hpack_bomb_closes_only_its_connection(h2c_lb):
 def test_rapid_reset_gets_goaway_enhance_your_calm(h2c_lb):
     client = RawClient(h2c_lb.port)
     try:
-        for _ in range(60):
-            stream = client.request("/sleep/1")
+        for _ in range(60):  # the burst in one write, as an attacker's client sends it
+            stream = client.conn.get_next_available_stream_id()
+            client.conn.send_headers(stream, [(":method", "GET"), (":path", "/sleep/1"),
+                                              (":scheme", "http"), (":authority", "localhost")],
+                                     end_stream=True)
             client.conn.reset_stream(stream, 8)  # CANCEL
         client.flush()
         client.until(lambda: client.terminated is not None or client.closed)
