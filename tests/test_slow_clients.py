@@ -179,7 +179,8 @@ def test_running_out_of_descriptors_pauses_accepting_instead_of_spinning(lb_fact
         time.sleep(1.0)  # measuring a spin needs a duration
         after = worker.cpu_times()
         assert (after.user + after.system) - (cpu.user + cpu.system) < 0.3  # no busy loop
-        assert lb.output().count("accept failed") == 1  # once per episode, not every pause
+        out = lb.output()  # once per episode (an fd freed meanwhile ends one), not per pause
+        assert out.count("accept failed") == out.count("accepting again after") + 1
     finally:
         for s in socks:
             s.close()

@@ -153,7 +153,8 @@ upstream_ca = "{ca_file}"
         assert (found.url, found.tls_name) == (f"https://127.0.0.1:{backend.port}", "api.test")
         context = upstreamtls.build_context(settings.proxy)
         sock, _ = IdleConnections(found, 2, 5, context).acquire()
-        sock.close()
+        sock.close()  # the backend's thread records the handshake a moment later
+        wait_until(lambda: backend.connections and backend.connections[0].sni, timeout=5)
         assert backend.connections[0].sni == "api.test"
         stranger = parse_backend_url(f"https://127.0.0.1:{backend.port}")  # no name: refused
         with pytest.raises(ConnectFailed, match="certificate verify failed"):
