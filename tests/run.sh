@@ -42,6 +42,7 @@ if [ "${#apt_packages[@]}" -gt 0 ]; then
     "${sudo[@]}" apt-get install -y -q --no-install-recommends "${apt_packages[@]}"
 fi
 
-# Two test processes (pytest-xdist), one test file each at a time, so a module's shared LB and
+# Three test processes (pytest-xdist; the suite mostly waits on real processes, so three keep
+# two cores busy), one test file each at a time, so a module's shared LB and
 # the fixed demo ports stay in one process; `-n 0` in the arguments runs everything in this one.
-exec python -m pytest -n "${GOL7LB_TEST_PROCESSES:-2}" --dist loadfile "$@"
+exec python -m pytest -n "${GOL7LB_TEST_PROCESSES:-3}" --dist loadfile "$@"
