@@ -565,6 +565,9 @@ class ProxyWorker(Worker):
         except (OSError, ValueError) as e:  # SSLError (a bad hello, a refused certificate), EOF
             log.debug("TLS handshake with %s failed: %s", conn.peer[0], e)
             edge.count("failed")
+            if getattr(e, "reason", None) == "HTTP_REQUEST":  # OpenSSL saw plain HTTP
+                _answer_plain(sock, error_response(
+                    400, "plain HTTP request sent to the HTTPS port; use https://"))
             self._close(conn)
             return
         edge.count("ok")
@@ -778,3 +781,18 @@ def _send_close_notify(sock: Any) -> None:
     on a non-blocking socket (it wants to read the peer's next, which nobody waits for)."""
     with contextlib.suppress(OSError, ValueError):  # SSLWantReadError, a reset, closed
         sock.unwrap()
+
+
+def _answer_plain(sock: socket.socket, answer: bytes) -> None:
+    """As nginx: a plain HTTP request on the HTTPS port gets a plain answer saying so. The
+    bytes go on a duplicate of the descriptor (the SSL layer is broken by then), and what
+    the client sent is read away first, so the close is a FIN that keeps the answer, not a
+    reset that could drop it."""
+    with contextlib.suppress(OSError), \
+            socket.socket(fileno=os.dup(sock.fileno())) as raw:
+        raw.setblocking(False)
+        with contextlib.suppress(OSError):
+            while raw.recv(65536):
+                pass
+        raw.send(answer)
+        raw.shutdown(socket.SHUT_WR)

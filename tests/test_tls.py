@@ -257,12 +257,19 @@ def test_status_and_metrics_show_certificates_and_handshakes(https_lb, certs):
     assert "gol7lb_tls_handshakes_total" in scrape_text(https_lb)
 
 
-def test_plain_http_to_the_https_port_fails_the_handshake_only(https_lb, certs):
+def test_plain_http_to_the_https_port_gets_400_and_fails_the_handshake_only(https_lb, certs):
+    """As nginx: a plain HTTP request on the HTTPS port gets a plain 400 saying so (a
+    misconfigured client or proxy learns why), counted as a failed handshake."""
     before = per_label(https_lb, "gol7lb_tls_handshakes_total", "result").get("failed", 0)
     with socket.create_connection(("127.0.0.1", https_lb.port), timeout=10) as s:
         s.sendall(b"GET / HTTP/1.1\r\nHost: x\r\n\r\n")
+        answer = b""
         with contextlib.suppress(OSError):
-            assert s.recv(4096)[:4] != b"HTTP"
+            while chunk := s.recv(4096):
+                answer += chunk
+    assert answer.startswith(b"HTTP/1.1 400 "), answer
+    assert b"plain HTTP request sent to the HTTPS port" in answer
+    assert b"Connection: close" in answer
     wait_until(lambda: per_label(https_lb, "gol7lb_tls_handshakes_total", "result")
                .get("failed", 0) > before)
     answer, _ = https_get(https_lb.port, certs.client_context())
