@@ -141,18 +141,14 @@ def start_backend(tmp: Path, index: int, workers: int = 2) -> Backend:
 # --------------------------------------------------------------------------- load balancers
 
 
-def start_haproxy(tmp: Path, backends: list[Backend]) -> Target:
-    haproxy = find_tool("haproxy")
-    if not haproxy:
-        raise StartError("haproxy is not installed (run benchmarks/setup.sh)")
-    port = free_port()
-    prefix = tmp / "haproxy"
-    prefix.mkdir()
-    servers = "\n".join(f"    server s{i} 127.0.0.1:{b.port}" for i, b in enumerate(backends, 1))
-    conf = prefix / "haproxy.cfg"
-    conf.write_text(textwrap.dedent("""\
+def haproxy_config(backends: list[Backend], binds: list[str], threads: int = 2) -> str:
+    """run.py's HAProxy: roundrobin, mode http, `http-reuse always`; one `bind` per entry
+    (tls_bench.py adds one with `ssl crt`)."""
+    servers = "".join(f"    server s{i} 127.0.0.1:{b.port}\n" for i, b in enumerate(backends, 1))
+    bind_lines = "".join(f"    bind {bind}\n" for bind in binds)
+    return textwrap.dedent(f"""\
         global
-            nbthread 2
+            nbthread {threads}
             maxconn 4096
         defaults
             mode http
@@ -162,11 +158,19 @@ def start_haproxy(tmp: Path, backends: list[Backend]) -> Target:
             timeout client 30s
             timeout server 30s
         frontend fe
-            bind 127.0.0.1:{port}
-            default_backend be
-        backend be
-            balance roundrobin
-        """).format(port=port) + servers + "\n")
+        """) + bind_lines + "    default_backend be\nbackend be\n    balance roundrobin\n" \
+        + servers
+
+
+def start_haproxy(tmp: Path, backends: list[Backend]) -> Target:
+    haproxy = find_tool("haproxy")
+    if not haproxy:
+        raise StartError("haproxy is not installed (run benchmarks/setup.sh)")
+    port = free_port()
+    prefix = tmp / "haproxy"
+    prefix.mkdir()
+    conf = prefix / "haproxy.cfg"
+    conf.write_text(haproxy_config(backends, [f"127.0.0.1:{port}"]))
     proc = Proc("haproxy", [haproxy, "-db", "-f", str(conf)], log=prefix / "stdout.log")
     wait_http_ok(proc, port, timeout=15)
     return Target("haproxy", "HAProxy", port, proc,

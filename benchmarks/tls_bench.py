@@ -40,7 +40,6 @@ import statistics
 import subprocess
 import sys
 import tempfile
-import textwrap
 import time
 from collections.abc import Callable
 from concurrent.futures import ProcessPoolExecutor
@@ -49,7 +48,7 @@ from pathlib import Path
 
 from bench_load import parse_wrk
 from bench_procs import Proc, StartError, free_port, tree_cpu_seconds
-from bench_targets import REPO, Backend, find_tool, gol7lb_env, start_backend
+from bench_targets import REPO, Backend, find_tool, gol7lb_env, haproxy_config, start_backend
 
 
 def make_certificate(directory: Path) -> tuple[Path, Path, Path]:
@@ -142,26 +141,9 @@ def start_haproxy(tmp: Path, backends: list[Backend], pem: Path,
     if not haproxy:
         raise SystemExit("haproxy is not installed (run benchmarks/setup.sh)")
     port, tls_port = free_port(), free_port()
-    servers = "\n".join(f"    server s{i} 127.0.0.1:{b.port}" for i, b in enumerate(backends, 1))
     conf = tmp / "haproxy.cfg"
-    conf.write_text(textwrap.dedent(f"""\
-        global
-            nbthread {threads}
-            maxconn 4096
-        defaults
-            mode http
-            option http-keep-alive
-            http-reuse always
-            timeout connect 5s
-            timeout client 30s
-            timeout server 30s
-        frontend fe
-            bind 127.0.0.1:{port}
-            bind 127.0.0.1:{tls_port} ssl crt {pem} alpn http/1.1
-            default_backend be
-        backend be
-            balance roundrobin
-        """) + servers + "\n")
+    conf.write_text(haproxy_config(backends, [f"127.0.0.1:{port}", f"127.0.0.1:{tls_port} ssl "
+                                              f"crt {pem} alpn http/1.1"], threads))
     proc = Proc("haproxy", [haproxy, "-db", "-f", str(conf)], log=tmp / "haproxy.log")
     _wait_or_stop(proc, [(port, False), (tls_port, True)])
     return proc, port, tls_port
